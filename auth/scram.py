@@ -1,0 +1,176 @@
+"""SCRAM-SHA-256 (RFC 5802/7677) and md5 password exchanges, both as server (toward clients) and as client."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from auth.errors import AuthError
+
+MECHANISM = "SCRAM-SHA-256"
+DEFAULT_ITERATIONS = 4096
+_INVALID_PASSWORD = "28P01"
+_PROTOCOL_VIOLATION = "08P01"
+
+
+def _hmac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _xor(left: bytes, right: bytes) -> bytes:
+    return bytes(a ^ b for a, b in zip(left, right, strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class ScramVerifier:
+    iterations: int
+    salt: bytes
+    stored_key: bytes
+    server_key: bytes
+
+    @classmethod
+    def from_password(cls, password: str, salt: bytes | None = None, iterations: int = DEFAULT_ITERATIONS) -> ScramVerifier:
+        salt = salt if salt is not None else secrets.token_bytes(16)
+        salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+        client_key = _hmac(salted, b"Client Key")
+        return cls(iterations, salt, hashlib.sha256(client_key).digest(), _hmac(salted, b"Server Key"))
+
+    @classmethod
+    def parse(cls, text: str) -> ScramVerifier:
+        """`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, as stored in pg_authid."""
+        try:
+            mechanism, iter_salt, keys = text.split("$")
+            iterations, salt = iter_salt.split(":")
+            stored, server = keys.split(":")
+            if mechanism != MECHANISM:
+                raise ValueError(mechanism)
+            return cls(int(iterations), base64.b64decode(salt, validate=True),
+                       base64.b64decode(stored, validate=True), base64.b64decode(server, validate=True))
+        except ValueError as exc:
+            raise ValueError("not a SCRAM-SHA-256 verifier") from exc
+
+    def to_text(self) -> str:
+        return f"{MECHANISM}${self.iterations}:{_b64(self.salt)}${_b64(self.stored_key)}:{_b64(self.server_key)}"
+
+
+def _parse_attributes(text: str) -> dict[str, str]:
+    attributes: dict[str, str] = {}
+    for part in text.split(","):
+        if len(part) < 2 or part[1] != "=":
+            raise AuthError(_PROTOCOL_VIOLATION, "malformed SCRAM message")
+        attributes[part[0]] = part[2:]
+    return attributes
+
+
+class ScramServer:
+    """The proxy's side of a client's SCRAM exchange: first message in, final verdict out."""
+
+    def __init__(self, verifier: ScramVerifier) -> None:
+        self.verifier = verifier
+        self._client_first_bare = ""
+        self._server_first = ""
+        self._nonce = ""
+
+    def handle_first(self, mechanism: str, data: bytes) -> bytes:
+        if mechanism != MECHANISM:
+            raise AuthError(_PROTOCOL_VIOLATION, f"SASL mechanism {mechanism!r} is not supported")
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise AuthError(_PROTOCOL_VIOLATION, "malformed SCRAM message")
+        gs2_flag, _, rest = text.partition(",")
+        if gs2_flag not in ("n", "y"):
+            raise AuthError(_PROTOCOL_VIOLATION, "SCRAM channel binding is not supported")
+        _authzid, _, bare = rest.partition(",")
+        attributes = _parse_attributes(bare)
+        client_nonce = attributes.get("r", "")
+        if not client_nonce:
+            raise AuthError(_PROTOCOL_VIOLATION, "malformed SCRAM message: missing nonce")
+        self._client_first_bare = bare
+        self._nonce = client_nonce + _b64(secrets.token_bytes(18))
+        self._server_first = f"r={self._nonce},s={_b64(self.verifier.salt)},i={self.verifier.iterations}"
+        return self._server_first.encode()
+
+    def handle_final(self, data: bytes) -> bytes:
+        """Check the client's proof; returns the server-final message (raises on a wrong password)."""
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise AuthError(_PROTOCOL_VIOLATION, "malformed SCRAM message")
+        without_proof, sep, proof_part = text.rpartition(",p=")
+        if not sep:
+            raise AuthError(_PROTOCOL_VIOLATION, "malformed SCRAM message: missing proof")
+        attributes = _parse_attributes(without_proof)
+        if attributes.get("r") != self._nonce:
+            raise AuthError(_PROTOCOL_VIOLATION, "SCRAM nonce mismatch")
+        try:
+            proof = base64.b64decode(proof_part, validate=True)
+        except ValueError:
+            raise AuthError(_PROTOCOL_VIOLATION, "malformed SCRAM proof")
+        auth_message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode()
+        signature = _hmac(self.verifier.stored_key, auth_message)
+        if len(proof) != len(signature):
+            raise AuthError(_INVALID_PASSWORD, "password authentication failed")
+        client_key = _xor(proof, signature)
+        if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.verifier.stored_key):
+            raise AuthError(_INVALID_PASSWORD, "password authentication failed")
+        return f"v={_b64(_hmac(self.verifier.server_key, auth_message))}".encode()
+
+
+class ScramClient:
+    """The proxy's side of a server's SCRAM exchange (logging in to PostgreSQL)."""
+
+    def __init__(self, password: str) -> None:
+        self._password = password
+        self._client_nonce = _b64(secrets.token_bytes(18))
+        self._client_first_bare = f"n=,r={self._client_nonce}"
+        self._auth_message = b""
+        self._salted = b""
+
+    def first_message(self) -> bytes:
+        return f"n,,{self._client_first_bare}".encode()
+
+    def final_message(self, server_first: bytes) -> bytes:
+        text = server_first.decode()
+        attributes = _parse_attributes(text)
+        nonce, salt, iterations = attributes.get("r", ""), attributes.get("s", ""), attributes.get("i", "")
+        if not nonce.startswith(self._client_nonce) or not salt or not iterations.isdigit():
+            raise AuthError(_PROTOCOL_VIOLATION, "server sent an invalid SCRAM challenge")
+        self._salted = hashlib.pbkdf2_hmac("sha256", self._password.encode(), base64.b64decode(salt), int(iterations))
+        without_proof = f"c=biws,r={nonce}"
+        self._auth_message = f"{self._client_first_bare},{text},{without_proof}".encode()
+        client_key = _hmac(self._salted, b"Client Key")
+        signature = _hmac(hashlib.sha256(client_key).digest(), self._auth_message)
+        return f"{without_proof},p={_b64(_xor(client_key, signature))}".encode()
+
+    def verify_final(self, server_final: bytes) -> None:
+        attributes = _parse_attributes(server_final.decode())
+        expected = _b64(_hmac(_hmac(self._salted, b"Server Key"), self._auth_message))
+        if not hmac.compare_digest(attributes.get("v", ""), expected):
+            raise AuthError(_PROTOCOL_VIOLATION, "server SCRAM signature mismatch")
+
+
+def md5_hash(user: str, password: str) -> str:
+    """`md5` + md5(password || user): the form PostgreSQL stores and pgbouncer userlists use."""
+    return "md5" + hashlib.md5((password + user).encode()).hexdigest()
+
+
+def md5_response(user: str, secret: str, salt: bytes) -> str:
+    """The md5 password message for a plain password or a stored `md5...` hash."""
+    inner = secret[3:] if is_md5_hash(secret) else hashlib.md5((secret + user).encode()).hexdigest()
+    return "md5" + hashlib.md5(inner.encode() + salt).hexdigest()
+
+
+def is_md5_hash(secret: str) -> bool:
+    return len(secret) == 35 and secret.startswith("md5") and all(c in "0123456789abcdef" for c in secret[3:])
+
+
+def is_scram_verifier(secret: str) -> bool:
+    return secret.startswith(MECHANISM + "$")

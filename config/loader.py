@@ -1,0 +1,618 @@
+"""Loader: TOML file -> validated Config, with every problem named by its key path."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import datetime
+import difflib
+import math
+import re
+import tomllib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from config.model import (
+    AUTH_METHODS,
+    LOAD_BALANCING,
+    POOL_MODES,
+    READ_WRITE_SPLIT,
+    SERVER_ROLES,
+    Config,
+    DatabaseConfig,
+    GeneralConfig,
+    JwtConfig,
+    UserConfig,
+)
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
+JWT_ALGORITHMS = (
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "ES256",
+    "ES384",
+    "EdDSA",
+)
+MIN_MESSAGE_BYTES = 1024
+SCRAM_PREFIX = "SCRAM-SHA-256$"
+SCRAM_KEY_BYTES = 32  # SHA-256 digest size: StoredKey and ServerKey
+
+_SECTIONS = ("general", "users", "databases", "jwt")
+_MD5_HASH = re.compile(r"md5[0-9a-f]{32}")
+_TOML_POSITION = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)\s*$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists each reason, key path first.
+
+    Array entries count from 0 (`users[1]` is the second [[users]]); secret values are
+    never quoted in a problem.
+    """
+
+    def __init__(self, problems: Sequence[str], source_path: str | None = None) -> None:
+        self.problems: list[str] = list(problems)
+        self.source_path = source_path
+        where = f" in {source_path}" if source_path else ""
+        count = len(self.problems)
+        header = f"{count} configuration problem{'s' if count != 1 else ''}{where}:"
+        super().__init__("\n  ".join([header, *self.problems]))
+
+
+def load(path: str) -> Config:
+    """Read and validate a TOML file; raise ConfigError listing every problem."""
+    try:
+        with open(path, "rb") as file:
+            text = file.read().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read file: {exc.strerror or exc}"], path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not valid UTF-8 (byte offset {exc.start})"], path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_describe_syntax_error(path, text, exc)], path)
+    return parse(data, source_path=path)
+
+
+def check(path: str) -> list[str]:
+    """Problems with the file at `path`, or [] if it loads cleanly."""
+    try:
+        load(path)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def parse(data: dict[str, Any], source_path: str | None = None) -> Config:
+    """Validate already-decoded TOML; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    _report_unknown_keys(data, _SECTIONS, "", problems)
+
+    general = _parse_general(_table(data, "general", problems), problems)
+    jwt_table = data.get("jwt")
+    jwt = _parse_jwt(jwt_table, problems) if isinstance(jwt_table, dict) else None
+    if "jwt" in data and not isinstance(jwt_table, dict):
+        problems.append(f"jwt: must be a table ([jwt]) (got {_describe(jwt_table)})")
+
+    users = _parse_users(data, general, has_jwt="jwt" in data, problems=problems)
+    databases = _parse_databases(data, problems)
+
+    if problems:
+        raise ConfigError(problems, source_path)
+    assert general is not None  # only None when problems were recorded
+    return Config(
+        general=general,
+        users=tuple(u for u in users if u is not None),
+        databases=tuple(d for d in databases if d is not None),
+        jwt=jwt,
+        source_path=source_path,
+    )
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """Split "host:port" or "[v6]:port" into (host, port); ValueError says what is wrong."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError('must be "host:port"')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host:
+            raise ValueError('must be "host:port"')
+    elif ":" in host:
+        raise ValueError('an IPv6 host goes in brackets: "[::1]:port"')
+    if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError("port must be an integer between 0 and 65535")
+    return host, int(port_text)
+
+
+# --- sections -------------------------------------------------------------------------------
+
+
+def _parse_general(table: dict[str, Any] | None, problems: list[str]) -> GeneralConfig | None:
+    if table is None:
+        return None
+    section = _Section(table, "general", GeneralConfig, problems)
+    section.address("listen")
+    section.address("admin_listen", allow_empty=True)
+    section.choice("pool_mode", POOL_MODES)
+    pool_size = section.integer("default_pool_size", minimum=1)
+    min_size = section.integer("min_pool_size", minimum=0)
+    section.integer("checkout_timeout_ms", minimum=0)
+    section.seconds("idle_timeout_s")
+    section.seconds("server_lifetime_s")
+    section.integer("max_client_connections", minimum=1)
+    section.integer("healthcheck_idle_ms", minimum=0)
+    section.integer("server_connect_timeout_ms", minimum=0)
+    section.string("server_reset_query")
+    section.seconds("shutdown_timeout_s")
+    section.integer("max_message_bytes", minimum=MIN_MESSAGE_BYTES)
+    section.choice("log_level", LOG_LEVELS)
+    section.choice("log_format", LOG_FORMATS)
+    section.choice("read_write_split", READ_WRITE_SPLIT)
+    section.choice("load_balancing", LOAD_BALANCING)
+    section.integer("healthcheck_interval_ms", minimum=0)
+    section.seconds("ban_timeout_s")
+    section.integer("max_replica_lag_ms", minimum=0)
+    section.integer("max_replica_lag_bytes", minimum=0)
+    section.integer("read_your_writes_ms", minimum=0)
+    section.boolean("replica_stickiness")
+    section.finish()
+
+    if min_size is not None and pool_size is not None and min_size > pool_size:
+        problems.append(
+            f"general.min_pool_size: must be <= general.default_pool_size {pool_size} (got {min_size})"
+        )
+    listen, admin = section.values.get("listen"), section.values.get("admin_listen")
+    if listen and admin and _same_address(listen, admin):
+        problems.append(f'general.admin_listen: must differ from general.listen (both "{listen}")')
+    return section.build()
+
+
+def _parse_users(
+    data: dict[str, Any], general: GeneralConfig | None, *, has_jwt: bool, problems: list[str]
+) -> list[UserConfig | None]:
+    tables = _array_of_tables(data, "users", problems)
+    defaults = general or GeneralConfig()
+    users: list[UserConfig | None] = []
+    first_index: dict[str, int] = {}
+    for index, table in enumerate(tables):
+        path = f"users[{index}]"
+        if table is None:
+            users.append(None)
+            continue
+        section = _Section(table, path, UserConfig, problems)
+        name = section.string("name", required=True, allow_empty=False)
+        password = section.string("password", secret=True)
+        auth = section.choice("auth", AUTH_METHODS)
+        section.string("server_user", allow_empty=False)
+        server_password = section.string("server_password", secret=True)
+        section.choice("pool_mode", POOL_MODES)
+        pool_size = section.integer("pool_size", minimum=1)
+        min_size = section.integer("min_pool_size", minimum=0)
+        required_scope = section.string("required_scope", allow_empty=False)
+        section.finish()
+
+        if name is not None:
+            if name in first_index:
+                problems.append(f'{path}.name: duplicate user "{name}" (first in users[{first_index[name]}])')
+            else:
+                first_index[name] = index
+        if auth == "jwt" and not has_jwt:
+            problems.append(f'{path}.auth: "jwt" requires a [jwt] section')
+        if required_scope is not None and auth is not None and auth != "jwt":
+            problems.append(f'{path}.required_scope: only used with auth "jwt" (got auth "{auth}")')
+        if password is not None and auth is not None:
+            _check_password(path, password, auth, problems)
+        if server_password is not None and server_password.startswith(SCRAM_PREFIX):
+            problems.append(
+                f"{path}.server_password: must be the password PostgreSQL expects, not a SCRAM verifier"
+            )
+        _check_user_pool_sizes(path, pool_size, min_size, defaults, section, problems)
+        users.append(section.build())
+    return users
+
+
+def _check_password(path: str, password: str, auth: str, problems: list[str]) -> None:
+    if password.startswith(SCRAM_PREFIX):
+        reason = _scram_verifier_problem(password)
+        if reason:
+            problems.append(f"{path}.password: malformed SCRAM verifier: {reason}")
+        if auth != "scram-sha-256":
+            problems.append(
+                f'{path}.password: a SCRAM verifier only works with auth "scram-sha-256" (got "{auth}")'
+            )
+    elif _MD5_HASH.fullmatch(password) and auth != "md5":
+        # PostgreSQL also treats "md5" + 32 hex digits as a stored hash, never as a plain password.
+        problems.append(f'{path}.password: an md5 hash only works with auth "md5" (got "{auth}")')
+    elif not password and auth in ("scram-sha-256", "md5", "plain"):
+        problems.append(
+            f'{path}.password: required for auth "{auth}" (use auth "trust" to allow no password)'
+        )
+
+
+def _scram_verifier_problem(verifier: str) -> str | None:
+    """Why `verifier` is not SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>, or None."""
+    body = verifier[len(SCRAM_PREFIX) :]
+    head, sep, keys = body.partition("$")
+    iterations, sep_salt, salt = head.partition(":")
+    stored_key, sep_keys, server_key = keys.partition(":")
+    if not (sep and sep_salt and sep_keys):
+        return "expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>"
+    if not iterations.isascii() or not iterations.isdigit() or int(iterations) < 1:
+        return f'iteration count must be a positive integer (got "{iterations}")'
+    if not _decode_base64(salt):
+        return "salt must be non-empty base64"
+    for label, key in (("StoredKey", stored_key), ("ServerKey", server_key)):
+        decoded = _decode_base64(key)
+        if decoded is None or len(decoded) != SCRAM_KEY_BYTES:
+            return f"{label} must be base64 of {SCRAM_KEY_BYTES} bytes"
+    return None
+
+
+def _decode_base64(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _check_user_pool_sizes(
+    path: str,
+    pool_size: int | None,
+    min_size: int | None,
+    general: GeneralConfig,
+    section: _Section,
+    problems: list[str],
+) -> None:
+    if section.failed("pool_size") or section.failed("min_pool_size"):
+        return
+    size = pool_size if pool_size is not None else general.default_pool_size
+    size_from = f"{path}.pool_size" if pool_size is not None else "general.default_pool_size"
+    if min_size is not None and min_size > size:
+        problems.append(f"{path}.min_pool_size: must be <= {size_from} {size} (got {min_size})")
+    elif min_size is None and general.min_pool_size > size:
+        problems.append(
+            f"{path}.pool_size: smaller than general.min_pool_size {general.min_pool_size};"
+            f" set {path}.min_pool_size too"
+        )
+
+
+def _parse_databases(data: dict[str, Any], problems: list[str]) -> list[DatabaseConfig | None]:
+    tables = _array_of_tables(data, "databases", problems)
+    databases: list[DatabaseConfig | None] = []
+    primaries: dict[tuple[str, int], int] = {}
+    for index, table in enumerate(tables):
+        path = f"databases[{index}]"
+        if table is None:
+            databases.append(None)
+            continue
+        section = _Section(table, path, DatabaseConfig, problems)
+        name = section.string("name", required=True, allow_empty=False)
+        section.string("host", allow_empty=False)
+        section.integer("port", minimum=1, maximum=65535)
+        section.string("database_name", allow_empty=False)
+        role = section.choice("role", SERVER_ROLES)
+        shard = section.integer("shard", minimum=0)
+        section.finish()
+
+        if name is not None and role == "primary" and shard is not None:
+            key = (name, shard)
+            if key in primaries:
+                problems.append(
+                    f'{path}.role: database "{name}" shard {shard} already has a primary'
+                    f" (databases[{primaries[key]}]); use role replica or auto"
+                )
+            else:
+                primaries[key] = index
+        databases.append(section.build())
+    return databases
+
+
+def _parse_jwt(table: dict[str, Any], problems: list[str]) -> JwtConfig | None:
+    section = _Section(table, "jwt", JwtConfig, problems)
+    section.strings("algorithms", choices=JWT_ALGORITHMS, non_empty=True)
+    secret = section.string("secret", allow_empty=False, secret=True)
+    secret_file = section.string("secret_file", allow_empty=False)
+    public_keys = section.strings("public_keys")
+    jwks_file = section.string("jwks_file", allow_empty=False)
+    section.string("issuer", allow_empty=False)
+    section.strings("audience")
+    section.strings("required_claims")
+    section.seconds("leeway_s")
+    section.integer("max_token_bytes", minimum=1)
+    section.integer("cache_size", minimum=0)
+    section.boolean("replay_protection")
+    section.string("revoked_jti_file", allow_empty=False)
+    section.string("role_claim", allow_empty=False)
+    section.strings("allowed_roles")
+    section.string("tenant_claim", allow_empty=False)
+    section.strings("claims")
+    section.boolean("switch_role")
+    section.finish()
+
+    key_sources = ("secret", "secret_file", "public_keys", "jwks_file")
+    if not (secret or secret_file or public_keys or jwks_file) and not any(map(section.failed, key_sources)):
+        problems.append("jwt: needs a key: set secret, secret_file, public_keys or jwks_file")
+    return section.build()
+
+
+# --- generic table reading ------------------------------------------------------------------
+
+_MISSING: Any = object()
+
+# A checker turns a raw TOML value into (model value, None) or (None, problem).
+Checker = Callable[[Any], tuple[Any, str | None]]
+
+
+class _Section:
+    """Reads one TOML table into dataclass kwargs, recording problems under its key path.
+
+    Each typed read declares the key (anything else is reported as unknown) and returns
+    the value the model will hold: the parsed value, the model default when absent, or
+    None when invalid or required and absent. Only parsed values are passed to the model.
+    """
+
+    def __init__(self, table: dict[str, Any], path: str, model: type, problems: list[str]) -> None:
+        self.table = table
+        self.path = path
+        self.model = model
+        self.problems = problems
+        self.values: dict[str, Any] = {}
+        self.known: list[str] = []
+        self.invalid: set[str] = set()
+        self._first_problem = len(problems)
+
+    # typed reads
+
+    def string(
+        self, key: str, *, required: bool = False, allow_empty: bool = True, secret: bool = False
+    ) -> str | None:
+        return self._read(key, _check_string(allow_empty, secret), required=required)
+
+    def choice(self, key: str, choices: Sequence[str]) -> str | None:
+        return self._read(key, _check_choice(choices))
+
+    def integer(self, key: str, *, minimum: int | None = None, maximum: int | None = None) -> int | None:
+        return self._read(key, _check_integer(minimum, maximum))
+
+    def seconds(self, key: str) -> float | None:
+        return self._read(key, _check_seconds)
+
+    def boolean(self, key: str) -> bool | None:
+        return self._read(key, _check_boolean)
+
+    def address(self, key: str, *, allow_empty: bool = False) -> str | None:
+        return self._read(key, _check_address(allow_empty))
+
+    def strings(
+        self, key: str, *, choices: Sequence[str] | None = None, non_empty: bool = False
+    ) -> tuple[str, ...] | None:
+        return self._read(key, _check_strings(choices, non_empty))
+
+    # bookkeeping
+
+    def failed(self, key: str) -> bool:
+        return key in self.invalid
+
+    def finish(self) -> None:
+        _report_unknown_keys(self.table, self.known, self.path, self.problems)
+
+    def build(self) -> Any:
+        """The dataclass, or None if this table recorded any problem."""
+        if len(self.problems) > self._first_problem:
+            return None
+        return self.model(**self.values)
+
+    def _read(self, key: str, checker: Checker, *, required: bool = False) -> Any:
+        self.known.append(key)
+        raw = self.table.get(key, _MISSING)
+        if raw is _MISSING:
+            if required:
+                self.problems.append(f"{self.path}.{key}: required")
+                self.invalid.add(key)
+                return None
+            return _model_default(self.model, key)
+        value, problem = checker(raw)
+        if problem is not None:
+            self.problems.append(f"{self.path}.{key}: {problem}")
+            self.invalid.add(key)
+            return None
+        self.values[key] = value
+        return value
+
+
+def _check_string(allow_empty: bool, secret: bool) -> Checker:
+    def check(raw: Any) -> tuple[Any, str | None]:
+        if not isinstance(raw, str):
+            # Never echo a secret, even a mistyped one: these messages end up in logs.
+            got = _toml_type(raw) if secret else _describe(raw)
+            return None, f"must be a string (got {got})"
+        if not allow_empty and not raw.strip():
+            return None, "must not be empty"
+        return raw, None
+
+    return check
+
+
+def _check_choice(choices: Sequence[str]) -> Checker:
+    def check(raw: Any) -> tuple[Any, str | None]:
+        if not isinstance(raw, str) or raw not in choices:
+            return None, f"must be one of {', '.join(choices)} (got {_describe_value(raw)})"
+        return raw, None
+
+    return check
+
+
+def _check_integer(minimum: int | None, maximum: int | None) -> Checker:
+    def check(raw: Any) -> tuple[Any, str | None]:
+        if _is_int(raw) and (minimum is None or raw >= minimum) and (maximum is None or raw <= maximum):
+            return raw, None
+        if minimum is not None and maximum is not None:
+            expected = f"an integer between {minimum} and {maximum}"
+        elif minimum is not None:
+            expected = f"an integer >= {minimum}"
+        else:
+            expected = "an integer"
+        return None, f"must be {expected} (got {_describe_value(raw)})"
+
+    return check
+
+
+def _check_seconds(raw: Any) -> tuple[Any, str | None]:
+    if (_is_int(raw) or isinstance(raw, float)) and math.isfinite(raw) and raw >= 0:
+        return float(raw), None
+    return None, f"must be a number of seconds >= 0 (got {_describe_value(raw)})"
+
+
+def _check_boolean(raw: Any) -> tuple[Any, str | None]:
+    if isinstance(raw, bool):
+        return raw, None
+    return None, f"must be true or false (got {_describe_value(raw)})"
+
+
+def _check_address(allow_empty: bool) -> Checker:
+    def check(raw: Any) -> tuple[Any, str | None]:
+        if not isinstance(raw, str):
+            return None, f"must be a string (got {_describe(raw)})"
+        if allow_empty and raw == "":
+            return raw, None
+        try:
+            split_address(raw)
+        except ValueError as exc:
+            disable = ', or "" to disable' if allow_empty else ""
+            return None, f'{exc}{disable} (got "{raw}")'
+        return raw, None
+
+    return check
+
+
+def _check_strings(choices: Sequence[str] | None, non_empty: bool) -> Checker:
+    def check(raw: Any) -> tuple[Any, str | None]:
+        if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+            return None, f"must be an array of strings (got {_describe(raw)})"
+        if non_empty and not raw:
+            return None, "must not be empty"
+        if choices is not None:
+            wrong = [item for item in raw if item not in choices]
+            if wrong:
+                got = ", ".join(f'"{item}"' for item in wrong)
+                return None, f"each must be one of {', '.join(choices)} (got {got})"
+        return tuple(raw), None
+
+    return check
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _table(data: dict[str, Any], key: str, problems: list[str]) -> dict[str, Any] | None:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        problems.append(f"{key}: must be a table ([{key}]) (got {_describe(value)})")
+        return None
+    return value
+
+
+def _array_of_tables(data: dict[str, Any], key: str, problems: list[str]) -> list[dict[str, Any] | None]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        problems.append(f"{key}: must be an array of tables ([[{key}]]) (got {_describe(value)})")
+        return []
+    tables: list[dict[str, Any] | None] = []
+    for index, item in enumerate(value):
+        if isinstance(item, dict):
+            tables.append(item)
+        else:
+            problems.append(f"{key}[{index}]: must be a table (got {_describe(item)})")
+            tables.append(None)
+    if not value:
+        problems.append(f"{key}: at least one [[{key}]] entry is required")
+    return tables
+
+
+def _report_unknown_keys(table: dict[str, Any], known: Sequence[str], path: str, problems: list[str]) -> None:
+    prefix = f"{path}." if path else ""
+    for key in table:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        problems.append(f"{prefix}{key}: unknown key{hint}")
+
+
+def _model_default(model: type, key: str) -> Any:
+    for model_field in dataclasses.fields(model):
+        if model_field.name == key:
+            if model_field.default is not dataclasses.MISSING:
+                return model_field.default
+            if model_field.default_factory is not dataclasses.MISSING:
+                return model_field.default_factory()
+    return None
+
+
+def _same_address(first: str, second: str) -> bool:
+    try:
+        first_host, first_port = split_address(first)
+        second_host, second_port = split_address(second)
+    except ValueError:
+        return False
+    return first_port != 0 and first_port == second_port and first_host == second_host
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _describe(value: Any) -> str:
+    """TOML type name, plus the value when it is short, for "got ..." in messages."""
+    if isinstance(value, str | int | float):
+        return f"{_toml_type(value)} {_describe_value(value)}"
+    return _toml_type(value)
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return _toml_type(value)
+
+
+def _toml_type(value: Any) -> str:
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "table"
+    if isinstance(value, datetime.date | datetime.time):
+        return "date/time"
+    return type(value).__name__
+
+
+def _describe_syntax_error(path: str, text: str, exc: tomllib.TOMLDecodeError) -> str:
+    # Python 3.11's TOMLDecodeError has no lineno attribute; the position is only in the message.
+    message = str(exc)
+    match = _TOML_POSITION.search(message)
+    if match is None:
+        return f"{path}: invalid TOML: {message}"
+    reason = message[: match.start()]
+    if match.group(1) is None:
+        last_line = len(text.splitlines()) or 1
+        return f"{path}, line {last_line} (end of file): invalid TOML: {reason}"
+    return f"{path}, line {match.group(1)}, column {match.group(2)}: invalid TOML: {reason}"

@@ -1,0 +1,94 @@
+"""Command line: `shardgate -c FILE` runs the proxy, `check` validates a config, `quickstart` runs a demo topology."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+
+from config.loader import ConfigError, check, load
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        formatter = logging.Formatter("ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def install_event_loop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; the asyncio loop still works
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run(config_path: str) -> int:
+    from proxy.app import serve
+
+    try:
+        config = load(config_path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    setup_logging(config.general.log_level, config.general.log_format)
+    install_event_loop()
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        logging.getLogger("shardgate").error("event=start_failed error=%r", str(exc))
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardgate", description="PostgreSQL pooler and router")
+    parser.add_argument("-c", "--config", help="path to shardgate.toml")
+    sub = parser.add_subparsers(dest="command")
+    check_parser = sub.add_parser("check", help="validate a config file and print every problem")
+    check_parser.add_argument("-c", "--config", dest="check_config", required=True)
+    quick = sub.add_parser("quickstart", help="start a throwaway local PostgreSQL primary + replica behind the proxy")
+    quick.add_argument("--port", type=int, default=6432, help="proxy port (default 6432)")
+    quick.add_argument("--dir", default=None, help="where to put the throwaway servers (default: a temp dir)")
+    quick.add_argument("--pool-mode", default="transaction", choices=("session", "transaction", "statement"))
+    args = parser.parse_args(argv)
+
+    if args.command == "check":
+        problems = check(args.check_config)
+        if problems:
+            for problem in problems:
+                print(problem)
+            print(f"{len(problems)} problem(s) in {args.check_config}", file=sys.stderr)
+            return 1
+        print(f"{args.check_config}: OK")
+        return 0
+    if args.command == "quickstart":
+        from proxy.quickstart import quickstart
+
+        return quickstart(args.port, args.dir, args.pool_mode)
+    if not args.config:
+        parser.error("the proxy needs a config: shardgate -c shardgate.toml (or: shardgate quickstart)")
+    return run(args.config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Wiring: config -> pools and listeners; signals, janitor, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import time
+from typing import Any
+
+from auth.errors import AuthError
+from auth.identity import Identity
+from auth.scram import ScramVerifier, is_md5_hash, is_scram_verifier, md5_hash, md5_response
+from config.loader import ConfigError, load, split_address
+from config.model import Config, DatabaseConfig, UserConfig
+from proxy.client import ClientSession
+from proxy.pool import Pool, PoolSettings
+from proxy.protocol import codec, sqlstate
+from proxy.session_state import EffectScanner
+
+log = logging.getLogger("shardgate")
+
+JANITOR_INTERVAL_S = 1.0
+
+
+class Runtime:
+    """Everything the sessions share: config, pools, cancel keys, caches."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pools: dict[tuple[str, str, int, str, str], Pool] = {}
+        self.clients: set[ClientSession] = set()
+        self.cancel_keys: dict[tuple[int, int], ClientSession] = {}
+        self.effects = EffectScanner()
+        self.login_params: dict[Any, dict[str, str]] = {}
+        self.shutting_down = False
+        self._verifiers: dict[str, ScramVerifier] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------ authentication helpers
+
+    def verifier_for(self, user: UserConfig) -> ScramVerifier:
+        """SCRAM verifier for a user: parsed from the config, or derived once from a plain password."""
+        cached = self._verifiers.get(user.name)
+        if cached is None:
+            if is_scram_verifier(user.password):
+                cached = ScramVerifier.parse(user.password)
+            else:
+                cached = ScramVerifier.from_password(user.password)
+            self._verifiers[user.name] = cached
+        return cached
+
+    def check_md5(self, user: UserConfig, given: str, salt: bytes) -> bool:
+        return hmac.compare_digest(md5_response(user.name, user.password, salt).encode(), given.encode())
+
+    def check_plain(self, user: UserConfig, given: str) -> bool:
+        stored = user.password
+        if is_md5_hash(stored):
+            return hmac.compare_digest(md5_hash(user.name, given).encode(), stored.encode())
+        if is_scram_verifier(stored):
+            verifier = self.verifier_for(user)
+            derived = ScramVerifier.from_password(given, verifier.salt, verifier.iterations)
+            return hmac.compare_digest(derived.stored_key, verifier.stored_key)
+        return hmac.compare_digest(stored.encode(), given.encode())
+
+    def authenticate_jwt(self, user: UserConfig, database: str, token: str) -> Identity:
+        raise AuthError(sqlstate.FEATURE_NOT_SUPPORTED, "JWT authentication is not available in this build")
+
+    # ------------------------------------------------------------ pools
+
+    def primary_of(self, database: str) -> DatabaseConfig | None:
+        servers = self.config.servers_for(database)
+        for server in servers:
+            if server.role == "primary" and server.shard == 0:
+                return server
+        return servers[0] if servers else None
+
+    def pool_for(self, user: UserConfig, database: str) -> Pool | None:
+        server = self.primary_of(database)
+        if server is None:
+            return None
+        return self.pool_for_server(user, server)
+
+    def pool_for_server(self, user: UserConfig, server: DatabaseConfig) -> Pool:
+        key = (server.name, server.host, server.port, server.server_database, user.name)
+        pool = self.pools.get(key)
+        if pool is None:
+            general = self.config.general
+            size = user.pool_size or general.default_pool_size
+            pool = Pool(
+                f"{user.name}@{server.name}/{server.host}:{server.port}",
+                (server.host, server.port),
+                server.server_database,
+                user.backend_user,
+                user.backend_password,
+                PoolSettings(
+                    size=size,
+                    min_size=min(size, user.min_pool_size if user.min_pool_size is not None else general.min_pool_size),
+                    checkout_timeout_ms=general.checkout_timeout_ms,
+                    idle_timeout_s=general.idle_timeout_s,
+                    server_lifetime_s=general.server_lifetime_s,
+                    healthcheck_idle_ms=general.healthcheck_idle_ms,
+                    connect_timeout_ms=general.server_connect_timeout_ms,
+                    reset_query=general.server_reset_query,
+                ),
+            )
+            self.pools[key] = pool
+        return pool
+
+    def create_min_pools(self) -> None:
+        """Pools with a minimum size are created at start so their servers are opened by the janitor."""
+        general = self.config.general
+        for user in self.config.users:
+            minimum = user.min_pool_size if user.min_pool_size is not None else general.min_pool_size
+            if minimum <= 0:
+                continue
+            for server in self.config.databases:
+                self.pool_for_server(user, server)
+
+    # ------------------------------------------------------------ cancel
+
+    def forward_cancel(self, process_id: int, secret_key: int) -> None:
+        session = self.cancel_keys.get((process_id, secret_key))
+        if session is not None:
+            session.cancel_running()
+
+    def send_cancel(self, address: tuple[str, int], process_id: int, secret_key: int) -> None:
+        self.spawn(self._send_cancel(address, process_id, secret_key))
+
+    async def _send_cancel(self, address: tuple[str, int], process_id: int, secret_key: int) -> None:
+        try:
+            _reader, writer = await asyncio.wait_for(asyncio.open_connection(*address), 5)
+            writer.write(codec.cancel_request(process_id, secret_key))
+            await writer.drain()
+            writer.close()
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("event=cancel_failed server=%s:%s error=%r", address[0], address[1], str(exc))
+
+    # ------------------------------------------------------------ background
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def janitor(self) -> None:
+        while True:
+            await asyncio.sleep(JANITOR_INTERVAL_S)
+            for pool in list(self.pools.values()):
+                try:
+                    pool.maintain()
+                except Exception:
+                    log.exception("event=janitor_error pool=%s", pool.name)
+
+
+class App:
+    """Starts the listener, handles SIGTERM/SIGINT (graceful stop) and SIGHUP (reload)."""
+
+    def __init__(self, config: Config) -> None:
+        self.runtime = Runtime(config)
+        self.server: asyncio.base_events.Server | None = None
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        config = self.runtime.config
+        host, port = split_address(config.general.listen)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: ClientSession(self.runtime), host, port,
+                                               reuse_address=True, backlog=2048)
+        self.runtime.create_min_pools()
+        self.runtime.spawn(self.runtime.janitor())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: self.runtime.spawn(self.shutdown()))
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        log.info("event=listening address=%s:%s pool_mode=%s", host, port, config.general.pool_mode)
+
+    def reload(self) -> None:
+        path = self.runtime.config.source_path
+        if not path:
+            return
+        try:
+            new_config = load(path)
+        except ConfigError as exc:
+            log.error("event=reload_failed problems=%d first=%r", len(exc.problems), exc.problems[:1])
+            return
+        self.runtime.config = new_config
+        self.runtime._verifiers.clear()
+        log.info("event=reloaded path=%s", path)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight transactions finish up to shutdown_timeout_s, then close."""
+        runtime = self.runtime
+        if runtime.shutting_down:
+            return
+        runtime.shutting_down = True
+        log.info("event=shutdown_started clients=%d", len(runtime.clients))
+        if self.server is not None:
+            self.server.close()
+        deadline = time.monotonic() + runtime.config.general.shutdown_timeout_s
+        while time.monotonic() < deadline:
+            busy = [c for c in runtime.clients if c.server is not None and (c.server.outstanding or c.server.txn_status != b"I")]
+            if not busy:
+                break
+            await asyncio.sleep(0.05)
+        for client in list(runtime.clients):
+            client.fatal(sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command")
+        for pool in runtime.pools.values():
+            pool.close()
+        await asyncio.sleep(0.05)
+        log.info("event=shutdown_complete")
+        self.stopped.set()
+
+
+async def serve(config: Config) -> None:
+    app = App(config)
+    await app.start()
+    await app.stopped.wait()

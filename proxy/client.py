@@ -1,0 +1,644 @@
+"""One client connection: startup, authentication, then relay of its messages to a pooled server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import struct
+from typing import TYPE_CHECKING
+
+from auth.errors import AuthError
+from auth.identity import Identity
+from auth.scram import ScramServer, md5_response
+from config.model import UserConfig
+from proxy.errors import PoolError, ProxyError
+from proxy.protocol import codec, sqlstate
+from proxy.protocol.codec import ProtocolError
+from proxy.server import (
+    EXPECT_CLOSE,
+    EXPECT_CLOSE_AS_PARSE,
+    EXPECT_PARSE,
+    EXPECT_PARSE_DROP,
+    EXPECT_SYNC,
+    NOOP_CLOSE,
+    ServerConnection,
+)
+from proxy.session_state import Effect, ServerState, SessionState
+
+if TYPE_CHECKING:
+    from proxy.app import Runtime
+    from proxy.pool import Pool
+
+log = logging.getLogger("shardgate.client")
+
+STARTUP, AUTH, READY, CLOSED = "startup", "auth", "ready", "closed"
+_SESSION, _TRANSACTION, _STATEMENT = "session", "transaction", "statement"
+
+_Q, _P, _B, _D, _C, _S, _X, _F = (ord(c) for c in "QPBDCSXF")
+_EXTENDED = frozenset(ord(c) for c in "PBDEHC")
+_FRONTEND_TYPES = frozenset(ord(c) for c in "QPBDECSHXFdcfp")
+_HIGH_WATER_BYTES = 1 << 20
+_STARTUP_ONLY = frozenset(("user", "database", "options", "replication"))
+
+
+def statement_global_name(query_text: bytes, param_types: bytes) -> str:
+    """Proxy-wide name of a prepared statement: the same text prepares once per server."""
+    return "sg_" + hashlib.blake2b(query_text + b"\x00" + param_types, digest_size=10).hexdigest()
+
+
+class ClientSession(asyncio.Protocol):
+    """Startup -> auth -> ready; in `ready` each message is relayed to the server the pool lent us."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.transport: asyncio.Transport | None = None
+        self.phase = STARTUP
+        self.inbuf = bytearray()
+        self.peer = ""
+        self.user: UserConfig | None = None
+        self.identity: Identity | None = None
+        self.database = ""
+        self.pool: Pool | None = None
+        self.pool_mode = _TRANSACTION
+        self.server: ServerConnection | None = None
+        self.state = SessionState({}, {}, {})
+        self._snapshot: ServerState | None = None
+        self.statements: dict[str, tuple[str, bytes]] = {}
+        self.waiting = b""
+        self.acquiring = False
+        self.pinned = False
+        self.unsynced = False
+        self.pending_effects: list[Effect] = []
+        self.txn_effects: list[Effect] = []
+        self.cancel_key: tuple[int, int] | None = None
+        self.reading_paused = False
+        self._auth_method = ""
+        self._scram: ScramServer | None = None
+        self._md5_salt = b""
+        self._preamble_done: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.rt.clients.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            import socket
+
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.phase is READY:
+                self._ready_data(data)
+            elif self.phase is not CLOSED:
+                self.inbuf += data
+                self._startup_data()
+        except ProtocolError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+        except AuthError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+        except ProxyError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+        except Exception:
+            log.exception("event=client_internal_error peer=%s", self.peer)
+            self.fatal(sqlstate.INTERNAL_ERROR, "internal error in proxy")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase = CLOSED
+        self.rt.clients.discard(self)
+        if self.cancel_key is not None:
+            self.rt.cancel_keys.pop(self.cancel_key, None)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._release(closing=True)
+
+    def pause_writing(self) -> None:
+        if self.server is not None:
+            self.server.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None:
+            self.server.resume_reading()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.transport.is_closing():
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
+
+    def fatal(self, code: str, text: str) -> None:
+        """Send a FATAL error and close this client only."""
+        if self.phase is CLOSED or self.transport is None:
+            return
+        self.write(codec.error_response(code, text, "FATAL"))
+        self.phase = CLOSED
+        self.transport.close()
+
+    # ------------------------------------------------------------ startup and authentication
+
+    def _startup_data(self) -> None:
+        if self.phase is STARTUP:
+            packet = codec.read_startup_packet(self.inbuf)
+            while packet is not None and self.phase is STARTUP:
+                self._startup_packet(packet)
+                packet = codec.read_startup_packet(self.inbuf) if self.phase is STARTUP else None
+        if self.phase is AUTH:
+            self._auth_data()
+
+    def _startup_packet(self, packet: codec.StartupPacket) -> None:
+        assert self.transport is not None
+        if isinstance(packet, codec.SSLRequest | codec.GSSENCRequest):
+            if self.inbuf:
+                raise ProtocolError("unexpected data after SSL/GSS encryption request")
+            self.transport.write(codec.SSL_REFUSED)
+            return
+        if isinstance(packet, codec.CancelRequest):
+            self.phase = CLOSED
+            self.rt.forward_cancel(packet.process_id, packet.secret_key)
+            self.transport.close()
+            return
+        params = packet.parameters
+        user_name = params.get("user", "")
+        if not user_name:
+            raise ProtocolError("no PostgreSQL user name specified in startup packet", sqlstate.INVALID_AUTHORIZATION)
+        if "replication" in params and params["replication"].lower() not in ("false", "off", "no", "0"):
+            raise ProtocolError("replication connections are not supported by shardgate", sqlstate.FEATURE_NOT_SUPPORTED)
+        if len(self.rt.clients) > self.rt.config.general.max_client_connections:
+            raise ProxyError(sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
+        if self.rt.shutting_down:
+            raise ProxyError(sqlstate.CANNOT_CONNECT_NOW, "the proxy is shutting down")
+        self.database = params.get("database") or user_name
+        settings = {k.lower(): v for k, v in params.items() if k.lower() not in _STARTUP_ONLY}
+        settings.update(codec.parse_options(params.get("options", "")))
+        self.state = SessionState.from_startup(settings)
+        user = self.rt.config.user(user_name)
+        if user is None:
+            raise AuthError(sqlstate.INVALID_AUTHORIZATION, f'role "{user_name}" does not exist')
+        self.user = user
+        self.phase = AUTH
+        self._begin_auth(user)
+
+    def _begin_auth(self, user: UserConfig) -> None:
+        method = user.auth
+        self._auth_method = method
+        if method == "trust":
+            self._authenticated(Identity(user.name, self.database))
+        elif method in ("plain", "jwt"):
+            self.write(codec.AUTH_CLEARTEXT)
+        elif method == "md5":
+            self._md5_salt = secrets.token_bytes(4)
+            self.write(codec.auth_md5(self._md5_salt))
+        else:
+            self._scram = ScramServer(self.rt.verifier_for(user))
+            self.write(codec.auth_sasl(["SCRAM-SHA-256"]))
+
+    def _auth_data(self) -> None:
+        buffer = self.inbuf
+        while self.phase is AUTH and len(buffer) >= 5:
+            type_code = buffer[0]
+            length = codec.unpack_u32(buffer, 1)[0]
+            if type_code != ord("p") or length < 4 or length > 65536:
+                raise ProtocolError("expected password response")
+            if len(buffer) < length + 1:
+                return
+            body = bytes(buffer[5 : length + 1])
+            del buffer[: length + 1]
+            self._auth_message(body)
+
+    def _auth_message(self, body: bytes) -> None:
+        user = self.user
+        assert user is not None
+        method = self._auth_method
+        failed = AuthError(sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{user.name}"')
+        if method == "md5":
+            given = body.rstrip(b"\x00").decode("utf-8", "replace")
+            if not self.rt.check_md5(user, given, self._md5_salt):
+                raise failed
+            self._authenticated(Identity(user.name, self.database))
+        elif method == "plain":
+            given = body.rstrip(b"\x00").decode("utf-8", "replace")
+            if not self.rt.check_plain(user, given):
+                raise failed
+            self._authenticated(Identity(user.name, self.database))
+        elif method == "jwt":
+            token = body.rstrip(b"\x00").decode("utf-8", "replace")
+            self._authenticated(self.rt.authenticate_jwt(user, self.database, token))
+        else:
+            scram = self._scram
+            assert scram is not None
+            if not scram.verifier or not hasattr(self, "_scram_started"):
+                mechanism, offset = codec.read_cstring(body, 0)
+                if len(body) < offset + 4:
+                    raise ProtocolError("malformed SASLInitialResponse")
+                data_length = codec.unpack_i32(body, offset)[0]
+                data = body[offset + 4 : offset + 4 + data_length] if data_length >= 0 else b""
+                self.write(codec.auth_sasl_continue(scram.handle_first(mechanism, data)))
+                self._scram_started = True
+            else:
+                final = scram.handle_final(body)
+                self.write(codec.auth_sasl_final(final))
+                self._authenticated(Identity(user.name, self.database))
+
+    def _authenticated(self, identity: Identity) -> None:
+        self.identity = identity
+        self.phase = "login"
+        self.write(codec.AUTH_OK)
+        self._task = asyncio.get_running_loop().create_task(self._login())
+
+    async def _login(self) -> None:
+        user = self.user
+        assert user is not None and self.transport is not None
+        try:
+            pool = self.rt.pool_for(user, self.database)
+            if pool is None:
+                raise ProxyError(sqlstate.INVALID_CATALOG_NAME, f'database "{self.database}" does not exist',
+                                 fatal=True)
+            self.pool = pool
+            self.pool_mode = user.pool_mode or self.rt.config.general.pool_mode
+            if self.pool_mode == _SESSION:
+                server = await pool.checkout()
+                self._link(server)
+                await self._sync_state(server)
+                params = dict(server.params)
+                self.cancel_key = (server.process_id, server.secret_key)
+            else:
+                params = await self._canonical_params(pool)
+                self.cancel_key = (secrets.randbits(31), secrets.randbits(31) - (1 << 30))
+        except ProxyError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+            return
+        except asyncio.CancelledError:
+            return
+        self.rt.cancel_keys[self.cancel_key] = self
+        out = [codec.parameter_status(name, value) for name, value in params.items()]
+        out.append(codec.backend_key_data(*self.cancel_key))
+        out.append(codec.ready_for_query(b"I"))
+        self.write(b"".join(out))
+        self.phase = READY
+        self._snapshot = None
+        if self.inbuf:
+            pending = bytes(self.inbuf)
+            self.inbuf.clear()
+            self._ready_data(pending)
+
+    async def _canonical_params(self, pool: Pool) -> dict[str, str]:
+        """ParameterStatus values as the server reports them for this client's startup settings."""
+        key = tuple(sorted(self.state.settings.items()))
+        cached = self.rt.login_params.get((pool.name, key))
+        if cached is not None:
+            return cached
+        server = await pool.checkout()
+        self._link(server)
+        try:
+            await self._sync_state(server)
+            params = dict(server.params)
+        finally:
+            self._unlink_and_release()
+        if len(self.rt.login_params) < 10_000:
+            self.rt.login_params[(pool.name, key)] = params
+        return params
+
+    # ------------------------------------------------------------ server attachment
+
+    def snapshot(self) -> ServerState:
+        snap = self._snapshot
+        if snap is None:
+            snap = self._snapshot = self.state.snapshot()
+        return snap
+
+    def _link(self, server: ServerConnection) -> None:
+        server.client = self
+        self.server = server
+        if self.reading_paused:
+            self.resume_reading()
+
+    async def _sync_state(self, server: ServerConnection) -> None:
+        """Replay this client's session state on `server` if it differs (one swallowed round trip)."""
+        from proxy.session_state import sync_sql
+
+        wanted = self.snapshot()
+        if server.session_state == wanted:
+            return
+        sql = sync_sql(wanted, server.session_state)
+        self._preamble_done = asyncio.get_running_loop().create_future()
+        server.run_preamble(sql)
+        try:
+            await self._preamble_done
+        finally:
+            self._preamble_done = None
+        if server.swallow_error is not None:
+            fields = codec.parse_error_fields(server.swallow_error[5:])
+            server.broken = True
+            raise ProxyError(fields.get("C", sqlstate.INTERNAL_ERROR),
+                             fields.get("M", "could not restore session state"), fatal=True)
+        server.session_state = wanted
+
+    def on_preamble_done(self, server: ServerConnection) -> None:
+        done = self._preamble_done
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    async def _acquire(self) -> None:
+        """Slow path: wait for a server, restore session state, then relay what the client sent meanwhile."""
+        assert self.pool is not None
+        try:
+            server = self.server or await self.pool.checkout()
+            if self.phase is CLOSED:
+                self.pool.checkin(server)
+                return
+            self._link(server)
+            await self._sync_state(server)
+        except asyncio.CancelledError:
+            return
+        except PoolError as exc:
+            self.acquiring = False
+            self._reject_waiting(exc)
+            return
+        except ProxyError as exc:
+            self.acquiring = False
+            self.fatal(exc.sqlstate, exc.message)
+            self._release(closing=True)
+            return
+        self.acquiring = False
+        data, self.waiting = self.waiting, b""
+        if data:
+            self._ready_data(data)
+
+    def _reject_waiting(self, exc: ProxyError) -> None:
+        """The pool could not serve this client in time: error for what it sent, the session stays usable."""
+        data, self.waiting = self.waiting, b""
+        syncs = 0
+        pos = 0
+        while pos + 5 <= len(data):
+            if data[pos] in (_Q, _S, _F):
+                syncs += 1
+            pos += 1 + codec.unpack_u32(data, pos + 1)[0]
+        self.write(codec.error_response(exc.sqlstate, exc.message) + codec.ready_for_query(b"I") * max(1, syncs))
+
+    def _unlink_and_release(self, *, closing: bool = False) -> None:
+        server = self.server
+        if server is None:
+            return
+        self.server = None
+        server.client = None
+        assert self.pool is not None
+        self.pool.checkin(server, reset=self.pool_mode == _SESSION or closing and self.pinned)
+
+    def _release(self, *, closing: bool = False) -> None:
+        if self.server is not None:
+            self._unlink_and_release(closing=closing)
+
+    # ------------------------------------------------------------ relay: client -> server
+
+    def _ready_data(self, data: bytes) -> None:
+        if self.inbuf:
+            self.inbuf += data
+            data = bytes(self.inbuf)
+            self.inbuf.clear()
+        if self.acquiring:
+            self.waiting += data
+            if len(self.waiting) > _HIGH_WATER_BYTES:
+                self.pause_reading()
+            return
+        consumed = self._relay(data)
+        if consumed < len(data):
+            rest = data[consumed:]
+            if self.acquiring:
+                self.waiting += rest
+            else:
+                self.inbuf += rest
+
+    def _relay(self, data: bytes) -> int:
+        """Frame and forward complete messages; returns how many bytes were consumed."""
+        size = len(data)
+        pos = 0
+        run = 0
+        out: list[bytes | memoryview] | None = None
+        limit = self.rt.config.general.max_message_bytes
+        pooled = self.pool_mode != _SESSION
+        server = self.server
+        view = memoryview(data)
+        unpack = codec.unpack_u32
+        while size - pos >= 5:
+            type_code = data[pos]
+            length = unpack(data, pos + 1)[0]
+            if length < 4 or type_code not in _FRONTEND_TYPES:
+                raise ProtocolError(f"invalid frontend message type {type_code}" if length >= 4
+                                    else "invalid message length")
+            if length > limit:
+                raise ProtocolError(f"message of {length} bytes exceeds max_message_bytes ({limit})",
+                                    sqlstate.PROGRAM_LIMIT_EXCEEDED)
+            end = pos + 1 + length
+            if end > size:
+                break
+            if type_code == _X:
+                self._flush(server, view, run, pos, out)
+                self._terminate()
+                return size
+            if server is None:
+                server = self._attach_now()
+                if server is None:
+                    self.waiting += data[pos:]
+                    return size
+            if type_code == _Q or type_code == _S or type_code == _F:
+                server.outstanding += 1
+                server.expect.append((EXPECT_SYNC, ""))
+                self.unsynced = False
+                if type_code == _Q and pooled:
+                    effects = self.rt.effects.effects(data[pos + 5 : end - 1])
+                    if effects:
+                        self._note_effects(effects)
+            elif type_code in _EXTENDED:
+                self.unsynced = True
+                if pooled:
+                    replacement = self._pooled_extended(server, type_code, data, pos, end)
+                    if replacement is not None:
+                        if out is None:
+                            out = []
+                        if run < pos:
+                            out.append(view[run:pos])
+                        out.append(replacement)
+                        run = end
+            pos = end
+        self._flush(server, view, run, pos, out)
+        return pos
+
+    @staticmethod
+    def _flush(server: ServerConnection | None, view: memoryview, run: int, pos: int,
+               out: list[bytes | memoryview] | None) -> None:
+        if server is None:
+            return
+        if out is None:
+            if run < pos:
+                server.send(view[run:pos])
+            return
+        if run < pos:
+            out.append(view[run:pos])
+        if out:
+            server.send(b"".join(out))
+
+    def _attach_now(self) -> ServerConnection | None:
+        """Fast path: an idle server whose session already matches; else start the slow path."""
+        pool = self.pool
+        assert pool is not None
+        server = pool.try_checkout()
+        if server is not None:
+            if server.session_state == self.snapshot():
+                self._link(server)
+                return server
+            self._link(server)
+        self.acquiring = True
+        self._task = asyncio.get_running_loop().create_task(self._acquire())
+        return None
+
+    def _pooled_extended(self, server: ServerConnection, type_code: int, data: bytes, pos: int,
+                         end: int) -> bytes | None:
+        """Rename named prepared statements to proxy-global names; None keeps the message as it is."""
+        body_start = pos + 5
+        if type_code == _P:
+            name_end = data.index(b"\x00", body_start)
+            if name_end == body_start:
+                server.expect.append((EXPECT_PARSE, ""))
+                return None
+            name = data[body_start:name_end].decode()
+            query_end = data.index(b"\x00", name_end + 1)
+            query_text = data[name_end + 1 : query_end]
+            param_types = data[query_end + 1 : end]
+            global_name = statement_global_name(query_text, param_types)
+            parse_message = codec.build_parse(global_name, query_text, param_types)
+            self.statements[name] = (global_name, parse_message)
+            effects = self.rt.effects.effects(query_text)
+            if effects:
+                self._note_effects(effects)
+            if global_name in server.prepared:
+                server.expect.append((EXPECT_CLOSE_AS_PARSE, ""))
+                return NOOP_CLOSE
+            server.prepared.add(global_name)
+            server.expect.append((EXPECT_PARSE, global_name))
+            return parse_message
+        if type_code == _B:
+            portal_end = data.index(b"\x00", body_start)
+            stmt_end = data.index(b"\x00", portal_end + 1)
+            if stmt_end == portal_end + 1:
+                return None
+            return self._with_statement(server, data[portal_end + 1 : stmt_end].decode(),
+                                        lambda g: codec.build_bind(data[body_start:portal_end], g.encode(),
+                                                                   data[stmt_end + 1 : end]))
+        if type_code == _D or type_code == _C:
+            kind = data[body_start]
+            name = data[body_start + 1 : end - 1].decode()
+            if kind != ord("S") or not name:
+                if type_code == _C:
+                    server.expect.append((EXPECT_CLOSE, ""))
+                return None
+            if type_code == _C:
+                self.statements.pop(name, None)
+                server.expect.append((EXPECT_CLOSE, ""))
+                return NOOP_CLOSE
+            return self._with_statement(server, name,
+                                        lambda g: codec.message(b"D", b"S" + g.encode() + b"\x00"))
+        return None
+
+    def _with_statement(self, server: ServerConnection, name: str, build: object) -> bytes | None:
+        known = self.statements.get(name)
+        if known is None:
+            return None
+        global_name, parse_message = known
+        message = build(global_name)  # type: ignore[operator]
+        if global_name in server.prepared:
+            return message  # type: ignore[no-any-return]
+        server.prepared.add(global_name)
+        server.expect.append((EXPECT_PARSE_DROP, global_name))
+        return parse_message + message  # type: ignore[no-any-return]
+
+    def _note_effects(self, effects: tuple[Effect, ...]) -> None:
+        if any(e.kind == "pin" for e in effects):
+            self.pinned = True
+        self.pending_effects.extend(effects)
+
+    def _terminate(self) -> None:
+        self.phase = CLOSED
+        self._release(closing=True)
+        if self.transport is not None:
+            self.transport.close()
+
+    # ------------------------------------------------------------ relay: server -> client events
+
+    def on_server_ready(self, server: ServerConnection, status: bytes) -> None:
+        """A ReadyForQuery was relayed: settle session-state changes, maybe give the server back."""
+        if server.outstanding > 0 or self.unsynced or server is not self.server:
+            return
+        if self.pending_effects or self.txn_effects:
+            self._settle_effects(server, status)
+        mode = self.pool_mode
+        if mode == _SESSION or self.pinned or self.acquiring:
+            return
+        if status != b"I":
+            if mode == _STATEMENT:
+                self.write(codec.error_response(
+                    sqlstate.FEATURE_NOT_SUPPORTED,
+                    "transaction blocks are not allowed in statement pool mode", "FATAL"))
+                self._terminate()
+            return
+        self._unlink_and_release()
+
+    def _settle_effects(self, server: ServerConnection, status: bytes) -> None:
+        pending, self.pending_effects = self.pending_effects, []
+        if server.saw_error:
+            if status == b"I":
+                self.txn_effects = []
+            return
+        if status != b"I":
+            self.txn_effects.extend(pending)
+            return
+        effects = self.txn_effects + pending
+        self.txn_effects = []
+        if server.last_tag_rollback:
+            return
+        if self.state.apply(effects):
+            self.pinned = True
+        self._snapshot = None
+        server.session_state = self.snapshot()
+        if any(e.kind in ("discard_all", "deallocate") for e in effects):
+            if any(e.kind == "discard_all" or (e.kind == "deallocate" and not e.name) for e in effects):
+                server.prepared.clear()
+                self.statements.clear()
+
+    def on_server_lost(self, server: ServerConnection) -> None:
+        if server is not self.server:
+            return
+        self.server = None
+        if self.phase is READY:
+            self.fatal(sqlstate.CONNECTION_FAILURE, "server connection lost")
+
+    def cancel_running(self) -> None:
+        """A CancelRequest named this client: pass it to the server running its query, if any."""
+        server = self.server
+        if server is None or server.outstanding == 0 and not self.unsynced:
+            return
+        self.rt.send_cancel(server.address, server.process_id, server.secret_key)
+
+
+def constant_time_equal(left: str, right: str) -> bool:
+    return hmac.compare_digest(left.encode(), right.encode())
+
+
+def _unused(*_: object) -> None:
+    del md5_response, struct

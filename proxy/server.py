@@ -1,0 +1,348 @@
+"""One PostgreSQL server connection: login, then relay of its responses to the client it serves."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from auth.errors import AuthError
+from auth.scram import MECHANISM, ScramClient, md5_response
+from proxy.errors import ServerError
+from proxy.protocol import codec, sqlstate
+from proxy.session_state import EMPTY_SERVER_STATE, ServerState
+
+if TYPE_CHECKING:
+    from proxy.client import ClientSession
+
+# Response accounting for statements the proxy renamed, injected or answered itself (transaction mode).
+EXPECT_SYNC = 0        # a Sync or Query: its ReadyForQuery
+EXPECT_PARSE = 1       # a client Parse: forward its ParseComplete
+EXPECT_PARSE_DROP = 2  # a Parse the proxy injected: drop its ParseComplete
+EXPECT_CLOSE = 3       # a client Close: forward CloseComplete
+EXPECT_CLOSE_AS_PARSE = 4  # a Parse the server already had, replaced by a no-op Close: answer ParseComplete
+
+NOOP_CLOSE = codec.message(b"C", b"Ssg_noop\x00")
+
+_Z, _E, _PARSE_DONE, _CLOSE_DONE, _PARAM, _COMPLETE = b"Z"[0], b"E"[0], b"1"[0], b"3"[0], b"S"[0], b"C"[0]
+_WATCHED = frozenset((_Z, _E, _PARSE_DONE, _CLOSE_DONE, _PARAM, _COMPLETE))
+
+
+class ServerConnection(asyncio.Protocol):
+    """A server socket. Only the pool changes `state`; the linked client receives its responses."""
+
+    def __init__(self, pool: Any, address: tuple[str, int], user: str, password: str, database: str) -> None:
+        self.pool = pool
+        self.address = address
+        self.user = user
+        self.password = password
+        self.database = database
+        self.transport: asyncio.Transport | None = None
+        self.state = "connecting"
+        self.params: dict[str, str] = {}
+        self.process_id = 0
+        self.secret_key = 0
+        self.client: ClientSession | None = None
+        self.created_at = time.monotonic()
+        self.last_used = self.created_at
+        self.session_state: ServerState = EMPTY_SERVER_STATE
+        self.prepared: set[str] = set()
+        self.expect: deque[tuple[int, str]] = deque()
+        self.outstanding = 0
+        self.txn_status = b"I"
+        self.swallow = 0
+        self.swallow_error: bytes | None = None
+        self.saw_error = False
+        self.last_tag_rollback = False
+        self.relayed = False
+        self.broken = False
+        self._pending = b""
+        self._skip = 0
+        self._login: asyncio.Future[None] | None = None
+        self._login_buffer = bytearray()
+        self._scram: ScramClient | None = None
+        self._drain: asyncio.Future[None] | None = None
+
+    # ------------------------------------------------------------ login
+
+    async def connect(self, startup: dict[str, str], timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._login = loop.create_future()
+        try:
+            await asyncio.wait_for(self._open(loop, startup), timeout_s)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.broken = True
+            if self.transport is not None:
+                self.transport.abort()
+            raise ServerError(sqlstate.CONNECTION_FAILURE,
+                              f"cannot connect to server {self.address[0]}:{self.address[1]}: {exc or 'timeout'}")
+
+    async def _open(self, loop: asyncio.AbstractEventLoop, startup: dict[str, str]) -> None:
+        await loop.create_connection(lambda: self, self.address[0], self.address[1])
+        assert self.transport is not None and self._login is not None
+        params = {"user": self.user, "database": self.database, **startup}
+        self.transport.write(codec.startup_message(params))
+        await self._login
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            import socket
+
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _login_data(self, data: bytes) -> None:
+        buffer = self._login_buffer
+        buffer += data
+        while len(buffer) >= 5:
+            length = codec.unpack_u32(buffer, 1)[0]
+            if len(buffer) < length + 1:
+                return
+            type_code = buffer[0]
+            body = bytes(buffer[5 : length + 1])
+            del buffer[: length + 1]
+            try:
+                done = self._login_message(type_code, body)
+            except (AuthError, ServerError) as exc:
+                self._fail_login(exc)
+                return
+            if done:
+                rest = bytes(buffer)
+                buffer.clear()
+                login, self._login = self._login, None
+                if login is not None and not login.done():
+                    login.set_result(None)
+                if rest:
+                    self.data_received(rest)
+                return
+
+    def _login_message(self, type_code: int, body: bytes) -> bool:
+        assert self.transport is not None
+        if type_code == b"R"[0]:
+            code = codec.unpack_i32(body, 0)[0]
+            if code == 0:
+                return False
+            if code == 3:
+                self.transport.write(codec.password_message(codec.cstr(self.password)))
+            elif code == 5:
+                self.transport.write(codec.password_message(codec.cstr(md5_response(self.user, self.password, body[4:8]))))
+            elif code == 10:
+                mechanisms = body[4:].split(b"\x00")
+                if MECHANISM.encode() not in mechanisms:
+                    raise ServerError(sqlstate.FEATURE_NOT_SUPPORTED, "server offers no supported SASL mechanism")
+                self._scram = ScramClient(self.password)
+                self.transport.write(codec.sasl_initial_response(MECHANISM, self._scram.first_message()))
+            elif code == 11 and self._scram is not None:
+                self.transport.write(codec.password_message(self._scram.final_message(body[4:])))
+            elif code == 12 and self._scram is not None:
+                self._scram.verify_final(body[4:])
+            else:
+                raise ServerError(sqlstate.FEATURE_NOT_SUPPORTED, f"unsupported server authentication request {code}")
+        elif type_code == b"S"[0]:
+            name, _, rest = body.partition(b"\x00")
+            self.params[name.decode()] = rest.rstrip(b"\x00").decode()
+        elif type_code == b"K"[0]:
+            self.process_id = codec.unpack_i32(body, 0)[0]
+            self.secret_key = codec.unpack_i32(body, 4)[0]
+        elif type_code == b"E"[0]:
+            fields = codec.parse_error_fields(body)
+            raise ServerError(fields.get("C", sqlstate.CONNECTION_FAILURE), fields.get("M", "server refused login"),
+                              fatal=True)
+        elif type_code == b"Z"[0]:
+            return True
+        return False
+
+    def _fail_login(self, exc: Exception) -> None:
+        login, self._login = self._login, None
+        self.broken = True
+        if self.transport is not None:
+            self.transport.close()
+        if login is not None and not login.done():
+            if isinstance(exc, AuthError):
+                exc = ServerError(exc.sqlstate, f"server login failed: {exc.message}")
+            login.set_exception(exc)
+
+    # ------------------------------------------------------------ relay
+
+    def data_received(self, data: bytes) -> None:
+        if self._login is not None:
+            self._login_data(data)
+            return
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        size = len(data)
+        pos = self._skip
+        if pos:
+            if pos >= size:
+                self._skip = pos - size
+                if self.client is not None and not self.swallow:
+                    self.client.write(data)
+                return
+            self._skip = 0
+        run = 0
+        unpack = codec.unpack_u32
+        watched = _WATCHED
+        while pos < size:
+            if size - pos < 5:
+                self._pending = data[pos:]
+                break
+            type_code = data[pos]
+            end = pos + 1 + unpack(data, pos + 1)[0]
+            if type_code in watched or self.swallow:
+                if end > size:
+                    self._pending = data[pos:]
+                    break
+                if self._watched(data, type_code, pos, end, run):
+                    run = end
+            elif end > size:
+                self._skip = end - size
+                pos = size
+                break
+            pos = end
+        client = self.client
+        if run < pos and client is not None and not self.swallow:
+            client.write(data[run:pos] if run or pos < size else data)
+
+    def _watched(self, data: bytes, type_code: int, pos: int, end: int, run: int) -> bool:
+        """Handle one watched message; True when it was consumed here (the caller skips it)."""
+        if self.swallow:
+            if type_code == _E:
+                self.swallow_error = data[pos:end]
+            elif type_code == _Z:
+                self.swallow -= 1
+                self.outstanding -= 1
+                if self.expect:
+                    self.expect.popleft()
+                self.txn_status = data[pos + 5 : pos + 6]
+                if not self.swallow:
+                    if self.client is not None:
+                        self.client.on_preamble_done(self)
+                    elif self._drain is not None and not self._drain.done():
+                        self._drain.set_result(None)
+            return True
+        if type_code == _Z:
+            expect = self.expect
+            while expect and expect[0][0] != EXPECT_SYNC:
+                expect.popleft()
+            if expect:
+                expect.popleft()
+            self.outstanding -= 1
+            status = data[pos + 5 : pos + 6]
+            self.txn_status = status
+            client = self.client
+            if client is not None:
+                client.write(data[run:end])
+                client.on_server_ready(self, status)
+            self.saw_error = False
+            return True
+        if type_code == _COMPLETE:
+            self.last_tag_rollback = data.startswith(b"ROLLBACK", pos + 5)
+            return False
+        if type_code == _E:
+            self.saw_error = True
+            expect = self.expect
+            while expect and expect[0][0] != EXPECT_SYNC:
+                kind, name = expect.popleft()
+                if kind in (EXPECT_PARSE, EXPECT_PARSE_DROP) and name:
+                    self.prepared.discard(name)
+            return False
+        if type_code == _PARAM:
+            name, _, value = data[pos + 5 : end - 1].partition(b"\x00")
+            self.params[name.decode()] = value.decode()
+            return False
+        expect = self.expect
+        if not expect or expect[0][0] == EXPECT_SYNC:
+            return False
+        kind = expect[0][0]
+        if type_code == _PARSE_DONE and kind in (EXPECT_PARSE, EXPECT_PARSE_DROP):
+            expect.popleft()
+            if kind == EXPECT_PARSE_DROP:
+                self._flush_run(data, run, pos)
+                return True
+        elif type_code == _CLOSE_DONE and kind in (EXPECT_CLOSE, EXPECT_CLOSE_AS_PARSE):
+            expect.popleft()
+            if kind == EXPECT_CLOSE_AS_PARSE:
+                self._flush_run(data, run, pos)
+                if self.client is not None:
+                    self.client.write(codec.PARSE_COMPLETE)
+                return True
+        return False
+
+    def _flush_run(self, data: bytes, run: int, pos: int) -> None:
+        if run < pos and self.client is not None:
+            self.client.write(data[run:pos])
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def run_preamble(self, sql: str) -> None:
+        """Send proxy SQL whose responses are swallowed; the linked client hears when it is done."""
+        self.swallow = 1
+        self.swallow_error = None
+        self.outstanding += 1
+        self.expect.append((EXPECT_SYNC, ""))
+        self.send(codec.query(sql))
+
+    async def execute_internal(self, sql: str, timeout_s: float) -> bytes | None:
+        """Run proxy SQL on an unlinked server; returns the ErrorResponse bytes if it failed."""
+        self._drain = asyncio.get_running_loop().create_future()
+        self.run_preamble(sql)
+        try:
+            await asyncio.wait_for(self._drain, timeout_s)
+        finally:
+            self._drain = None
+        return self.swallow_error
+
+    # ------------------------------------------------------------ flow control and teardown
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.broken = True
+        if self._login is not None:
+            self._fail_login(ServerError(sqlstate.CONNECTION_FAILURE, "server closed the connection during login"))
+            return
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ServerError(sqlstate.CONNECTION_FAILURE, "server closed the connection"))
+        client = self.client
+        if client is not None:
+            client.on_server_lost(self)
+        self.pool.on_server_lost(self)
+
+    def close(self) -> None:
+        self.broken = True
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.transport.write(codec.TERMINATE)
+            finally:
+                self.transport.close()
+
+    @property
+    def idle_clean(self) -> bool:
+        """At a message boundary with nothing outstanding: safe to hand to another client."""
+        return (not self.broken and self.outstanding == 0 and self._skip == 0 and not self._pending
+                and not self.swallow)
+
+    def reset_tracking(self) -> None:
+        self.session_state = EMPTY_SERVER_STATE
+        self.prepared.clear()
+        self.expect.clear()
+

@@ -1,0 +1,238 @@
+"""Client session state (settings, SQL prepared statements, pins) tracked so it survives transaction pooling."""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+# Statements that may change session state. Searched (not matched) once per Query: a hit sends the
+# text to the slower statement splitter, a miss costs one regex scan.
+_MAYBE_STATEFUL = re.compile(
+    rb"(?:^|;)\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*(?:set|reset|discard|deallocate|prepare|listen|declare|create)\b"
+    rb"|set_config\s*\(|pg_advisory_lock|pg_try_advisory_lock|\bwith\s+hold\b",
+    re.IGNORECASE | re.DOTALL,
+)
+_SET = re.compile(
+    r"set\s+(?:(session)\s+|(local)\s+)?(?:(time\s+zone)|(names)|(schema)|([\w.\"]+)\s*(?:=|\bto\b))\s*(.*)",
+    re.IGNORECASE | re.DOTALL,
+)
+_RESET = re.compile(r"reset\s+(all|[\w.\"]+)\s*$", re.IGNORECASE)
+_PREPARE = re.compile(r"prepare\s+(?!transaction\b)([\w\"]+)", re.IGNORECASE)
+_DEALLOCATE = re.compile(r"deallocate\s+(?:prepare\s+)?(all|[\w\"]+)\s*$", re.IGNORECASE)
+_SET_CONFIG = re.compile(
+    r"set_config\s*\(\s*'((?:[^']|'')*)'\s*,\s*'((?:[^']|'')*)'\s*,\s*false\s*\)", re.IGNORECASE
+)
+_PIN = re.compile(
+    r"^\s*(?:listen\b|declare\b.*\bwith\s+hold\b|create\s+(?:global\s+|local\s+)?temp(?:orary)?\b)"
+    r"|pg_advisory_lock(?:_shared)?\s*\(|pg_try_advisory_lock(?:_shared)?\s*\(",
+    re.IGNORECASE | re.DOTALL,
+)
+_ALIASES = {"time zone": "timezone", "names": "client_encoding", "schema": "search_path"}
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    """One change to session state. kind: set | reset | reset_all | prepare | deallocate | discard_all | pin."""
+
+    kind: str
+    name: str = ""
+    value: str = ""
+
+
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _normalise_name(name: str) -> str:
+    if name.startswith('"') and name.endswith('"'):
+        return name[1:-1]
+    return name.lower()
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split on top-level semicolons, honouring quotes, dollar quotes and comments."""
+    statements: list[str] = []
+    start = 0
+    index = 0
+    length = len(sql)
+    while index < length:
+        char = sql[index]
+        if char == "'" or char == '"':
+            end = sql.find(char, index + 1)
+            while end != -1 and end + 1 < length and sql[end + 1] == char:
+                end = sql.find(char, end + 2)
+            index = length if end == -1 else end + 1
+        elif char == "-" and sql.startswith("--", index):
+            end = sql.find("\n", index)
+            index = length if end == -1 else end + 1
+        elif char == "/" and sql.startswith("/*", index):
+            end = sql.find("*/", index + 2)
+            index = length if end == -1 else end + 2
+        elif char == "$":
+            match = re.match(r"\$(?:[A-Za-z_]\w*)?\$", sql[index:])
+            if match:
+                tag = match.group(0)
+                end = sql.find(tag, index + len(tag))
+                index = length if end == -1 else end + len(tag)
+            else:
+                index += 1
+        elif char == ";":
+            statements.append(sql[start:index])
+            index += 1
+            start = index
+        else:
+            index += 1
+    statements.append(sql[start:])
+    return [s for s in (_strip_comments(s) for s in statements) if s]
+
+
+def _strip_comments(statement: str) -> str:
+    text = statement.strip()
+    while text.startswith("--") or text.startswith("/*"):
+        if text.startswith("--"):
+            end = text.find("\n")
+            text = "" if end == -1 else text[end + 1 :].strip()
+        else:
+            end = text.find("*/")
+            text = "" if end == -1 else text[end + 2 :].strip()
+    return text
+
+
+def _statement_effects(statement: str) -> list[Effect]:
+    keyword = statement[:12].lower()
+    if keyword.startswith("set"):
+        match = _SET.match(statement)
+        if not match or match.group(2):  # SET LOCAL lasts one transaction: nothing to carry over
+            return []
+        if match.group(6):
+            name = _normalise_name(match.group(6))
+        else:
+            alias = (match.group(3) or match.group(4) or match.group(5)).lower()
+            name = _ALIASES["time zone" if alias.startswith("time") else alias]
+        value = match.group(7).strip()
+        if name in ("transaction", "session"):
+            return []
+        if value.lower() == "default":
+            return [Effect("reset", name)]
+        return [Effect("set", name, value)]
+    if keyword.startswith("reset"):
+        match = _RESET.match(statement)
+        if not match:
+            return []
+        target = match.group(1)
+        return [Effect("reset_all")] if target.lower() == "all" else [Effect("reset", _normalise_name(target))]
+    if keyword.startswith("discard"):
+        return [Effect("discard_all")] if statement.split()[-1].lower() == "all" else []
+    if keyword.startswith("deallocate"):
+        match = _DEALLOCATE.match(statement)
+        if not match:
+            return []
+        target = match.group(1)
+        return [Effect("deallocate", "" if target.lower() == "all" else _normalise_name(target))]
+    if keyword.startswith("prepare"):
+        match = _PREPARE.match(statement)
+        return [Effect("prepare", _normalise_name(match.group(1)), statement)] if match else []
+    effects = [Effect("set", name.replace("''", "'").lower(), quote_literal(value.replace("''", "'")))
+               for name, value in _SET_CONFIG.findall(statement)]
+    if _PIN.search(statement):
+        effects.append(Effect("pin", value=statement.split()[0].upper()))
+    return effects
+
+
+class EffectScanner:
+    """Statement text -> effects, cached by text so the same statement is never analysed twice."""
+
+    def __init__(self, cache_size: int = 2048) -> None:
+        self._cache: OrderedDict[bytes, tuple[Effect, ...]] = OrderedDict()
+        self._cache_size = cache_size
+
+    def effects(self, sql: bytes) -> tuple[Effect, ...]:
+        """Effects of a statement's UTF-8 text as it came off the wire (no decode unless it may matter)."""
+        if not _MAYBE_STATEFUL.search(sql):
+            return ()
+        cached = self._cache.get(sql)
+        if cached is not None:
+            self._cache.move_to_end(sql)
+            return cached
+        text = sql.decode("utf-8", "replace")
+        found = tuple(e for statement in split_statements(text) for e in _statement_effects(statement))
+        self._cache[sql] = found
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return found
+
+
+@dataclass(slots=True)
+class SessionState:
+    """What a client expects of its session: settings (name -> SQL value text) and SQL prepared statements."""
+
+    startup: dict[str, str]
+    settings: dict[str, str]
+    prepared: dict[str, str]
+
+    @classmethod
+    def from_startup(cls, parameters: dict[str, str]) -> SessionState:
+        startup = {name: quote_literal(value) for name, value in parameters.items()}
+        return cls(startup, dict(startup), {})
+
+    def apply(self, effects: tuple[Effect, ...] | list[Effect]) -> bool:
+        """Apply effects; True when the client must stay on its server (LISTEN, advisory lock, ...)."""
+        pin = False
+        for effect in effects:
+            kind = effect.kind
+            if kind == "set":
+                self.settings[effect.name] = effect.value
+            elif kind == "reset":
+                if effect.name in self.startup:
+                    self.settings[effect.name] = self.startup[effect.name]
+                else:
+                    self.settings.pop(effect.name, None)
+            elif kind == "reset_all":
+                self.settings = dict(self.startup)
+            elif kind == "prepare":
+                self.prepared[effect.name] = effect.value
+            elif kind == "deallocate":
+                if effect.name:
+                    self.prepared.pop(effect.name, None)
+                else:
+                    self.prepared.clear()
+            elif kind == "discard_all":
+                self.settings = dict(self.startup)
+                self.prepared.clear()
+            elif kind == "pin":
+                pin = True
+        return pin
+
+    def snapshot(self) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+        return tuple(sorted(self.settings.items())), tuple(sorted(self.prepared.items()))
+
+
+ServerState = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]
+EMPTY_SERVER_STATE: ServerState = ((), ())
+
+
+def sync_sql(wanted: ServerState, current: ServerState) -> str:
+    """SQL that turns a server session in state `current` into `wanted` ('' when they match)."""
+    if wanted == current:
+        return ""
+    parts: list[str] = []
+    wanted_settings, wanted_prepared = dict(wanted[0]), dict(wanted[1])
+    current_settings, current_prepared = dict(current[0]), dict(current[1])
+    for name in current_settings:
+        if name not in wanted_settings:
+            parts.append(f"RESET {quote_ident(name)}")
+    for name, value in wanted_settings.items():
+        if current_settings.get(name) != value:
+            parts.append(f"SET {quote_ident(name)} = {value}")
+    for name, text in current_prepared.items():
+        if wanted_prepared.get(name) != text:
+            parts.append(f"DEALLOCATE {quote_ident(name)}")
+    for name, text in wanted_prepared.items():
+        if current_prepared.get(name) != text:
+            parts.append(text)
+    return ";".join(parts)
