@@ -572,6 +572,8 @@ class ClientSession(asyncio.Protocol):
         if any(e.kind == "pin" for e in effects):
             self.pinned = True
         self.pending_effects.extend(effects)
+        if self.server is not None:
+            self.server.track_tags(True)
 
     def _terminate(self) -> None:
         self.phase = CLOSED
@@ -600,26 +602,30 @@ class ClientSession(asyncio.Protocol):
         self._unlink_and_release()
 
     def _settle_effects(self, server: ServerConnection, status: bytes) -> None:
+        """Effects take hold once their transaction commits; an error or ROLLBACK drops them."""
         pending, self.pending_effects = self.pending_effects, []
         if server.saw_error:
             if status == b"I":
                 self.txn_effects = []
-            return
-        if status != b"I":
+            elif status == b"E":
+                return
+        elif status != b"I":
             self.txn_effects.extend(pending)
             return
+        rolled_back = server.last_tag_rollback or server.saw_error
         effects = self.txn_effects + pending
         self.txn_effects = []
-        if server.last_tag_rollback:
+        server.last_tag_rollback = False
+        server.track_tags(False)
+        if rolled_back:
             return
         if self.state.apply(effects):
             self.pinned = True
         self._snapshot = None
         server.session_state = self.snapshot()
-        if any(e.kind in ("discard_all", "deallocate") for e in effects):
-            if any(e.kind == "discard_all" or (e.kind == "deallocate" and not e.name) for e in effects):
-                server.prepared.clear()
-                self.statements.clear()
+        if any(e.kind == "discard_all" or (e.kind == "deallocate" and not e.name) for e in effects):
+            server.prepared.clear()
+            self.statements.clear()
 
     def on_server_lost(self, server: ServerConnection) -> None:
         if server is not self.server:

@@ -26,7 +26,9 @@ EXPECT_CLOSE_AS_PARSE = 4  # a Parse the server already had, replaced by a no-op
 NOOP_CLOSE = codec.message(b"C", b"Ssg_noop\x00")
 
 _Z, _E, _PARSE_DONE, _CLOSE_DONE, _PARAM, _COMPLETE = b"Z"[0], b"E"[0], b"1"[0], b"3"[0], b"S"[0], b"C"[0]
-_WATCHED = frozenset((_Z, _E, _PARSE_DONE, _CLOSE_DONE, _PARAM, _COMPLETE))
+_WATCHED = frozenset((_Z, _E, _PARSE_DONE, _CLOSE_DONE, _PARAM))
+# CommandComplete is watched only while a client has transaction-scoped state to settle (COMMIT vs ROLLBACK).
+WATCHED_WITH_TAGS = _WATCHED | {_COMPLETE}
 
 
 class ServerConnection(asyncio.Protocol):
@@ -57,6 +59,7 @@ class ServerConnection(asyncio.Protocol):
         self.last_tag_rollback = False
         self.relayed = False
         self.broken = False
+        self.watched = _WATCHED
         self._pending = b""
         self._skip = 0
         self._login: asyncio.Future[None] | None = None
@@ -184,7 +187,7 @@ class ServerConnection(asyncio.Protocol):
             self._skip = 0
         run = 0
         unpack = codec.unpack_u32
-        watched = _WATCHED
+        watched = self.watched
         while pos < size:
             if size - pos < 5:
                 self._pending = data[pos:]
@@ -234,7 +237,7 @@ class ServerConnection(asyncio.Protocol):
             self.txn_status = status
             client = self.client
             if client is not None:
-                client.write(data[run:end])
+                client.write(data if run == 0 and end == len(data) else data[run:end])
                 client.on_server_ready(self, status)
             self.saw_error = False
             return True
@@ -340,6 +343,9 @@ class ServerConnection(asyncio.Protocol):
         """At a message boundary with nothing outstanding: safe to hand to another client."""
         return (not self.broken and self.outstanding == 0 and self._skip == 0 and not self._pending
                 and not self.swallow)
+
+    def track_tags(self, enabled: bool) -> None:
+        self.watched = WATCHED_WITH_TAGS if enabled else _WATCHED
 
     def reset_tracking(self) -> None:
         self.session_state = EMPTY_SERVER_STATE

@@ -6,13 +6,25 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
-# Statements that may change session state. Searched (not matched) once per Query: a hit sends the
-# text to the slower statement splitter, a miss costs one regex scan.
-_MAYBE_STATEFUL = re.compile(
-    rb"(?:^|;)\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*(?:set|reset|discard|deallocate|prepare|listen|declare|create)\b"
-    rb"|set_config\s*\(|pg_advisory_lock|pg_try_advisory_lock|\bwith\s+hold\b",
-    re.IGNORECASE | re.DOTALL,
-)
+# Cheap test run once per Query (C-level `in`/`startswith` on the lowered bytes); only a hit pays for
+# the statement splitter. A false hit costs time, never correctness.
+_STATEFUL_HEADS = (b"set", b"reset", b"discard", b"deallocate", b"prepare", b"listen", b"declare", b"create",
+                   b"--", b"/*")
+_STATEFUL_WORDS = (b"set_config", b"advisory_lock", b"hold")
+
+
+def _may_change_state(sql: bytes) -> bool:
+    low = sql.lower()
+    if low.lstrip().startswith(_STATEFUL_HEADS):
+        return True
+    for word in _STATEFUL_WORDS:
+        if word in low:
+            return True
+    if b";" in low:
+        return any(part.lstrip().startswith(_STATEFUL_HEADS) for part in low.split(b";")[1:])
+    return False
+
+
 _SET = re.compile(
     r"set\s+(?:(session)\s+|(local)\s+)?(?:(time\s+zone)|(names)|(schema)|([\w.\"]+)\s*(?:=|\bto\b))\s*(.*)",
     re.IGNORECASE | re.DOTALL,
@@ -153,7 +165,7 @@ class EffectScanner:
 
     def effects(self, sql: bytes) -> tuple[Effect, ...]:
         """Effects of a statement's UTF-8 text as it came off the wire (no decode unless it may matter)."""
-        if not _MAYBE_STATEFUL.search(sql):
+        if not _may_change_state(sql):
             return ()
         cached = self._cache.get(sql)
         if cached is not None:
