@@ -7,6 +7,7 @@ import hmac
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from auth.errors import AuthError
@@ -135,7 +136,7 @@ class Runtime:
             writer.write(codec.cancel_request(process_id, secret_key))
             await writer.drain()
             writer.close()
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             log.warning("event=cancel_failed server=%s:%s error=%r", address[0], address[1], str(exc))
 
     # ------------------------------------------------------------ background
@@ -214,7 +215,9 @@ class App:
         self.stopped.set()
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, on_ready: Callable[[], None] | None = None) -> None:
     app = App(config)
     await app.start()
+    if on_ready is not None:
+        on_ready()
     await app.stopped.wait()

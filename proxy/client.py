@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
 import secrets
-import struct
 from typing import TYPE_CHECKING
 
 from auth.errors import AuthError
 from auth.identity import Identity
-from auth.scram import ScramServer, md5_response
+from auth.scram import ScramServer
 from config.model import UserConfig
 from proxy.errors import PoolError, ProxyError
 from proxy.protocol import codec, sqlstate
@@ -72,12 +70,15 @@ class ClientSession(asyncio.Protocol):
         self.pinned = False
         self.unsynced = False
         self.pending_effects: list[Effect] = []
+        self.unanswered: list[bytes | memoryview] = []
+        self.retry_safe = False
         self.txn_effects: list[Effect] = []
         self.cancel_key: tuple[int, int] | None = None
         self.reading_paused = False
         self._auth_method = ""
         self._scram: ScramServer | None = None
         self._md5_salt = b""
+        self._scram_started = False
         self._preamble_done: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -243,10 +244,10 @@ class ClientSession(asyncio.Protocol):
         else:
             scram = self._scram
             assert scram is not None
-            if not scram.verifier or not hasattr(self, "_scram_started"):
+            if not self._scram_started:
                 mechanism, offset = codec.read_cstring(body, 0)
                 if len(body) < offset + 4:
-                    raise ProtocolError("malformed SASLInitialResponse")
+                    raise ProtocolError("malformed SASL initial response")
                 data_length = codec.unpack_i32(body, offset)[0]
                 data = body[offset + 4 : offset + 4 + data_length] if data_length >= 0 else b""
                 self.write(codec.auth_sasl_continue(scram.handle_first(mechanism, data)))
@@ -325,7 +326,10 @@ class ClientSession(asyncio.Protocol):
 
     def _link(self, server: ServerConnection) -> None:
         server.client = self
+        server.relayed = False
         self.server = server
+        self.unanswered = []
+        self.retry_safe = server.txn_status == b"I" and self.pool_mode != _SESSION
         if self.reading_paused:
             self.resume_reading()
 
@@ -349,6 +353,7 @@ class ClientSession(asyncio.Protocol):
             raise ProxyError(fields.get("C", sqlstate.INTERNAL_ERROR),
                              fields.get("M", "could not restore session state"), fatal=True)
         server.session_state = wanted
+        server.relayed = False
 
     def on_preamble_done(self, server: ServerConnection) -> None:
         done = self._preamble_done
@@ -399,7 +404,7 @@ class ClientSession(asyncio.Protocol):
         self.server = None
         server.client = None
         assert self.pool is not None
-        self.pool.checkin(server, reset=self.pool_mode == _SESSION or closing and self.pinned)
+        self.pool.checkin(server, reset=self.pool_mode == _SESSION or (closing and self.pinned))
 
     def _release(self, *, closing: bool = False) -> None:
         if self.server is not None:
@@ -457,12 +462,25 @@ class ClientSession(asyncio.Protocol):
                 if server is None:
                     self.waiting += data[pos:]
                     return size
-            if type_code == _Q or type_code == _S or type_code == _F:
+            if type_code in (_Q, _S, _F):
                 server.outstanding += 1
                 server.expect.append((EXPECT_SYNC, ""))
                 self.unsynced = False
                 if type_code == _Q and pooled:
-                    effects = self.rt.effects.effects(data[pos + 5 : end - 1])
+                    sql = data[pos + 5 : end - 1]
+                    if self.pool_mode == _STATEMENT and _opens_transaction(sql):
+                        server.outstanding -= 1
+                        server.expect.pop()
+                        self._flush(server, view, run, pos, out)
+                        out, run = None, end
+                        self.write(codec.error_response(
+                            sqlstate.FEATURE_NOT_SUPPORTED,
+                            "transaction blocks are not allowed in statement pool mode",
+                            hint="run each statement on its own, or use pool_mode = \"transaction\"",
+                        ) + codec.ready_for_query(b"I"))
+                        pos = end
+                        continue
+                    effects = self.rt.effects.effects(sql)
                     if effects:
                         self._note_effects(effects)
             elif type_code in _EXTENDED:
@@ -480,19 +498,23 @@ class ClientSession(asyncio.Protocol):
         self._flush(server, view, run, pos, out)
         return pos
 
-    @staticmethod
-    def _flush(server: ServerConnection | None, view: memoryview, run: int, pos: int,
+    def _flush(self, server: ServerConnection | None, view: memoryview, run: int, pos: int,
                out: list[bytes | memoryview] | None) -> None:
         if server is None:
             return
         if out is None:
+            if run >= pos:
+                return
+            chunk: bytes | memoryview = view[run:pos]
+        else:
             if run < pos:
-                server.send(view[run:pos])
-            return
-        if run < pos:
-            out.append(view[run:pos])
-        if out:
-            server.send(b"".join(out))
+                out.append(view[run:pos])
+            if not out:
+                return
+            chunk = b"".join(out)
+        if not server.relayed:
+            self.unanswered.append(chunk)
+        server.send(chunk)
 
     def _attach_now(self) -> ServerConnection | None:
         """Fast path: an idle server whose session already matches; else start the slow path."""
@@ -541,7 +563,7 @@ class ClientSession(asyncio.Protocol):
             return self._with_statement(server, data[portal_end + 1 : stmt_end].decode(),
                                         lambda g: codec.build_bind(data[body_start:portal_end], g.encode(),
                                                                    data[stmt_end + 1 : end]))
-        if type_code == _D or type_code == _C:
+        if type_code in (_D, _C):
             kind = data[body_start]
             name = data[body_start + 1 : end - 1].decode()
             if kind != ord("S") or not name:
@@ -628,23 +650,31 @@ class ClientSession(asyncio.Protocol):
             self.statements.clear()
 
     def on_server_lost(self, server: ServerConnection) -> None:
+        """The server died under us. If it never answered this transaction, replay it on another one."""
         if server is not self.server:
             return
         self.server = None
-        if self.phase is READY:
-            self.fatal(sqlstate.CONNECTION_FAILURE, "server connection lost")
+        if self.phase is not READY:
+            return
+        if self.retry_safe and not server.relayed and self.unanswered and not self.acquiring:
+            log.info("event=server_lost_retry peer=%s server=%s:%s", self.peer, *server.address)
+            replay = b"".join(bytes(chunk) for chunk in self.unanswered)
+            self.unanswered = []
+            self.pending_effects = []
+            self.waiting = replay + self.waiting
+            self.acquiring = True
+            self._task = asyncio.get_running_loop().create_task(self._acquire())
+            return
+        self.fatal(sqlstate.CONNECTION_FAILURE, "server connection lost")
 
     def cancel_running(self) -> None:
         """A CancelRequest named this client: pass it to the server running its query, if any."""
         server = self.server
-        if server is None or server.outstanding == 0 and not self.unsynced:
+        if server is None or (server.outstanding == 0 and not self.unsynced):
             return
         self.rt.send_cancel(server.address, server.process_id, server.secret_key)
 
 
-def constant_time_equal(left: str, right: str) -> bool:
-    return hmac.compare_digest(left.encode(), right.encode())
-
-
-def _unused(*_: object) -> None:
-    del md5_response, struct
+def _opens_transaction(sql: bytes) -> bool:
+    head = sql.lstrip()[:17].lower()
+    return head.startswith(b"begin") or head.startswith(b"start transaction")

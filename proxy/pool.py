@@ -6,7 +6,9 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.errors import PoolError, ProxyError, ServerError
 from proxy.protocol import sqlstate
@@ -95,7 +97,7 @@ class Pool:
             self.waiters.append(waiter)
             try:
                 handed = await asyncio.wait_for(waiter, remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise self._timeout_error()
             finally:
                 if waiter in self.waiters:
@@ -123,7 +125,7 @@ class Pool:
                 self.connecting += 1
                 try:
                     failed = await server.execute_internal(";", self.settings.connect_timeout_ms / 1000)
-                except (ProxyError, asyncio.TimeoutError):
+                except (TimeoutError, ProxyError):
                     failed = b"timeout"
                 finally:
                     self.connecting -= 1
@@ -184,7 +186,7 @@ class Pool:
         self.active.add(server)
         try:
             failed = await server.execute_internal(sql, self.settings.connect_timeout_ms / 1000)
-        except (ProxyError, asyncio.TimeoutError):
+        except (TimeoutError, ProxyError):
             failed = b"timeout"
         self.active.discard(server)
         if failed is not None or server.txn_status != b"I":
@@ -256,8 +258,8 @@ class Pool:
             return
         self._release(server)
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

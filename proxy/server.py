@@ -74,7 +74,7 @@ class ServerConnection(asyncio.Protocol):
         self._login = loop.create_future()
         try:
             await asyncio.wait_for(self._open(loop, startup), timeout_s)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self.broken = True
             if self.transport is not None:
                 self.transport.abort()
@@ -173,6 +173,7 @@ class ServerConnection(asyncio.Protocol):
         if self._login is not None:
             self._login_data(data)
             return
+        self.relayed = True
         if self._pending:
             data = self._pending + data
             self._pending = b""
@@ -253,8 +254,8 @@ class ServerConnection(asyncio.Protocol):
                     self.prepared.discard(name)
             return False
         if type_code == _PARAM:
-            name, _, value = data[pos + 5 : end - 1].partition(b"\x00")
-            self.params[name.decode()] = value.decode()
+            raw_name, _, raw_value = data[pos + 5 : end - 1].partition(b"\x00")
+            self.params[raw_name.decode()] = raw_value.decode()
             return False
         expect = self.expect
         if not expect or expect[0][0] == EXPECT_SYNC:

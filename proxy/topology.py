@@ -469,7 +469,10 @@ class Topology:
             for index in range(1, replicas + 1):
                 topology.add_replica(f"replica{index}")
         except BaseException:
-            topology.stop_all()
+            try:
+                topology.stop_all()
+            except TopologyError:
+                pass  # the original failure is the one worth reporting
             raise
         return topology
 
@@ -544,6 +547,8 @@ class Topology:
         if any(server.name == name for server in self.servers):
             raise ValueError(f"a server named {name!r} already exists")
         server_dir = self.base_dir / name
+        if server_dir.exists():
+            raise TopologyError(f"{server_dir} already exists: remove it or choose another base directory")
         server_dir.mkdir()
         _chown_to_postgres(server_dir)
         server = PgServer(name, server_dir / "data", free_port(), role, self.bin_dir, self.passwords)

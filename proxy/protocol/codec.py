@@ -117,10 +117,7 @@ def parse_options(options: str) -> dict[str, str]:
         if token == "-c" and index + 1 < len(tokens):
             pair = tokens[index + 1]
             index += 2
-        elif token.startswith("-c"):
-            pair = token[2:]
-            index += 1
-        elif token.startswith("--"):
+        elif token.startswith("-c") or token.startswith("--"):
             pair = token[2:]
             index += 1
         else:
