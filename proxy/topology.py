@@ -471,7 +471,7 @@ class Topology:
         except BaseException:
             try:
                 topology.stop_all()
-            except TopologyError:
+            except Exception:
                 pass  # the original failure is the one worth reporting
             raise
         return topology

@@ -1,0 +1,102 @@
+"""Startup-phase parsing and message encoders of the sans-I/O codec."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from proxy.protocol import codec
+from proxy.protocol.codec import ProtocolError
+
+
+def _startup(params: dict[str, str], protocol: int = codec.PROTOCOL_V3) -> bytes:
+    body = struct.pack("!i", protocol) + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items())
+    body += b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+def test_startup_message_parameters_round_trip() -> None:
+    buffer = bytearray(_startup({"user": "app", "database": "db", "application_name": "x y"}))
+    packet = codec.read_startup_packet(buffer)
+    assert isinstance(packet, codec.StartupMessage)
+    assert packet.parameters == {"user": "app", "database": "db", "application_name": "x y"}
+    assert buffer == bytearray()
+
+
+def test_startup_message_arrives_in_pieces() -> None:
+    raw = _startup({"user": "app"})
+    buffer = bytearray()
+    for index, byte in enumerate(raw[:-1]):
+        buffer.append(byte)
+        assert codec.read_startup_packet(buffer) is None, index
+    buffer.append(raw[-1])
+    packet = codec.read_startup_packet(buffer)
+    assert isinstance(packet, codec.StartupMessage) and packet.parameters["user"] == "app"
+
+
+def test_ssl_gss_and_cancel_requests() -> None:
+    assert isinstance(codec.read_startup_packet(bytearray(struct.pack("!ii", 8, 80877103))), codec.SSLRequest)
+    assert isinstance(codec.read_startup_packet(bytearray(struct.pack("!ii", 8, 80877104))), codec.GSSENCRequest)
+    cancel = codec.read_startup_packet(bytearray(codec.cancel_request(4242, -17)))
+    assert cancel == codec.CancelRequest(4242, -17)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        struct.pack("!i", 3) + b"abcd",  # length below the minimum
+        struct.pack("!i", 1_000_000) + b"\0" * 8,  # absurd length
+        b"GET / HTTP/1.1\r\n\r\n",  # garbage before startup
+    ],
+)
+def test_bad_startup_lengths_are_protocol_violations(raw: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        codec.read_startup_packet(bytearray(raw))
+    assert info.value.sqlstate == "08P01"
+
+
+def test_unsupported_protocol_version() -> None:
+    with pytest.raises(ProtocolError) as info:
+        codec.read_startup_packet(bytearray(_startup({"user": "a"}, protocol=2 << 16)))
+    assert info.value.sqlstate == "0A000"
+
+
+def test_startup_without_terminator_is_rejected() -> None:
+    body = struct.pack("!i", codec.PROTOCOL_V3) + b"user\0app"
+    with pytest.raises(ProtocolError):
+        codec.read_startup_packet(bytearray(struct.pack("!i", len(body) + 4) + body))
+
+
+def test_options_are_split_like_libpq() -> None:
+    settings = codec.parse_options(r"-c intervalstyle=postgres_verbose --search_path=a,b -csearch-path=x\ y")
+    assert settings == {"intervalstyle": "postgres_verbose", "search_path": "x y"}
+
+
+def test_options_reject_non_settings() -> None:
+    with pytest.raises(ProtocolError) as info:
+        codec.parse_options("-x")
+    assert info.value.sqlstate == "42601"
+
+
+def test_error_response_fields_round_trip() -> None:
+    raw = codec.error_response("53300", "too many", "FATAL", detail="d", hint="h")
+    assert raw[:1] == b"E" and struct.unpack("!I", raw[1:5])[0] == len(raw) - 1
+    fields = codec.parse_error_fields(raw[5:])
+    assert fields == {"S": "FATAL", "V": "FATAL", "C": "53300", "M": "too many", "D": "d", "H": "h"}
+
+
+def test_parse_and_bind_rebuild() -> None:
+    types = struct.pack("!hi", 1, 23)
+    parse = codec.build_parse("s1", b"select $1", types)
+    name, text, rest = codec.parse_parse(parse[5:])
+    assert (name, text, rest) == ("s1", "select $1", types)
+    bind_rest = struct.pack("!hhih", 0, 1, 1, 0) + b"7"
+    bind = codec.build_bind(b"portal", b"stmt", bind_rest)
+    assert codec.split_bind(bind[5:]) == (b"portal", b"stmt", bind_rest)
+    assert struct.unpack("!I", bind[1:5])[0] == len(bind) - 1
+
+
+def test_ready_for_query_and_keys() -> None:
+    assert codec.ready_for_query(b"T") == b"Z\x00\x00\x00\x05T"
+    assert codec.backend_key_data(1, 2) == b"K\x00\x00\x00\x0c\x00\x00\x00\x01\x00\x00\x00\x02"

@@ -1,0 +1,88 @@
+"""Session-state tracking: which statements change state, and the SQL that replays it on another server."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.session_state import Effect, EffectScanner, SessionState, split_statements, sync_sql
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SET search_path = a, b", [Effect("set", "search_path", "a, b")]),
+        ("set search_path to 'x'", [Effect("set", "search_path", "'x'")]),
+        ("SET SESSION statement_timeout = 5000", [Effect("set", "statement_timeout", "5000")]),
+        ("SET LOCAL statement_timeout = 5000", []),
+        ("SET TIME ZONE 'UTC'", [Effect("set", "timezone", "'UTC'")]),
+        ("SET NAMES 'LATIN1'", [Effect("set", "client_encoding", "'LATIN1'")]),
+        ("set work_mem = default", [Effect("reset", "work_mem")]),
+        ("RESET work_mem", [Effect("reset", "work_mem")]),
+        ("RESET ALL", [Effect("reset_all")]),
+        ("DISCARD ALL", [Effect("discard_all")]),
+        ("DISCARD PLANS", []),
+        ("PREPARE q(int) AS SELECT $1", [Effect("prepare", "q", "PREPARE q(int) AS SELECT $1")]),
+        ("PREPARE TRANSACTION 'gid'", []),
+        ("DEALLOCATE q", [Effect("deallocate", "q")]),
+        ("DEALLOCATE ALL", [Effect("deallocate", "")]),
+        ("SELECT set_config('app.user', 'it''s', false)", [Effect("set", "app.user", "'it''s'")]),
+        ("SELECT set_config('app.user', 'x', true)", []),
+        ("LISTEN chan", [Effect("pin", value="LISTEN")]),
+        ("select pg_advisory_lock(1)", [Effect("pin", value="SELECT")]),
+        ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", [Effect("pin", value="DECLARE")]),
+        ("CREATE TEMP TABLE t (a int)", [Effect("pin", value="CREATE")]),
+        ("select 1; set search_path = x", [Effect("set", "search_path", "x")]),
+        ("/* hint */ SET search_path = y", [Effect("set", "search_path", "y")]),
+        ("SELECT 'SET search_path = z'", []),
+        ("UPDATE t SET a = 1", []),
+        ("CREATE TABLE t (a int)", []),
+    ],
+)
+def test_effects(sql: str, expected: list[Effect]) -> None:
+    assert list(EffectScanner().effects(sql.encode())) == expected
+
+
+def test_split_respects_quotes_and_dollar_quotes() -> None:
+    sql = "select ';'; do $x$ begin perform 1; end $x$; -- c;\n select \"a;b\" from t"
+    assert split_statements(sql) == ["select ';'", "do $x$ begin perform 1; end $x$", 'select "a;b" from t']
+
+
+def test_reset_returns_to_startup_value() -> None:
+    state = SessionState.from_startup({"application_name": "psql", "datestyle": "ISO, MDY"})
+    state.apply([Effect("set", "application_name", "'other'"), Effect("set", "work_mem", "'8MB'")])
+    assert state.settings["application_name"] == "'other'"
+    state.apply([Effect("reset", "application_name")])
+    assert state.settings["application_name"] == "'psql'"
+    state.apply([Effect("reset_all")])
+    assert state.settings == {"application_name": "'psql'", "datestyle": "'ISO, MDY'"}
+
+
+def test_pin_reported() -> None:
+    state = SessionState.from_startup({})
+    assert state.apply([Effect("pin", value="LISTEN")]) is True
+    assert state.apply([Effect("set", "a.b", "1")]) is False
+
+
+def test_sync_sql_diff() -> None:
+    client = SessionState.from_startup({"application_name": "a"})
+    client.apply([Effect("prepare", "q", "PREPARE q AS SELECT 1")])
+    server = SessionState.from_startup({"work_mem": "1MB"})
+    server.apply([Effect("prepare", "q", "PREPARE q AS SELECT 2"), Effect("prepare", "r", "PREPARE r AS SELECT 3")])
+    sql = sync_sql(client.snapshot(), server.snapshot())
+    assert sql.split(";") == [
+        'RESET "work_mem"',
+        "SET \"application_name\" = 'a'",
+        'DEALLOCATE "q"',
+        'DEALLOCATE "r"',
+        "PREPARE q AS SELECT 1",
+    ]
+    assert sync_sql(client.snapshot(), client.snapshot()) == ""
+
+
+def test_scanner_caches_by_text() -> None:
+    scanner = EffectScanner(cache_size=2)
+    first = scanner.effects(b"SET a.b = 1")
+    assert scanner.effects(b"SET a.b = 1") is first
+    scanner.effects(b"SET a.c = 1")
+    scanner.effects(b"SET a.d = 1")
+    assert len(scanner._cache) == 2
