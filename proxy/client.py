@@ -34,6 +34,7 @@ log = logging.getLogger("shardgate.client")
 
 STARTUP, AUTH, READY, CLOSED = "startup", "auth", "ready", "closed"
 _SESSION, _TRANSACTION, _STATEMENT = "session", "transaction", "statement"
+_MODES = {_SESSION: _SESSION, _TRANSACTION: _TRANSACTION, _STATEMENT: _STATEMENT}
 
 _Q, _P, _B, _D, _C, _S, _X, _F = (ord(c) for c in "QPBDCSXF")
 _EXTENDED = frozenset(ord(c) for c in "PBDEHC")
@@ -75,6 +76,7 @@ class ClientSession(asyncio.Protocol):
         self.txn_effects: list[Effect] = []
         self.cancel_key: tuple[int, int] | None = None
         self.reading_paused = False
+        self.max_message_bytes = runtime.config.general.max_message_bytes
         self._auth_method = ""
         self._scram: ScramServer | None = None
         self._md5_salt = b""
@@ -272,7 +274,8 @@ class ClientSession(asyncio.Protocol):
                 raise ProxyError(sqlstate.INVALID_CATALOG_NAME, f'database "{self.database}" does not exist',
                                  fatal=True)
             self.pool = pool
-            self.pool_mode = user.pool_mode or self.rt.config.general.pool_mode
+            # the constants themselves, so the hot path can compare by identity
+            self.pool_mode = _MODES[user.pool_mode or self.rt.config.general.pool_mode]
             if self.pool_mode == _SESSION:
                 server = await pool.checkout()
                 self._link(server)
@@ -436,10 +439,10 @@ class ClientSession(asyncio.Protocol):
         pos = 0
         run = 0
         out: list[bytes | memoryview] | None = None
-        limit = self.rt.config.general.max_message_bytes
+        limit = self.max_message_bytes
         pooled = self.pool_mode != _SESSION
         server = self.server
-        view = memoryview(data)
+        view = data
         unpack = codec.unpack_u32
         while size - pos >= 5:
             type_code = data[pos]
@@ -498,14 +501,14 @@ class ClientSession(asyncio.Protocol):
         self._flush(server, view, run, pos, out)
         return pos
 
-    def _flush(self, server: ServerConnection | None, view: memoryview, run: int, pos: int,
+    def _flush(self, server: ServerConnection | None, view: bytes, run: int, pos: int,
                out: list[bytes | memoryview] | None) -> None:
         if server is None:
             return
         if out is None:
             if run >= pos:
                 return
-            chunk: bytes | memoryview = view[run:pos]
+            chunk: bytes | memoryview = view if run == 0 and pos == len(view) else memoryview(view)[run:pos]
         else:
             if run < pos:
                 out.append(view[run:pos])
@@ -522,10 +525,9 @@ class ClientSession(asyncio.Protocol):
         assert pool is not None
         server = pool.try_checkout()
         if server is not None:
-            if server.session_state == self.snapshot():
-                self._link(server)
-                return server
             self._link(server)
+            if server.session_state == self.snapshot():
+                return server
         self.acquiring = True
         self._task = asyncio.get_running_loop().create_task(self._acquire())
         return None
@@ -607,21 +609,23 @@ class ClientSession(asyncio.Protocol):
 
     def on_server_ready(self, server: ServerConnection, status: bytes) -> None:
         """A ReadyForQuery was relayed: settle session-state changes, maybe give the server back."""
-        if server.outstanding > 0 or self.unsynced or server is not self.server:
+        if server.outstanding or self.unsynced or server is not self.server:
             return
         if self.pending_effects or self.txn_effects:
             self._settle_effects(server, status)
         mode = self.pool_mode
-        if mode == _SESSION or self.pinned or self.acquiring:
+        if mode is _SESSION or self.pinned or self.acquiring:
             return
         if status != b"I":
-            if mode == _STATEMENT:
+            if mode is _STATEMENT:
                 self.write(codec.error_response(
                     sqlstate.FEATURE_NOT_SUPPORTED,
                     "transaction blocks are not allowed in statement pool mode", "FATAL"))
                 self._terminate()
             return
-        self._unlink_and_release()
+        self.server = None
+        assert self.pool is not None
+        self.pool.checkin(server)
 
     def _settle_effects(self, server: ServerConnection, status: bytes) -> None:
         """Effects take hold once their transaction commits; an error or ROLLBACK drops them."""

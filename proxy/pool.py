@@ -165,11 +165,8 @@ class Pool:
         """A client is done with `server`: clean it if needed and hand it to a waiter or the idle list."""
         self.active.discard(server)
         server.client = None
-        if server.broken or self.closed or not server.idle_clean:
-            server.close()
-            self._wake_one(None)
-            return
-        if self._expired(server, time.monotonic()):
+        now = time.monotonic()
+        if server.broken or self.closed or not server.idle_clean or self._expired(server, now):
             server.close()
             self._wake_one(None)
             return
@@ -177,9 +174,15 @@ class Pool:
             sql = self.settings.reset_query if reset else "ROLLBACK"
             if server.txn_status != b"I" and reset:
                 sql = "ROLLBACK; " + sql
-            self._spawn(self._clean(server, sql, reset))
-            return
-        self._release(server)
+            if sql:
+                self._spawn(self._clean(server, sql, reset))
+                return
+        server.last_used = now
+        if self.waiters:
+            self._release(server)
+        else:
+            server.state = "idle"
+            self.idle.append(server)
 
     async def _clean(self, server: ServerConnection, sql: str, reset: bool) -> None:
         server.state = "testing"

@@ -195,7 +195,23 @@ class ServerConnection(asyncio.Protocol):
                 break
             type_code = data[pos]
             end = pos + 1 + unpack(data, pos + 1)[0]
-            if type_code in watched or self.swallow:
+            if type_code == _Z and not self.swallow and end <= size:
+                # ReadyForQuery, inlined: it ends every transaction and is the hottest watched message.
+                expect = self.expect
+                while expect and expect[0][0] != EXPECT_SYNC:
+                    expect.popleft()
+                if expect:
+                    expect.popleft()
+                self.outstanding -= 1
+                status = data[pos + 5 : pos + 6]
+                self.txn_status = status
+                client = self.client
+                if client is not None:
+                    client.write(data if run == 0 and end == size else data[run:end])
+                    client.on_server_ready(self, status)
+                self.saw_error = False
+                run = end
+            elif type_code in watched or self.swallow:
                 if end > size:
                     self._pending = data[pos:]
                     break

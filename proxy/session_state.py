@@ -10,19 +10,18 @@ from dataclasses import dataclass
 # the statement splitter. A false hit costs time, never correctness.
 _STATEFUL_HEADS = (b"set", b"reset", b"discard", b"deallocate", b"prepare", b"listen", b"declare", b"create",
                    b"--", b"/*")
-_STATEFUL_WORDS = (b"set_config", b"advisory_lock", b"hold")
 
 
 def _may_change_state(sql: bytes) -> bool:
     low = sql.lower()
     if low.lstrip().startswith(_STATEFUL_HEADS):
         return True
-    for word in _STATEFUL_WORDS:
-        if word in low:
-            return True
-    if b";" in low:
-        return any(part.lstrip().startswith(_STATEFUL_HEADS) for part in low.split(b";")[1:])
-    return False
+    if b"set_config" in low or b"advisory_lock" in low or b"hold" in low:
+        return True
+    semicolon = low.find(b";")
+    if semicolon == -1 or not low[semicolon + 1 :].strip():
+        return False
+    return any(part.lstrip().startswith(_STATEFUL_HEADS) for part in low.split(b";")[1:])
 
 
 _SET = re.compile(
