@@ -26,6 +26,7 @@ EXPECT_CLOSE_AS_PARSE = 4  # a Parse the server already had, replaced by a no-op
 NOOP_CLOSE = codec.message(b"C", b"Ssg_noop\x00")
 
 _Z, _E, _PARSE_DONE, _CLOSE_DONE, _PARAM, _COMPLETE = b"Z"[0], b"E"[0], b"1"[0], b"3"[0], b"S"[0], b"C"[0]
+_DATA_ROW = b"D"[0]
 _WATCHED = frozenset((_Z, _E, _PARSE_DONE, _CLOSE_DONE, _PARAM))
 # CommandComplete is watched only while a client has transaction-scoped state to settle (COMMIT vs ROLLBACK).
 WATCHED_WITH_TAGS = _WATCHED | {_COMPLETE}
@@ -60,6 +61,7 @@ class ServerConnection(asyncio.Protocol):
         self.relayed = False
         self.broken = False
         self.watched = _WATCHED
+        self.rows: list[list[str | None]] | None = None
         self._pending = b""
         self._skip = 0
         self._login: asyncio.Future[None] | None = None
@@ -229,7 +231,9 @@ class ServerConnection(asyncio.Protocol):
     def _watched(self, data: bytes, type_code: int, pos: int, end: int, run: int) -> bool:
         """Handle one watched message; True when it was consumed here (the caller skips it)."""
         if self.swallow:
-            if type_code == _E:
+            if type_code == _DATA_ROW and self.rows is not None:
+                self.rows.append(_decode_row(data, pos + 5, end))
+            elif type_code == _E:
                 self.swallow_error = data[pos:end]
             elif type_code == _Z:
                 self.swallow -= 1
@@ -319,6 +323,19 @@ class ServerConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------ flow control and teardown
 
+    async def fetch_rows(self, sql: str, timeout_s: float) -> list[list[str | None]]:
+        """Run proxy SQL on an unlinked server and return its rows as text (monitoring queries)."""
+        self.rows = []
+        try:
+            failed = await self.execute_internal(sql, timeout_s)
+            rows = self.rows
+        finally:
+            self.rows = None
+        if failed is not None:
+            fields = codec.parse_error_fields(failed[5:])
+            raise ServerError(fields.get("C", sqlstate.INTERNAL_ERROR), fields.get("M", "query failed"))
+        return rows
+
     def pause_writing(self) -> None:
         if self.client is not None:
             self.client.pause_reading()
@@ -369,3 +386,19 @@ class ServerConnection(asyncio.Protocol):
         self.prepared.clear()
         self.expect.clear()
 
+
+
+def _decode_row(data: bytes, pos: int, end: int) -> list[str | None]:
+    count = codec.unpack_i16(data, pos)[0]
+    pos += 2
+    values: list[str | None] = []
+    for _ in range(count):
+        length = codec.unpack_i32(data, pos)[0]
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(data[pos : pos + length].decode("utf-8", "replace"))
+            pos += length
+    del end
+    return values
