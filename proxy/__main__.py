@@ -54,6 +54,9 @@ def run(config_path: str) -> int:
     install_event_loop()
     try:
         asyncio.run(serve(config))
+    except ValueError as exc:  # key files named by [jwt] that cannot be used
+        logging.getLogger("shardgate").error("event=start_failed error=%r", str(exc))
+        return 1
     except OSError as exc:
         logging.getLogger("shardgate").error("event=start_failed error=%r", str(exc))
         return 1

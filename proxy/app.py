@@ -10,9 +10,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from auth.claims import reset_settings_sql, session_settings
 from auth.errors import AuthError
 from auth.identity import Identity
+from auth.jwt import check_scope, identity_from_claims
+from auth.keys import JwtSetupError, KeySet
 from auth.scram import ScramVerifier, is_md5_hash, is_scram_verifier, md5_hash, md5_response
+from auth.token_cache import CachedJwtValidator
 from config.loader import ConfigError, load, split_address
 from config.model import Config, DatabaseConfig, UserConfig
 from proxy.client import ClientSession
@@ -39,6 +43,9 @@ class Runtime:
         self._verifiers: dict[str, ScramVerifier] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started_at = time.time()
+        self.jwt: CachedJwtValidator | None = None
+        if config.jwt is not None:
+            self.jwt = CachedJwtValidator.from_config(config.jwt)
 
     # ------------------------------------------------------------ authentication helpers
 
@@ -67,7 +74,31 @@ class Runtime:
         return hmac.compare_digest(stored.encode(), given.encode())
 
     def authenticate_jwt(self, user: UserConfig, database: str, token: str) -> Identity:
-        raise AuthError(sqlstate.FEATURE_NOT_SUPPORTED, "JWT authentication is not available in this build")
+        """A token sent as the password -> Identity with its claims (raises AuthError with the reason)."""
+        if self.jwt is None or self.config.jwt is None:
+            raise AuthError(sqlstate.INVALID_AUTHORIZATION, "JWT authentication is not configured")
+        if not token:
+            raise AuthError(sqlstate.INVALID_AUTHORIZATION, "JWT required")
+        claims = self.jwt.validate_token(token).claims
+        if user.required_scope:
+            check_scope(claims, user.required_scope)
+        return identity_from_claims(claims, self.config.jwt, user=user.name, database=database)
+
+    def claims_sql(self, identity: Identity) -> tuple[str, str]:
+        """(SQL setting this client's claims on a server session, SQL clearing them)."""
+        cfg = self.config.jwt
+        if cfg is None or identity.claims is None:
+            return ("", "")
+        return session_settings(identity.claims, cfg, local=False), reset_settings_sql(cfg)
+
+    def reload_jwt(self, config: Config) -> None:
+        """New keys for new logins; connected clients keep their validated identity."""
+        if config.jwt is None:
+            self.jwt = None
+        elif self.jwt is None:
+            self.jwt = CachedJwtValidator.from_config(config.jwt)
+        else:
+            self.jwt.reload(config.jwt, KeySet.from_config(config.jwt))
 
     # ------------------------------------------------------------ pools
 
@@ -184,8 +215,12 @@ class App:
             return
         try:
             new_config = load(path)
+            self.runtime.reload_jwt(new_config)
         except ConfigError as exc:
             log.error("event=reload_failed problems=%d first=%r", len(exc.problems), exc.problems[:1])
+            return
+        except JwtSetupError as exc:
+            log.error("event=reload_failed error=%r", str(exc))
             return
         self.runtime.config = new_config
         self.runtime._verifiers.clear()

@@ -8,6 +8,7 @@ import logging
 import secrets
 from typing import TYPE_CHECKING
 
+from auth.claims import is_forgery_attempt
 from auth.errors import AuthError
 from auth.identity import Identity
 from auth.scram import ScramServer
@@ -76,6 +77,7 @@ class ClientSession(asyncio.Protocol):
         self.txn_effects: list[Effect] = []
         self.cancel_key: tuple[int, int] | None = None
         self.reading_paused = False
+        self.jwt_guard = False
         self.max_message_bytes = runtime.config.general.max_message_bytes
         self._auth_method = ""
         self._scram: ScramServer | None = None
@@ -261,6 +263,9 @@ class ClientSession(asyncio.Protocol):
 
     def _authenticated(self, identity: Identity) -> None:
         self.identity = identity
+        if identity.is_jwt:
+            self.state.claims = self.rt.claims_sql(identity)
+            self.jwt_guard = True
         self.phase = "login"
         self.write(codec.AUTH_OK)
         self._task = asyncio.get_running_loop().create_task(self._login())
@@ -469,25 +474,28 @@ class ClientSession(asyncio.Protocol):
                 server.outstanding += 1
                 server.expect.append((EXPECT_SYNC, ""))
                 self.unsynced = False
-                if type_code == _Q and pooled:
+                if type_code == _Q and (pooled or self.jwt_guard):
                     sql = data[pos + 5 : end - 1]
-                    if self.pool_mode == _STATEMENT and _opens_transaction(sql):
+                    refusal = self._refusal(sql)
+                    if refusal is not None:
                         server.outstanding -= 1
                         server.expect.pop()
                         self._flush(server, view, run, pos, out)
                         out, run = None, end
-                        self.write(codec.error_response(
-                            sqlstate.FEATURE_NOT_SUPPORTED,
-                            "transaction blocks are not allowed in statement pool mode",
-                            hint="run each statement on its own, or use pool_mode = \"transaction\"",
-                        ) + codec.ready_for_query(b"I"))
+                        self._refuse(server, *refusal)
                         pos = end
+                        if self.phase is CLOSED:
+                            return size
+                        server = self.server  # the refusal may have ended the transaction
                         continue
-                    effects = self.rt.effects.effects(sql)
-                    if effects:
-                        self._note_effects(effects)
+                    if pooled:
+                        effects = self.rt.effects.effects(sql)
+                        if effects:
+                            self._note_effects(effects)
             elif type_code in _EXTENDED:
                 self.unsynced = True
+                if type_code == _P and self.jwt_guard:
+                    self._guard_parse(data, pos, end)
                 if pooled:
                     replacement = self._pooled_extended(server, type_code, data, pos, end)
                     if replacement is not None:
@@ -591,6 +599,30 @@ class ClientSession(asyncio.Protocol):
         server.prepared.add(global_name)
         server.expect.append((EXPECT_PARSE_DROP, global_name))
         return parse_message + message  # type: ignore[no-any-return]
+
+    def _refusal(self, sql: bytes) -> tuple[str, str, str] | None:
+        """Statements the proxy answers with an error instead of forwarding: (sqlstate, message, hint)."""
+        if self.pool_mode is _STATEMENT and _opens_transaction(sql):
+            return (sqlstate.FEATURE_NOT_SUPPORTED, "transaction blocks are not allowed in statement pool mode",
+                    'run each statement on its own, or use pool_mode = "transaction"')
+        if self.jwt_guard and is_forgery_attempt(sql.decode("utf-8", "replace")):
+            return (sqlstate.INSUFFICIENT_PRIVILEGE, "a JWT session cannot change its claims or role",
+                    "request.jwt.* settings and the role come from the token")
+        return None
+
+    def _refuse(self, server: ServerConnection, code: str, message: str, hint: str) -> None:
+        """Answer a refused Query ourselves; with responses still pending the order would break, so close."""
+        if server.outstanding or self.unsynced:
+            self.fatal(code, message)
+            return
+        self.write(codec.error_response(code, message, hint=hint) + codec.ready_for_query(server.txn_status))
+        self.on_server_ready(server, server.txn_status)
+
+    def _guard_parse(self, data: bytes, pos: int, end: int) -> None:
+        name_end = data.index(b"\x00", pos + 5)
+        query_end = data.index(b"\x00", name_end + 1)
+        if is_forgery_attempt(data[name_end + 1 : query_end].decode("utf-8", "replace")):
+            raise ProxyError(sqlstate.INSUFFICIENT_PRIVILEGE, "a JWT session cannot change its claims or role")
 
     def _note_effects(self, effects: tuple[Effect, ...]) -> None:
         if any(e.kind == "pin" for e in effects):

@@ -185,6 +185,8 @@ class SessionState:
     startup: dict[str, str]
     settings: dict[str, str]
     prepared: dict[str, str]
+    # JWT claims: (SQL that sets them, SQL that clears them); empty for password clients
+    claims: tuple[str, str] = ("", "")
 
     @classmethod
     def from_startup(cls, parameters: dict[str, str]) -> SessionState:
@@ -219,12 +221,12 @@ class SessionState:
                 pin = True
         return pin
 
-    def snapshot(self) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
-        return tuple(sorted(self.settings.items())), tuple(sorted(self.prepared.items()))
+    def snapshot(self) -> ServerState:
+        return tuple(sorted(self.settings.items())), tuple(sorted(self.prepared.items())), self.claims
 
 
-ServerState = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]
-EMPTY_SERVER_STATE: ServerState = ((), ())
+ServerState = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...], tuple[str, str]]
+EMPTY_SERVER_STATE: ServerState = ((), (), ("", ""))
 
 
 def sync_sql(wanted: ServerState, current: ServerState) -> str:
@@ -246,4 +248,8 @@ def sync_sql(wanted: ServerState, current: ServerState) -> str:
     for name, text in wanted_prepared.items():
         if current_prepared.get(name) != text:
             parts.append(text)
-    return ";".join(parts)
+    wanted_claims, current_claims = wanted[2], current[2]
+    if wanted_claims != current_claims:
+        # a JWT client's claims replace the previous client's; anyone else gets them cleared
+        parts.append(wanted_claims[0] or current_claims[1])
+    return ";".join(part for part in parts if part)
