@@ -20,9 +20,11 @@ from auth.token_cache import CachedJwtValidator
 from config.loader import ConfigError, load, split_address
 from config.model import Config, DatabaseConfig, UserConfig
 from proxy.client import ClientSession
+from proxy.cluster import Cluster, build_clusters
 from proxy.pool import Pool, PoolSettings
 from proxy.protocol import codec, sqlstate
 from proxy.session_state import EffectScanner
+from routing.router import Router
 
 log = logging.getLogger("shardgate")
 
@@ -43,6 +45,8 @@ class Runtime:
         self._verifiers: dict[str, ScramVerifier] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started_at = time.time()
+        self.clusters = build_clusters(config)
+        self.router = Router(config.general.volatile_functions if hasattr(config.general, "volatile_functions") else ())
         self.jwt: CachedJwtValidator | None = None
         if config.jwt is not None:
             self.jwt = CachedJwtValidator.from_config(config.jwt)
@@ -102,18 +106,12 @@ class Runtime:
 
     # ------------------------------------------------------------ pools
 
-    def primary_of(self, database: str) -> DatabaseConfig | None:
-        servers = self.config.servers_for(database)
-        for server in servers:
-            if server.role == "primary" and server.shard == 0:
-                return server
-        return servers[0] if servers else None
+    def cluster_for(self, database: str) -> Cluster | None:
+        return self.clusters.get((database, 0))
 
-    def pool_for(self, user: UserConfig, database: str) -> Pool | None:
-        server = self.primary_of(database)
-        if server is None:
-            return None
-        return self.pool_for_server(user, server)
+    def splits_reads(self, cluster: Cluster) -> bool:
+        """Routing runs only where there is a choice: several servers, or roles found at run time."""
+        return len(cluster.servers) > 1 or any(s.config.role == "auto" for s in cluster.servers)
 
     def pool_for_server(self, user: UserConfig, server: DatabaseConfig) -> Pool:
         key = (server.name, server.host, server.port, server.server_database, user.name)
@@ -199,11 +197,21 @@ class App:
     async def start(self) -> None:
         config = self.runtime.config
         host, port = split_address(config.general.listen)
+        # one probe round first, so servers with role = "auto" have a role before the first client
+        probes = [c.probe_once() for c in self.runtime.clusters.values() if len(c.servers) > 1 or c.servers[0].config.role == "auto"]
+        if probes:
+            try:
+                await asyncio.wait_for(asyncio.gather(*probes, return_exceptions=True),
+                                       config.general.server_connect_timeout_ms / 1000 + 1)
+            except TimeoutError:
+                log.warning("event=initial_probe_timeout")
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: ClientSession(self.runtime), host, port,
                                                reuse_address=True, backlog=2048)
         self.runtime.create_min_pools()
         self.runtime.spawn(self.runtime.janitor())
+        for cluster in self.runtime.clusters.values():
+            self.runtime.spawn(cluster.run())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: self.runtime.spawn(self.shutdown()))
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -245,6 +253,8 @@ class App:
             client.fatal(sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command")
         for pool in runtime.pools.values():
             pool.close()
+        for cluster in runtime.clusters.values():
+            cluster.close()
         await asyncio.sleep(0.05)
         log.info("event=shutdown_complete")
         self.stopped.set()

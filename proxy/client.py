@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import secrets
+import time
 from typing import TYPE_CHECKING
 
 from auth.claims import is_forgery_attempt
@@ -13,7 +14,8 @@ from auth.errors import AuthError
 from auth.identity import Identity
 from auth.scram import ScramServer
 from config.model import UserConfig
-from proxy.errors import PoolError, ProxyError
+from proxy.cluster import Cluster, ClusterServer
+from proxy.errors import PoolError, ProxyError, ServerError
 from proxy.protocol import codec, sqlstate
 from proxy.protocol.codec import ProtocolError
 from proxy.server import (
@@ -25,7 +27,9 @@ from proxy.server import (
     NOOP_CLOSE,
     ServerConnection,
 )
-from proxy.session_state import Effect, ServerState, SessionState
+from proxy.session_state import Effect, ServerState, SessionState, sync_sql
+from routing.route import Role, Route
+from routing.router import TransactionRouting, TransactionState
 
 if TYPE_CHECKING:
     from proxy.app import Runtime
@@ -78,6 +82,14 @@ class ClientSession(asyncio.Protocol):
         self.cancel_key: tuple[int, int] | None = None
         self.reading_paused = False
         self.jwt_guard = False
+        self.cluster: Cluster | None = None
+        self.routing: TransactionRouting | None = None
+        self.route_role = Role.PRIMARY
+        self.route_wrote = False
+        self.deferred_begin = b""
+        self.sticky: ClusterServer | None = None
+        self.last_write_at = 0.0
+        self.statement_roles: dict[str, Role] = {}
         self.max_message_bytes = runtime.config.general.max_message_bytes
         self._auth_method = ""
         self._scram: ScramServer | None = None
@@ -274,13 +286,16 @@ class ClientSession(asyncio.Protocol):
         user = self.user
         assert user is not None and self.transport is not None
         try:
-            pool = self.rt.pool_for(user, self.database)
-            if pool is None:
+            cluster = self.rt.cluster_for(self.database)
+            if cluster is None:
                 raise ProxyError(sqlstate.INVALID_CATALOG_NAME, f'database "{self.database}" does not exist',
                                  fatal=True)
-            self.pool = pool
+            self.cluster = cluster
             # the constants themselves, so the hot path can compare by identity
             self.pool_mode = _MODES[user.pool_mode or self.rt.config.general.pool_mode]
+            if self.pool_mode is not _SESSION and self.rt.splits_reads(cluster):
+                self.routing = TransactionRouting(self.rt.router, self.rt.config.general.read_write_split)
+            pool = self.pool = self._login_pool()
             if self.pool_mode == _SESSION:
                 server = await pool.checkout()
                 self._link(server)
@@ -306,6 +321,17 @@ class ClientSession(asyncio.Protocol):
             pending = bytes(self.inbuf)
             self.inbuf.clear()
             self._ready_data(pending)
+
+    def _login_pool(self) -> Pool:
+        """The primary's pool; with no primary reachable, a readable server's (reads keep working)."""
+        assert self.cluster is not None and self.user is not None
+        try:
+            target = self.cluster.primary()
+        except ProxyError:
+            if self.pool_mode is _SESSION:
+                raise
+            target = self.cluster.pick_read()
+        return self.rt.pool_for_server(self.user, target.config)
 
     async def _canonical_params(self, pool: Pool) -> dict[str, str]:
         """ParameterStatus values as the server reports them for this client's startup settings."""
@@ -341,14 +367,13 @@ class ClientSession(asyncio.Protocol):
         if self.reading_paused:
             self.resume_reading()
 
-    async def _sync_state(self, server: ServerConnection) -> None:
-        """Replay this client's session state on `server` if it differs (one swallowed round trip)."""
-        from proxy.session_state import sync_sql
-
+    async def _sync_state(self, server: ServerConnection, then: str = "") -> None:
+        """Replay this client's session state on `server` if it differs, plus `then` (a held-back BEGIN),
+        in one swallowed round trip."""
         wanted = self.snapshot()
-        if server.session_state == wanted:
+        if server.session_state == wanted and not then:
             return
-        sql = sync_sql(wanted, server.session_state)
+        sql = ";".join(part for part in (sync_sql(wanted, server.session_state), then) if part)
         self._preamble_done = asyncio.get_running_loop().create_future()
         server.run_preamble(sql)
         try:
@@ -370,14 +395,13 @@ class ClientSession(asyncio.Protocol):
 
     async def _acquire(self) -> None:
         """Slow path: wait for a server, restore session state, then relay what the client sent meanwhile."""
-        assert self.pool is not None
         try:
-            server = self.server or await self.pool.checkout()
+            server = self.server or await self._checkout_routed()
             if self.phase is CLOSED:
-                self.pool.checkin(server)
+                server.pool.checkin(server)
                 return
             self._link(server)
-            await self._sync_state(server)
+            await self._sync_state(server, self._take_deferred_begin())
         except asyncio.CancelledError:
             return
         except PoolError as exc:
@@ -393,6 +417,137 @@ class ClientSession(asyncio.Protocol):
         data, self.waiting = self.waiting, b""
         if data:
             self._ready_data(data)
+
+    async def _checkout_routed(self) -> ServerConnection:
+        """Check out for the current route; a replica that cannot be reached is banned and another tried."""
+        if self.routing is None:
+            assert self.pool is not None
+            return await self.pool.checkout()
+        assert self.cluster is not None and self.pool is not None
+        pool = self.pool
+        for _ in range(len(self.cluster.servers)):
+            try:
+                return await pool.checkout()
+            except ServerError as exc:
+                if self.route_role is not Role.REPLICA:
+                    raise
+                failed = self._cluster_server(pool)
+                if failed is None or failed.role == "primary":
+                    raise
+                self.cluster.ban(failed, f"connect failed: {exc.message}")
+                if self.sticky is failed:
+                    self.sticky = None
+                pool = self.pool = self._pool_for_route()
+        return await pool.checkout()
+
+    # ------------------------------------------------------------ read/write routing
+
+    def _route_start(self, data: bytes, pos: int, size: int) -> bool:
+        """A transaction starts: route every statement of the batch; True when the proxy answered it."""
+        routing = self.routing
+        assert routing is not None
+        routes: list[Route] = []
+        first = True
+        unpack = codec.unpack_u32
+        while size - pos >= 5:
+            type_code = data[pos]
+            end = pos + 1 + unpack(data, pos + 1)[0]
+            if end > size:
+                break
+            if type_code == _Q:
+                route = routing.on_statement(data[pos + 5 : end - 1].decode("utf-8", "replace"))
+                if first and route.local:
+                    self._answer_local(route, data[pos + 5 : end - 1])
+                    return True
+                if first and route.role_pending and end == size:
+                    # a lone BEGIN: the next statement decides where the transaction runs
+                    self.deferred_begin = data[pos + 5 : end - 1]
+                    self.write(codec.command_complete("BEGIN") + codec.ready_for_query(b"T"))
+                    return True
+                routes.append(route)
+            elif type_code == _P:
+                name_end = data.index(b"\x00", pos + 5)
+                query_end = data.index(b"\x00", name_end + 1)
+                route = routing.on_statement(data[name_end + 1 : query_end].decode("utf-8", "replace"))
+                if first and route.role_pending and name_end == pos + 5:
+                    reply = _extended_begin_reply(data, end, size)
+                    if reply is not None:
+                        self.deferred_begin = data[name_end + 1 : query_end]
+                        self.write(reply)
+                        return True
+                if name_end > pos + 5:
+                    self.statement_roles[data[pos + 5 : name_end].decode()] = route.role
+                routes.append(route)
+            elif type_code == _B:
+                portal_end = data.index(b"\x00", pos + 5)
+                stmt_end = data.index(b"\x00", portal_end + 1)
+                if stmt_end > portal_end + 1:
+                    known = self.statement_roles.get(data[portal_end + 1 : stmt_end].decode(), Role.PRIMARY)
+                    routes.append(Route(known, write=known is Role.PRIMARY, reason="prepared statement"))
+            first = False
+            pos = end
+        role = Role.PRIMARY
+        if self.deferred_begin:
+            # a held-back BEGIN runs on a replica only if the transaction was declared read only
+            if routing.state is TransactionState.REPLICA:
+                role = Role.REPLICA
+        elif routes and all(r.role is not Role.PRIMARY for r in routes) and any(
+                r.role is Role.REPLICA for r in routes):
+            role = Role.REPLICA
+        self.route_role = role
+        self.route_wrote = role is Role.PRIMARY and (bool(self.deferred_begin) or any(
+            r.write or r.begins_transaction for r in routes))
+        return False
+
+    def _answer_local(self, route: Route, sql: bytes) -> None:
+        """SET / RESET / SHOW shardgate.role: the session routing hint lives in the proxy."""
+        if sql.lstrip()[:4].lower() == b"show":
+            value = "auto" if route.hint in (None, Role.ANY) else str(route.hint)
+            row_description = codec.message(b"T", b"\x00\x01" + codec.cstr("shardgate.role")
+                                            + b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x19\xff\xff\xff\xff\xff\xff\x00\x00")
+            data_row = codec.message(b"D", b"\x00\x01" + len(value).to_bytes(4, "big") + value.encode())
+            self.write(row_description + data_row + codec.command_complete("SHOW") + codec.ready_for_query(b"I"))
+            return
+        tag = "RESET" if sql.lstrip()[:5].lower() == b"reset" else "SET"
+        self.write(codec.command_complete(tag) + codec.ready_for_query(b"I"))
+
+    def _pool_for_route(self) -> Pool:
+        cluster, user = self.cluster, self.user
+        assert cluster is not None and user is not None
+        if self.route_role is Role.REPLICA:
+            min_caught_up = None
+            ryw_ms = self.rt.config.general.read_your_writes_ms
+            if ryw_ms and self.last_write_at and time.monotonic() - self.last_write_at < ryw_ms / 1000:
+                min_caught_up = self.last_write_at
+            target = cluster.pick_read(sticky=self.sticky, min_caught_up_at=min_caught_up,
+                                       active_connections=self._active_on)
+            if self.rt.config.general.replica_stickiness and target.role != "primary":
+                self.sticky = target
+        else:
+            target = cluster.primary()
+        return self.rt.pool_for_server(user, target.config)
+
+    def _active_on(self, target: ClusterServer) -> int:
+        assert self.user is not None
+        return len(self.rt.pool_for_server(self.user, target.config).active)
+
+    def _cluster_server(self, pool: Pool) -> ClusterServer | None:
+        assert self.cluster is not None
+        for candidate in self.cluster.servers:
+            if candidate.address == pool.address:
+                return candidate
+        return None
+
+    def _transaction_ended(self) -> None:
+        assert self.routing is not None
+        self.routing.on_transaction_end()
+        if self.route_wrote:
+            self.last_write_at = time.monotonic()
+            self.route_wrote = False
+
+    def _take_deferred_begin(self) -> str:
+        begin, self.deferred_begin = self.deferred_begin, b""
+        return begin.decode("utf-8", "replace")
 
     def _reject_waiting(self, exc: ProxyError) -> None:
         """The pool could not serve this client in time: error for what it sent, the session stays usable."""
@@ -411,8 +566,7 @@ class ClientSession(asyncio.Protocol):
             return
         self.server = None
         server.client = None
-        assert self.pool is not None
-        self.pool.checkin(server, reset=self.pool_mode == _SESSION or (closing and self.pinned))
+        server.pool.checkin(server, reset=self.pool_mode == _SESSION or (closing and self.pinned))
 
     def _release(self, *, closing: bool = False) -> None:
         if self.server is not None:
@@ -466,7 +620,15 @@ class ClientSession(asyncio.Protocol):
                 self._terminate()
                 return size
             if server is None:
-                server = self._attach_now()
+                if self.routing is not None and self._route_start(data, pos, size):
+                    pos = run = end  # answered by the proxy itself
+                    continue
+                try:
+                    server = self._attach_now()
+                except ProxyError as exc:
+                    self.waiting += data[pos:]
+                    self._reject_waiting(exc)
+                    return size
                 if server is None:
                     self.waiting += data[pos:]
                     return size
@@ -529,12 +691,14 @@ class ClientSession(asyncio.Protocol):
 
     def _attach_now(self) -> ServerConnection | None:
         """Fast path: an idle server whose session already matches; else start the slow path."""
+        if self.routing is not None:
+            self.pool = self._pool_for_route()
         pool = self.pool
         assert pool is not None
         server = pool.try_checkout()
         if server is not None:
             self._link(server)
-            if server.session_state == self.snapshot():
+            if server.session_state == self.snapshot() and not self.deferred_begin:
                 return server
         self.acquiring = True
         self._task = asyncio.get_running_loop().create_task(self._acquire())
@@ -556,6 +720,9 @@ class ClientSession(asyncio.Protocol):
             global_name = statement_global_name(query_text, param_types)
             parse_message = codec.build_parse(global_name, query_text, param_types)
             self.statements[name] = (global_name, parse_message)
+            if self.routing is not None and name not in self.statement_roles:
+                text = query_text.decode("utf-8", "replace")
+                self.statement_roles[name] = self.rt.router.route_statement(text).role
             effects = self.rt.effects.effects(query_text)
             if effects:
                 self._note_effects(effects)
@@ -656,8 +823,9 @@ class ClientSession(asyncio.Protocol):
                 self._terminate()
             return
         self.server = None
-        assert self.pool is not None
-        self.pool.checkin(server)
+        if self.routing is not None:
+            self._transaction_ended()
+        server.pool.checkin(server)
 
     def _settle_effects(self, server: ServerConnection, status: bytes) -> None:
         """Effects take hold once their transaction commits; an error or ROLLBACK drops them."""
@@ -709,6 +877,36 @@ class ClientSession(asyncio.Protocol):
         if server is None or (server.outstanding == 0 and not self.unsynced):
             return
         self.rt.send_cancel(server.address, server.process_id, server.secret_key)
+
+
+def _extended_begin_reply(data: bytes, pos: int, size: int) -> bytes | None:
+    """Replies for Bind/Describe/Execute/Sync of an unnamed BEGIN, or None if the batch holds more."""
+    replies = [codec.PARSE_COMPLETE]
+    while size - pos >= 5:
+        type_code = data[pos]
+        end = pos + 1 + codec.unpack_u32(data, pos + 1)[0]
+        if end > size:
+            return None
+        if type_code == _B:
+            if data[pos + 5] != 0 or data[pos + 6] != 0:  # named portal or statement
+                return None
+            replies.append(codec.BIND_COMPLETE)
+        elif type_code == _D:
+            replies.append(codec.NO_DATA if data[pos + 5] == ord("P") else _NO_PARAMETERS + codec.NO_DATA)
+        elif type_code == ord("E"):
+            replies.append(codec.command_complete("BEGIN"))
+        elif type_code == _S:
+            if end != size:
+                return None
+            replies.append(codec.ready_for_query(b"T"))
+            return b"".join(replies)
+        elif type_code != ord("H"):
+            return None
+        pos = end
+    return None
+
+
+_NO_PARAMETERS = codec.message(b"t", b"\x00\x00")
 
 
 def _opens_transaction(sql: bytes) -> bool:
