@@ -27,7 +27,7 @@ from proxy.server import (
     NOOP_CLOSE,
     ServerConnection,
 )
-from proxy.session_state import Effect, ServerState, SessionState, sync_sql
+from proxy.session_state import Effect, ServerState, SessionState, quote_literal, sync_sql
 from routing.route import Role, Route
 from routing.router import TransactionRouting, TransactionState
 
@@ -640,15 +640,14 @@ class ClientSession(asyncio.Protocol):
                     sql = data[pos + 5 : end - 1]
                     refusal = self._refusal(sql)
                     if refusal is not None:
-                        server.outstanding -= 1
-                        server.expect.pop()
-                        self._flush(server, view, run, pos, out)
-                        out, run = None, end
-                        self._refuse(server, *refusal)
-                        pos = end
-                        if self.phase is CLOSED:
-                            return size
-                        server = self.server  # the refusal may have ended the transaction
+                        # the server raises the error itself: it aborts an open transaction as PostgreSQL
+                        # would, and its reply keeps its place among pipelined responses
+                        if out is None:
+                            out = []
+                        if run < pos:
+                            out.append(view[run:pos])
+                        out.append(_raising_query(*refusal))
+                        pos = run = end
                         continue
                     if pooled:
                         effects = self.rt.effects.effects(sql)
@@ -777,14 +776,6 @@ class ClientSession(asyncio.Protocol):
                     "request.jwt.* settings and the role come from the token")
         return None
 
-    def _refuse(self, server: ServerConnection, code: str, message: str, hint: str) -> None:
-        """Answer a refused Query ourselves; with responses still pending the order would break, so close."""
-        if server.outstanding or self.unsynced:
-            self.fatal(code, message)
-            return
-        self.write(codec.error_response(code, message, hint=hint) + codec.ready_for_query(server.txn_status))
-        self.on_server_ready(server, server.txn_status)
-
     def _guard_parse(self, data: bytes, pos: int, end: int) -> None:
         name_end = data.index(b"\x00", pos + 5)
         query_end = data.index(b"\x00", name_end + 1)
@@ -907,6 +898,14 @@ def _extended_begin_reply(data: bytes, pos: int, size: int) -> bytes | None:
 
 
 _NO_PARAMETERS = codec.message(b"t", b"\x00\x00")
+
+
+def _raising_query(code: str, message: str, hint: str) -> bytes:
+    """A Query that makes the server raise `message` with SQLSTATE `code`."""
+    return codec.query(
+        f"DO $shardgate$BEGIN RAISE EXCEPTION USING ERRCODE = {quote_literal(code)}, "
+        f"MESSAGE = {quote_literal(message)}, HINT = {quote_literal(hint)}; END$shardgate$"
+    )
 
 
 def _opens_transaction(sql: bytes) -> bool:
