@@ -27,7 +27,14 @@ from proxy.server import (
     NOOP_CLOSE,
     ServerConnection,
 )
-from proxy.session_state import Effect, ServerState, SessionState, quote_literal, sync_sql
+from proxy.session_state import (
+    Effect,
+    ServerState,
+    SessionState,
+    quote_literal,
+    server_state_after,
+    sync_sql,
+)
 from routing.route import Role, Route
 from routing.router import TransactionRouting, TransactionState
 
@@ -48,9 +55,11 @@ _HIGH_WATER_BYTES = 1 << 20
 _STARTUP_ONLY = frozenset(("user", "database", "options", "replication"))
 
 
-def statement_global_name(query_text: bytes, param_types: bytes) -> str:
-    """Proxy-wide name of a prepared statement: the same text prepares once per server."""
-    return "sg_" + hashlib.blake2b(query_text + b"\x00" + param_types, digest_size=10).hexdigest()
+def statement_global_name(query_text: bytes, param_types: bytes, settings_key: bytes) -> str:
+    """Proxy-wide name of a prepared statement: the same text, parsed under the same settings (DateStyle,
+    search_path... change what a text means), prepares once per server."""
+    digest = hashlib.blake2b(query_text + b"\x00" + param_types + b"\x00" + settings_key, digest_size=10)
+    return "sg_" + digest.hexdigest()
 
 
 class ClientSession(asyncio.Protocol):
@@ -70,6 +79,7 @@ class ClientSession(asyncio.Protocol):
         self.server: ServerConnection | None = None
         self.state = SessionState({}, {}, {})
         self._snapshot: ServerState | None = None
+        self._settings_key = b""
         self.statements: dict[str, tuple[str, bytes]] = {}
         self.waiting = b""
         self.acquiring = False
@@ -356,7 +366,12 @@ class ClientSession(asyncio.Protocol):
         snap = self._snapshot
         if snap is None:
             snap = self._snapshot = self.state.snapshot()
+            self._settings_key = repr(snap[0]).encode()
         return snap
+
+    def settings_key(self) -> bytes:
+        self.snapshot()
+        return self._settings_key
 
     def _link(self, server: ServerConnection) -> None:
         server.client = self
@@ -610,8 +625,7 @@ class ClientSession(asyncio.Protocol):
                 raise ProtocolError(f"invalid frontend message type {type_code}" if length >= 4
                                     else "invalid message length")
             if length > limit:
-                raise ProtocolError(f"message of {length} bytes exceeds max_message_bytes ({limit})",
-                                    sqlstate.PROGRAM_LIMIT_EXCEEDED)
+                raise ProtocolError(f"invalid message length: {length} bytes exceeds max_message_bytes ({limit})")
             end = pos + 1 + length
             if end > size:
                 break
@@ -716,7 +730,7 @@ class ClientSession(asyncio.Protocol):
             query_end = data.index(b"\x00", name_end + 1)
             query_text = data[name_end + 1 : query_end]
             param_types = data[query_end + 1 : end]
-            global_name = statement_global_name(query_text, param_types)
+            global_name = statement_global_name(query_text, param_types, self.settings_key())
             parse_message = codec.build_parse(global_name, query_text, param_types)
             self.statements[name] = (global_name, parse_message)
             if self.routing is not None and name not in self.statement_roles:
@@ -839,7 +853,7 @@ class ClientSession(asyncio.Protocol):
         if self.state.apply(effects):
             self.pinned = True
         self._snapshot = None
-        server.session_state = self.snapshot()
+        server.session_state = server_state_after(server.session_state, effects)
         if any(e.kind == "discard_all" or (e.kind == "deallocate" and not e.name) for e in effects):
             server.prepared.clear()
             self.statements.clear()

@@ -235,6 +235,8 @@ class ServerConnection(asyncio.Protocol):
                 self.rows.append(_decode_row(data, pos + 5, end))
             elif type_code == _E:
                 self.swallow_error = data[pos:end]
+            elif type_code == _PARAM:
+                self._record_parameter(data, pos, end)
             elif type_code == _Z:
                 self.swallow -= 1
                 self.outstanding -= 1
@@ -274,8 +276,7 @@ class ServerConnection(asyncio.Protocol):
                     self.prepared.discard(name)
             return False
         if type_code == _PARAM:
-            raw_name, _, raw_value = data[pos + 5 : end - 1].partition(b"\x00")
-            self.params[raw_name.decode()] = raw_value.decode()
+            self._record_parameter(data, pos, end)
             return False
         expect = self.expect
         if not expect or expect[0][0] == EXPECT_SYNC:
@@ -294,6 +295,10 @@ class ServerConnection(asyncio.Protocol):
                     self.client.write(codec.PARSE_COMPLETE)
                 return True
         return False
+
+    def _record_parameter(self, data: bytes, pos: int, end: int) -> None:
+        raw_name, _, raw_value = data[pos + 5 : end - 1].partition(b"\x00")
+        self.params[raw_name.decode()] = raw_value.rstrip(b"\x00").decode()
 
     def _flush_run(self, data: bytes, run: int, pos: int) -> None:
         if run < pos and self.client is not None:

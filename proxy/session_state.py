@@ -225,6 +225,17 @@ class SessionState:
         return tuple(sorted(self.settings.items())), tuple(sorted(self.prepared.items())), self.claims
 
 
+def server_state_after(current: ServerState, effects: tuple[Effect, ...] | list[Effect]) -> ServerState:
+    """A server session's state after the client's effects ran on it.
+
+    RESET and DISCARD take a pooled server back to its own defaults, not to the client's startup values
+    (the server never saw the client's startup packet); the next checkout replays what differs.
+    """
+    server = SessionState({}, dict(current[0]), dict(current[1]), current[2])
+    server.apply(effects)
+    return tuple(sorted(server.settings.items())), tuple(sorted(server.prepared.items())), server.claims
+
+
 ServerState = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...], tuple[str, str]]
 EMPTY_SERVER_STATE: ServerState = ((), (), ("", ""))
 

@@ -86,3 +86,16 @@ def test_scanner_caches_by_text() -> None:
     scanner.effects(b"SET a.c = 1")
     scanner.effects(b"SET a.d = 1")
     assert len(scanner._cache) == 2
+
+
+def test_reset_takes_a_pooled_server_to_its_own_defaults() -> None:
+    from proxy.session_state import server_state_after
+
+    client = SessionState.from_startup({"application_name": "client-a"})
+    server_before = client.snapshot()  # the checkout preamble made the server match the client
+    effects = [Effect("set", "work_mem", "'8MB'"), Effect("reset_all")]
+    client.apply(effects)
+    server_after = server_state_after(server_before, effects)
+    assert dict(server_after[0]) == {}  # RESET ALL on the server: back to the server's defaults
+    assert dict(client.snapshot()[0]) == {"application_name": "'client-a'"}
+    assert sync_sql(client.snapshot(), server_after) == "SET \"application_name\" = 'client-a'"

@@ -1,0 +1,405 @@
+"""Malformed and unusual input over raw sockets: each fault closes only the client that sent it,
+with an ErrorResponse carrying SQLSTATE 08P01; SSL/GSS requests are refused with 'N'; failed logins
+carry 28P01 / 28000 and never put the password in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from proxy.topology import Topology
+from tests.harness import DirectProxy, ProxyFactory, ProxyProcess, database_entries
+
+pytestmark = pytest.mark.timeout(120)
+
+PROTOCOL_V3 = 196608
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+MAX_MESSAGE_BYTES = 4096
+READ_TIMEOUT_S = 5.0
+# trust on the proxy and on PostgreSQL: a raw client needs no authentication code.
+RAW_USER = "trustuser"
+
+
+class RawClient:
+    """A PostgreSQL frontend over a plain socket, just enough to log in, query and watch faults."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port), timeout=READ_TIMEOUT_S)
+        self.buffer = bytearray()
+        self.closed_by_peer = False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send_startup(self, user: str = RAW_USER, database: str = "app") -> None:
+        body = struct.pack("!i", PROTOCOL_V3)
+        body += b"".join(
+            key.encode() + b"\x00" + value.encode() + b"\x00"
+            for key, value in (("user", user), ("database", database))
+        )
+        body += b"\x00"
+        self.send(struct.pack("!i", len(body) + 4) + body)
+
+    def _fill(self, deadline: float) -> bool:
+        """Read more bytes; False once the peer closed (EOF or reset) or the deadline passed."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            self.closed_by_peer = True
+            return False
+        except TimeoutError:
+            return False
+        if not chunk:
+            self.closed_by_peer = True
+            return False
+        self.buffer += chunk
+        return True
+
+    def read_message(self, timeout_s: float = READ_TIMEOUT_S) -> tuple[bytes, bytes] | None:
+        """One backend message (type, body), or None when the connection closed or nothing came."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if len(self.buffer) >= 5:
+                length = struct.unpack_from("!I", self.buffer, 1)[0]
+                if len(self.buffer) >= 1 + length:
+                    type_code = bytes(self.buffer[:1])
+                    body = bytes(self.buffer[5 : 1 + length])
+                    del self.buffer[: 1 + length]
+                    return type_code, body
+            if not self._fill(deadline):
+                return None
+
+    def read_until_closed(self, timeout_s: float = READ_TIMEOUT_S) -> list[tuple[bytes, bytes]]:
+        """Every message until the peer closes; the caller checks `closed_by_peer`."""
+        deadline = time.monotonic() + timeout_s
+        messages = []
+        while time.monotonic() < deadline:
+            message = self.read_message(deadline - time.monotonic())
+            if message is None:
+                break
+            messages.append(message)
+        return messages
+
+    def read_until_ready(self) -> list[tuple[bytes, bytes]]:
+        messages: list[tuple[bytes, bytes]] = []
+        for _ in range(10_000):
+            message = self.read_message()
+            if message is None:
+                raise AssertionError(f"connection closed or silent before ReadyForQuery: {messages}")
+            messages.append(message)
+            if message[0] == b"Z":
+                return messages
+        raise AssertionError("no ReadyForQuery in 10,000 messages")
+
+    def login(self, user: str = RAW_USER) -> dict[str, str]:
+        """Startup as a trust user; returns the ParameterStatus values."""
+        self.send_startup(user)
+        messages = self.read_until_ready()
+        errors = [error_fields(body) for code, body in messages if code == b"E"]
+        assert not errors, errors
+        assert (b"R", struct.pack("!i", 0)) in messages  # AuthenticationOk
+        assert any(code == b"K" for code, _ in messages)  # BackendKeyData
+        return dict(_parameter(body) for code, body in messages if code == b"S")
+
+    def simple_query(self, sql: str) -> list[list[str | None]]:
+        """Rows of a simple query as text; raises AssertionError on an ErrorResponse."""
+        self.send(b"Q" + struct.pack("!I", len(sql.encode()) + 5) + sql.encode() + b"\x00")
+        rows = []
+        for code, body in self.read_until_ready():
+            if code == b"E":
+                raise AssertionError(f"query {sql!r} failed: {error_fields(body)}")
+            if code == b"D":
+                rows.append(data_row(body))
+        return rows
+
+
+def _parameter(body: bytes) -> tuple[str, str]:
+    name, value, _ = body.split(b"\x00", 2)
+    return name.decode(), value.decode()
+
+
+def error_fields(body: bytes) -> dict[str, str]:
+    fields = {}
+    for part in body.rstrip(b"\x00").split(b"\x00"):
+        if part:
+            fields[chr(part[0])] = part[1:].decode("utf-8", "replace")
+    return fields
+
+
+def data_row(body: bytes) -> list[str | None]:
+    count = struct.unpack_from("!h", body, 0)[0]
+    offset = 2
+    values: list[str | None] = []
+    for _ in range(count):
+        length = struct.unpack_from("!i", body, offset)[0]
+        offset += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(body[offset : offset + length].decode())
+            offset += length
+    return values
+
+
+def message(type_code: bytes, body: bytes = b"") -> bytes:
+    return type_code + struct.pack("!I", len(body) + 4) + body
+
+
+# -- fixtures -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def faulty_factory(pg: Topology, proxy_work_root: Path) -> Iterator[ProxyFactory]:
+    factory = ProxyFactory(pg, proxy_work_root)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture
+def faulty(faulty_factory: ProxyFactory, pg: Topology) -> ProxyProcess:
+    """One transaction-mode proxy on the primary (small max_message_bytes) that every fault here hits
+    in turn; restarted only if a previous test killed it."""
+    assert pg.primary is not None
+    running = [started for started in faulty_factory.started if started.is_running()]
+    if running:
+        return running[-1]
+    started = faulty_factory(
+        pool_mode="transaction",
+        pool_size=4,
+        databases=database_entries(pg.primary),
+        general={"max_message_bytes": MAX_MESSAGE_BYTES},
+    )
+    if isinstance(started, DirectProxy):
+        pytest.skip("needs the proxy: PostgreSQL itself answers some faults differently")
+    return started
+
+
+@pytest.fixture
+def bystander(faulty: ProxyProcess) -> Iterator[psycopg.Connection[Any]]:
+    """A client logged in before the fault; it must not notice it."""
+    with psycopg.connect(faulty.dsn(connect_timeout=10), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        yield conn
+
+
+def assert_unharmed(faulty: ProxyProcess, bystander: psycopg.Connection[Any]) -> None:
+    assert faulty.is_running(), faulty.stderr_text()[-4000:]
+    assert bystander.execute("SELECT %s::int + 1", (41,)).fetchone() == (42,)
+    fresh = RawClient(faulty.host, faulty.port)
+    try:
+        fresh.login()
+        assert fresh.simple_query("SELECT 'fresh'") == [["fresh"]]
+    finally:
+        fresh.close()
+
+
+def assert_protocol_violation(client: RawClient) -> dict[str, str]:
+    """The proxy answered with exactly one FATAL 08P01 ErrorResponse and closed the connection."""
+    messages = client.read_until_closed()
+    assert client.closed_by_peer, f"connection still open after {READ_TIMEOUT_S}s; got {messages}"
+    errors = [error_fields(body) for code, body in messages if code == b"E"]
+    assert len(errors) == 1, messages
+    fields = errors[0]
+    assert fields.get("C") == "08P01", fields
+    assert fields.get("S") == "FATAL", fields
+    assert fields.get("M"), fields
+    return fields
+
+
+# -- faults before login -----------------------------------------------------------------------------
+
+GARBAGE = [
+    pytest.param(b"GET / HTTP/1.1\r\nHost: shardgate\r\n\r\n", id="http-request"),
+    pytest.param(struct.pack("!i", 4) + b"\x00\x00\x00\x00", id="length-too-small"),
+    pytest.param(struct.pack("!i", 1 << 30) + b"\x00\x03\x00\x00", id="length-too-large"),
+    pytest.param(struct.pack("!ii", 16, PROTOCOL_V3) + b"user\x00app\x00", id="startup-without-terminator"),
+]
+
+
+@pytest.mark.parametrize("garbage", GARBAGE)
+def test_garbage_before_startup(
+    garbage: bytes, faulty: ProxyProcess, bystander: psycopg.Connection[Any]
+) -> None:
+    client = RawClient(faulty.host, faulty.port)
+    try:
+        client.send(garbage)
+        assert_protocol_violation(client)
+    finally:
+        client.close()
+    assert_unharmed(faulty, bystander)
+
+
+def test_truncated_startup_then_close(faulty: ProxyProcess, bystander: psycopg.Connection[Any]) -> None:
+    client = RawClient(faulty.host, faulty.port)
+    try:
+        # Announces 60 bytes, sends 17, then closes its side.
+        client.send(struct.pack("!ii", 60, PROTOCOL_V3) + b"user\x00tru")
+        client.sock.shutdown(socket.SHUT_WR)
+        messages = client.read_until_closed()
+        assert client.closed_by_peer, f"connection still open after {READ_TIMEOUT_S}s"
+        # Nothing to answer to a client that left; if the proxy does answer, it is a protocol violation.
+        assert all(code == b"E" and error_fields(body).get("C") == "08P01" for code, body in messages), (
+            messages
+        )
+    finally:
+        client.close()
+    assert_unharmed(faulty, bystander)
+
+
+# -- faults after login ------------------------------------------------------------------------------
+
+AFTER_LOGIN = [
+    pytest.param(b"Q" + struct.pack("!I", 2), id="length-below-4"),
+    pytest.param(message(b"\x01"), id="unknown-type-0x01"),
+    pytest.param(message(b"Z", b"I"), id="backend-only-type-Z"),
+]
+
+
+@pytest.mark.parametrize("fault", AFTER_LOGIN)
+def test_malformed_message_after_login(
+    fault: bytes, faulty: ProxyProcess, bystander: psycopg.Connection[Any]
+) -> None:
+    client = RawClient(faulty.host, faulty.port)
+    try:
+        client.login()
+        assert client.simple_query("SELECT 1") == [["1"]]
+        client.send(fault)
+        assert_protocol_violation(client)
+    finally:
+        client.close()
+    assert_unharmed(faulty, bystander)
+
+
+def test_message_larger_than_max_message_bytes(
+    faulty: ProxyProcess, bystander: psycopg.Connection[Any]
+) -> None:
+    client = RawClient(faulty.host, faulty.port)
+    try:
+        client.login()
+        # Within the limit: a query of about 3 KB passes.
+        sql = "SELECT length('" + "y" * 3000 + "')"
+        assert client.simple_query(sql) == [["3000"]]
+        # Beyond it: the header announces 100 KB; the proxy must not wait for (or buffer) the rest.
+        client.send(b"Q" + struct.pack("!I", 100_000) + b"SELECT '" + b"x" * 1000)
+        fields = assert_protocol_violation(client)
+        assert str(MAX_MESSAGE_BYTES) in fields["M"] or "length" in fields["M"].lower(), fields
+    finally:
+        client.close()
+    assert_unharmed(faulty, bystander)
+
+
+# -- encryption requests -----------------------------------------------------------------------------
+
+
+def test_ssl_request_refused_then_plain_startup(faulty: ProxyProcess) -> None:
+    client = RawClient(faulty.host, faulty.port)
+    try:
+        client.send(struct.pack("!ii", 8, SSL_REQUEST_CODE))
+        assert client.sock.recv(1) == b"N"
+        parameters = client.login()
+        assert parameters.get("server_encoding") == "UTF8"
+        assert client.simple_query("SELECT 6 * 7, current_user") == [["42", RAW_USER]]
+    finally:
+        client.close()
+
+
+def test_gssenc_then_ssl_request_refused_then_plain_startup(faulty: ProxyProcess) -> None:
+    # libpq's order with gssencmode=prefer and sslmode=prefer: GSSENCRequest, then SSLRequest.
+    client = RawClient(faulty.host, faulty.port)
+    try:
+        client.send(struct.pack("!ii", 8, GSSENC_REQUEST_CODE))
+        assert client.sock.recv(1) == b"N"
+        client.send(struct.pack("!ii", 8, SSL_REQUEST_CODE))
+        assert client.sock.recv(1) == b"N"
+        client.login()
+        assert client.simple_query("SELECT 'after both'") == [["after both"]]
+    finally:
+        client.close()
+
+
+def test_psycopg_sslmode_prefer_falls_back_to_plain(faulty: ProxyProcess) -> None:
+    with psycopg.connect(faulty.dsn(sslmode="prefer", connect_timeout=10), autocommit=True) as conn:
+        assert conn.pgconn.ssl_in_use is False
+        assert conn.execute("SELECT 'plain'").fetchone() == ("plain",)
+
+
+# -- failed logins -----------------------------------------------------------------------------------
+
+WRONG_SECRET = "wrong-secret-7f3a9c"
+
+LOGIN_FAILURES = [
+    pytest.param("app", WRONG_SECRET, "28P01", id="scram-wrong-password"),
+    pytest.param("md5user", WRONG_SECRET, "28P01", id="md5-wrong-password"),
+    pytest.param("plainuser", WRONG_SECRET, "28P01", id="plain-wrong-password"),
+    pytest.param("nosuchuser", WRONG_SECRET, "28000", id="unknown-user"),
+]
+
+
+@pytest.mark.parametrize(("user", "password", "expected_sqlstate"), LOGIN_FAILURES)
+def test_failed_login(
+    user: str,
+    password: str,
+    expected_sqlstate: str,
+    faulty: ProxyProcess,
+    bystander: psycopg.Connection[Any],
+) -> None:
+    async def attempt() -> tuple[str, str]:
+        try:
+            conn = await asyncpg.connect(faulty.dsn(user=user, password=password), timeout=10)
+        except asyncpg.PostgresError as error:
+            return str(error.sqlstate), str(error)
+        await conn.close()
+        return "", "logged in"
+
+    sqlstate, text = asyncio.run(asyncio.wait_for(attempt(), 30))
+    assert sqlstate == expected_sqlstate, text
+    assert ("password authentication failed" if expected_sqlstate == "28P01" else "does not exist") in text
+    assert_unharmed(faulty, bystander)
+    assert WRONG_SECRET not in faulty.stderr_text()
+
+
+def test_failed_logins_do_not_disturb_each_other(faulty: ProxyProcess) -> None:
+    # Right and wrong passwords for every method at once: each attempt gets its own answer.
+    cases: list[tuple[str, str, str]] = [
+        ("app", "app", ""),
+        ("app", WRONG_SECRET, "28P01"),
+        ("md5user", "md5pw", ""),
+        ("md5user", WRONG_SECRET, "28P01"),
+        ("plainuser", "plainpw", ""),
+        ("plainuser", WRONG_SECRET, "28P01"),
+        ("ghost", WRONG_SECRET, "28000"),
+    ] * 5
+
+    async def attempt(user: str, password: str) -> str:
+        try:
+            conn = await asyncpg.connect(faulty.dsn(user=user, password=password), timeout=10)
+        except asyncpg.PostgresError as error:
+            return str(error.sqlstate)
+        try:
+            assert await conn.fetchval("SELECT current_user") == user
+        finally:
+            await conn.close()
+        return ""
+
+    async def all_attempts() -> list[str]:
+        return list(await asyncio.gather(*(attempt(user, password) for user, password, _ in cases)))
+
+    assert asyncio.run(asyncio.wait_for(all_attempts(), 60)) == [expected for _, _, expected in cases]
