@@ -35,6 +35,7 @@ from proxy.session_state import (
     server_state_after,
     sync_sql,
 )
+from routing.errors import RoutingError
 from routing.route import Role, Route
 from routing.router import TransactionRouting, TransactionState
 
@@ -470,9 +471,16 @@ class ClientSession(asyncio.Protocol):
             if end > size:
                 break
             if type_code == _Q:
-                route = routing.on_statement(data[pos + 5 : end - 1].decode("utf-8", "replace"))
-                if first and route.local:
-                    self._answer_local(route, data[pos + 5 : end - 1])
+                try:
+                    route = routing.on_statement(data[pos + 5 : end - 1].decode("utf-8", "replace"))
+                except RoutingError as exc:
+                    if not first:
+                        raise ProxyError(exc.sqlstate, str(exc), fatal=True)
+                    status = b"T" if self.deferred_begin else b"I"
+                    self.write(codec.error_response(exc.sqlstate, str(exc)) + codec.ready_for_query(status))
+                    return True
+                if first and route.local and data[pos + 5 : pos + 25].lstrip()[:4].lower() == b"show":
+                    self._show_session_role(route)
                     return True
                 if first and route.role_pending and end == size:
                     # a lone BEGIN: the next statement decides where the transaction runs
@@ -483,7 +491,11 @@ class ClientSession(asyncio.Protocol):
             elif type_code == _P:
                 name_end = data.index(b"\x00", pos + 5)
                 query_end = data.index(b"\x00", name_end + 1)
-                route = routing.on_statement(data[name_end + 1 : query_end].decode("utf-8", "replace"))
+                try:
+                    # SET/SHOW shardgate.role over the extended protocol reach PostgreSQL as a custom setting
+                    route = routing.on_statement(data[name_end + 1 : query_end].decode("utf-8", "replace"))
+                except RoutingError:
+                    route = Route(Role.ANY, write=False, reason="invalid session role")
                 if first and route.role_pending and name_end == pos + 5:
                     reply = _extended_begin_reply(data, end, size)
                     if reply is not None:
@@ -514,17 +526,13 @@ class ClientSession(asyncio.Protocol):
             r.write or r.begins_transaction for r in routes))
         return False
 
-    def _answer_local(self, route: Route, sql: bytes) -> None:
-        """SET / RESET / SHOW shardgate.role: the session routing hint lives in the proxy."""
-        if sql.lstrip()[:4].lower() == b"show":
-            value = "auto" if route.hint in (None, Role.ANY) else str(route.hint)
-            row_description = codec.message(b"T", b"\x00\x01" + codec.cstr("shardgate.role")
-                                            + b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x19\xff\xff\xff\xff\xff\xff\x00\x00")
-            data_row = codec.message(b"D", b"\x00\x01" + len(value).to_bytes(4, "big") + value.encode())
-            self.write(row_description + data_row + codec.command_complete("SHOW") + codec.ready_for_query(b"I"))
-            return
-        tag = "RESET" if sql.lstrip()[:5].lower() == b"reset" else "SET"
-        self.write(codec.command_complete(tag) + codec.ready_for_query(b"I"))
+    def _show_session_role(self, route: Route) -> None:
+        """SHOW shardgate.role (simple protocol): the session routing hint lives in the proxy. SET and RESET
+        of it also reach PostgreSQL, as a custom setting, so the extended protocol sees the same value."""
+        value = "auto" if route.hint in (None, Role.ANY) else str(route.hint)
+        row_description = codec.message(b"T", b"\x00\x01" + codec.cstr("shardgate.role") + _TEXT_COLUMN)
+        data_row = codec.message(b"D", b"\x00\x01" + len(value).to_bytes(4, "big") + value.encode())
+        self.write(row_description + data_row + codec.command_complete("SHOW") + codec.ready_for_query(b"I"))
 
     def _pool_for_route(self) -> Pool:
         cluster, user = self.cluster, self.user
@@ -912,6 +920,8 @@ def _extended_begin_reply(data: bytes, pos: int, size: int) -> bytes | None:
 
 
 _NO_PARAMETERS = codec.message(b"t", b"\x00\x00")
+# RowDescription field: no table, text (oid 25), variable length, no modifier, text format
+_TEXT_COLUMN = b"\x00\x00\x00\x00" + b"\x00\x00" + b"\x00\x00\x00\x19" + b"\xff\xff" + b"\xff\xff\xff\xff" + b"\x00\x00"
 
 
 def _raising_query(code: str, message: str, hint: str) -> bytes:
