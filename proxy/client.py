@@ -15,7 +15,7 @@ from auth.identity import Identity
 from auth.scram import ScramServer
 from config.model import UserConfig
 from proxy.cluster import Cluster, ClusterServer
-from proxy.errors import PoolError, ProxyError, ServerError
+from proxy.errors import ProxyError, ServerError
 from proxy.protocol import codec, sqlstate
 from proxy.protocol.codec import ProtocolError
 from proxy.server import (
@@ -98,6 +98,8 @@ class ClientSession(asyncio.Protocol):
         self.route_role = Role.PRIMARY
         self.route_wrote = False
         self.deferred_begin = b""
+        self.discarding = False
+        self.local_failed = False
         self.sticky: ClusterServer | None = None
         self.last_write_at = 0.0
         self.statement_roles: dict[str, Role] = {}
@@ -413,18 +415,21 @@ class ClientSession(asyncio.Protocol):
         """Slow path: wait for a server, restore session state, then relay what the client sent meanwhile."""
         try:
             server = self.server or await self._checkout_routed()
-            if self.phase is CLOSED:
-                server.pool.checkin(server)
-                return
+        except asyncio.CancelledError:
+            return
+        except ProxyError as exc:  # pool timeout, server unreachable or refusing, no primary: nothing sent yet
+            self.acquiring = False
+            self._reject_waiting(exc)
+            return
+        if self.phase is CLOSED:
+            server.pool.checkin(server)
+            return
+        try:
             self._link(server)
             await self._sync_state(server, self._take_deferred_begin())
         except asyncio.CancelledError:
             return
-        except PoolError as exc:
-            self.acquiring = False
-            self._reject_waiting(exc)
-            return
-        except ProxyError as exc:
+        except ProxyError as exc:  # the session state could not be restored: its server is unusable for it
             self.acquiring = False
             self.fatal(exc.sqlstate, exc.message)
             self._release(closing=True)
@@ -479,6 +484,14 @@ class ClientSession(asyncio.Protocol):
                     status = b"T" if self.deferred_begin else b"I"
                     self.write(codec.error_response(exc.sqlstate, str(exc)) + codec.ready_for_query(status))
                     return True
+                if first and self.deferred_begin and route.ends_transaction and end == size:
+                    # BEGIN; COMMIT with nothing between: no server needed
+                    self.deferred_begin = b""
+                    routing.on_transaction_end()
+                    head = data[pos + 5 : pos + 25].lstrip()[:8].lower()
+                    tag = "ROLLBACK" if head.startswith((b"rollback", b"abort")) else "COMMIT"
+                    self.write(codec.command_complete(tag) + codec.ready_for_query(b"I"))
+                    return True
                 if first and route.local and data[pos + 5 : pos + 25].lstrip()[:4].lower() == b"show":
                     self._show_session_role(route)
                     return True
@@ -525,6 +538,30 @@ class ClientSession(asyncio.Protocol):
         self.route_wrote = role is Role.PRIMARY and (bool(self.deferred_begin) or any(
             r.write or r.begins_transaction for r in routes))
         return False
+
+    def _answer_without_server(self, type_code: int, data: bytes, pos: int, end: int) -> None:
+        """After an error the proxy answered itself: skip to Sync, or end a transaction that never reached a
+        server (COMMIT/ROLLBACK answered ROLLBACK, anything else 25P02), as PostgreSQL would."""
+        if self.discarding:
+            if type_code == _S:
+                self.discarding = False
+                self.write(codec.ready_for_query(b"E" if self.local_failed else b"I"))
+            return
+        if type_code == _Q:
+            head = data[pos + 5 : pos + 25].lstrip()[:8].lower()
+            if head.startswith((b"rollback", b"abort", b"commit", b"end")):
+                self.local_failed = False
+                self.write(codec.command_complete("ROLLBACK") + codec.ready_for_query(b"I"))
+            else:
+                self.write(codec.error_response(
+                    "25P02", "current transaction is aborted, commands ignored until end of transaction block")
+                    + codec.ready_for_query(b"E"))
+        elif type_code == _S:
+            self.write(codec.ready_for_query(b"E"))
+        else:
+            self.discarding = True
+            self.write(codec.error_response(
+                "25P02", "current transaction is aborted, commands ignored until end of transaction block"))
 
     def _show_session_role(self, route: Route) -> None:
         """SHOW shardgate.role (simple protocol): the session routing hint lives in the proxy. SET and RESET
@@ -573,15 +610,37 @@ class ClientSession(asyncio.Protocol):
         return begin.decode("utf-8", "replace")
 
     def _reject_waiting(self, exc: ProxyError) -> None:
-        """The pool could not serve this client in time: error for what it sent, the session stays usable."""
+        """No server for what the client sent: answer it as PostgreSQL answers an error, the session stays usable.
+
+        Each Query gets the error and ReadyForQuery; an extended-protocol group gets the error once and its
+        ReadyForQuery at its Sync (a group still missing its Sync is discarded up to it, as the server would).
+        """
         data, self.waiting = self.waiting, b""
-        syncs = 0
+        if self.routing is not None:
+            self.routing.on_transaction_end()
+        status = b"E" if self.deferred_begin else b"I"
+        self.local_failed = bool(self.deferred_begin)
+        self.deferred_begin = b""
+        error = codec.error_response(exc.sqlstate, exc.message)
+        replies: list[bytes] = []
+        errored = self.discarding
         pos = 0
         while pos + 5 <= len(data):
-            if data[pos] in (_Q, _S, _F):
-                syncs += 1
+            type_code = data[pos]
+            if type_code in (_Q, _F):
+                replies += [error, codec.ready_for_query(status)]
+            elif type_code == _S:
+                if not errored:
+                    replies.append(error)
+                replies.append(codec.ready_for_query(status))
+                errored = False
+            elif type_code != _X:
+                if not errored:
+                    replies.append(error)
+                errored = True
             pos += 1 + codec.unpack_u32(data, pos + 1)[0]
-        self.write(codec.error_response(exc.sqlstate, exc.message) + codec.ready_for_query(b"I") * max(1, syncs))
+        self.discarding = errored
+        self.write(b"".join(replies))
 
     def _unlink_and_release(self, *, closing: bool = False) -> None:
         server = self.server
@@ -641,6 +700,10 @@ class ClientSession(asyncio.Protocol):
                 self._flush(server, view, run, pos, out)
                 self._terminate()
                 return size
+            if server is None and (self.discarding or self.local_failed):
+                self._answer_without_server(type_code, data, pos, end)
+                pos = run = end
+                continue
             if server is None:
                 if self.routing is not None and self._route_start(data, pos, size):
                     pos = run = end  # answered by the proxy itself
