@@ -23,8 +23,8 @@ from proxy.server import (
     EXPECT_CLOSE_AS_PARSE,
     EXPECT_PARSE,
     EXPECT_PARSE_DROP,
-    EXPECT_SYNC,
     NOOP_CLOSE,
+    SYNC_ITEM,
     ServerConnection,
 )
 from proxy.session_state import (
@@ -49,7 +49,7 @@ STARTUP, AUTH, READY, CLOSED = "startup", "auth", "ready", "closed"
 _SESSION, _TRANSACTION, _STATEMENT = "session", "transaction", "statement"
 _MODES = {_SESSION: _SESSION, _TRANSACTION: _TRANSACTION, _STATEMENT: _STATEMENT}
 
-_Q, _P, _B, _D, _C, _S, _X, _F = (ord(c) for c in "QPBDCSXF")
+_Q, _P, _B, _D, _C, _S, _X, _F, _H, _EXECUTE = (ord(c) for c in "QPBDCSXFHE")
 _EXTENDED = frozenset(ord(c) for c in "PBDEHC")
 _FRONTEND_TYPES = frozenset(ord(c) for c in "QPBDECSHXFdcfp")
 _HIGH_WATER_BYTES = 1 << 20
@@ -719,7 +719,7 @@ class ClientSession(asyncio.Protocol):
                     return size
             if type_code in (_Q, _S, _F):
                 server.outstanding += 1
-                server.expect.append((EXPECT_SYNC, ""))
+                server.expect.append(SYNC_ITEM)
                 self.unsynced = False
                 if type_code == _Q and (pooled or self.jwt_guard):
                     sql = data[pos + 5 : end - 1]
@@ -742,7 +742,11 @@ class ClientSession(asyncio.Protocol):
                 self.unsynced = True
                 if type_code == _P and self.jwt_guard:
                     self._guard_parse(data, pos, end)
-                if pooled:
+                # unnamed Parse/Bind/Describe and Execute/Flush pass as they are: skip the call
+                if pooled and not (type_code in (_EXECUTE, _H)
+                                   or (type_code == _P and data[pos + 5] == 0)
+                                   or (type_code == _B and data[pos + 5] == 0 and data[pos + 6] == 0)
+                                   or (type_code == _D and data[pos + 6] == 0)):
                     replacement = self._pooled_extended(server, type_code, data, pos, end)
                     if replacement is not None:
                         if out is None:
@@ -795,8 +799,7 @@ class ClientSession(asyncio.Protocol):
         if type_code == _P:
             name_end = data.index(b"\x00", body_start)
             if name_end == body_start:
-                server.expect.append((EXPECT_PARSE, ""))
-                return None
+                return None  # unnamed: its ParseComplete needs no matching (they are all alike)
             name = data[body_start:name_end].decode()
             query_end = data.index(b"\x00", name_end + 1)
             query_text = data[name_end + 1 : query_end]
@@ -811,10 +814,10 @@ class ClientSession(asyncio.Protocol):
             if effects:
                 self._note_effects(effects)
             if global_name in server.prepared:
-                server.expect.append((EXPECT_CLOSE_AS_PARSE, ""))
+                server.expect_rewrite(EXPECT_CLOSE_AS_PARSE)
                 return NOOP_CLOSE
             server.prepared.add(global_name)
-            server.expect.append((EXPECT_PARSE, global_name))
+            server.expect_rewrite(EXPECT_PARSE, global_name)
             return parse_message
         if type_code == _B:
             portal_end = data.index(b"\x00", body_start)
@@ -829,11 +832,11 @@ class ClientSession(asyncio.Protocol):
             name = data[body_start + 1 : end - 1].decode()
             if kind != ord("S") or not name:
                 if type_code == _C:
-                    server.expect.append((EXPECT_CLOSE, ""))
+                    server.expect_rewrite(EXPECT_CLOSE)
                 return None
             if type_code == _C:
                 self.statements.pop(name, None)
-                server.expect.append((EXPECT_CLOSE, ""))
+                server.expect_rewrite(EXPECT_CLOSE)
                 return NOOP_CLOSE
             return self._with_statement(server, name,
                                         lambda g: codec.message(b"D", b"S" + g.encode() + b"\x00"))
@@ -848,7 +851,7 @@ class ClientSession(asyncio.Protocol):
         if global_name in server.prepared:
             return message  # type: ignore[no-any-return]
         server.prepared.add(global_name)
-        server.expect.append((EXPECT_PARSE_DROP, global_name))
+        server.expect_rewrite(EXPECT_PARSE_DROP, global_name)
         return parse_message + message  # type: ignore[no-any-return]
 
     def _refusal(self, sql: bytes) -> tuple[str, str, str] | None:

@@ -27,9 +27,15 @@ NOOP_CLOSE = codec.message(b"C", b"Ssg_noop\x00")
 
 _Z, _E, _PARSE_DONE, _CLOSE_DONE, _PARAM, _COMPLETE = b"Z"[0], b"E"[0], b"1"[0], b"3"[0], b"S"[0], b"C"[0]
 _DATA_ROW = b"D"[0]
-_WATCHED = frozenset((_Z, _E, _PARSE_DONE, _CLOSE_DONE, _PARAM))
-# CommandComplete is watched only while a client has transaction-scoped state to settle (COMMIT vs ROLLBACK).
-WATCHED_WITH_TAGS = _WATCHED | {_COMPLETE}
+# ParseComplete/CloseComplete are watched only while a renamed, injected or locally answered statement is in
+# flight; CommandComplete only while a client has transaction-scoped state to settle (COMMIT vs ROLLBACK).
+_WATCHED = {
+    (False, False): frozenset((_Z, _E, _PARAM)),
+    (True, False): frozenset((_Z, _E, _PARAM, _PARSE_DONE, _CLOSE_DONE)),
+    (False, True): frozenset((_Z, _E, _PARAM, _COMPLETE)),
+    (True, True): frozenset((_Z, _E, _PARAM, _PARSE_DONE, _CLOSE_DONE, _COMPLETE)),
+}
+SYNC_ITEM = (EXPECT_SYNC, "")
 
 
 class ServerConnection(asyncio.Protocol):
@@ -60,7 +66,9 @@ class ServerConnection(asyncio.Protocol):
         self.last_tag_rollback = False
         self.relayed = False
         self.broken = False
-        self.watched = _WATCHED
+        self.rewrites = 0
+        self.tags = False
+        self.watched = _WATCHED[False, False]
         self.rows: list[list[str | None]] | None = None
         self._pending = b""
         self._skip = 0
@@ -200,8 +208,8 @@ class ServerConnection(asyncio.Protocol):
             if type_code == _Z and not self.swallow and end <= size:
                 # ReadyForQuery, inlined: it ends every transaction and is the hottest watched message.
                 expect = self.expect
-                while expect and expect[0][0] != EXPECT_SYNC:
-                    expect.popleft()
+                if self.rewrites:
+                    self._drop_rewrites()
                 if expect:
                     expect.popleft()
                 self.outstanding -= 1
@@ -240,6 +248,8 @@ class ServerConnection(asyncio.Protocol):
             elif type_code == _Z:
                 self.swallow -= 1
                 self.outstanding -= 1
+                if self.rewrites:
+                    self._drop_rewrites()
                 if self.expect:
                     self.expect.popleft()
                 self.txn_status = data[pos + 5 : pos + 6]
@@ -269,11 +279,8 @@ class ServerConnection(asyncio.Protocol):
             return False
         if type_code == _E:
             self.saw_error = True
-            expect = self.expect
-            while expect and expect[0][0] != EXPECT_SYNC:
-                kind, name = expect.popleft()
-                if kind in (EXPECT_PARSE, EXPECT_PARSE_DROP) and name:
-                    self.prepared.discard(name)
+            if self.rewrites:
+                self._drop_rewrites()
             return False
         if type_code == _PARAM:
             self._record_parameter(data, pos, end)
@@ -284,17 +291,40 @@ class ServerConnection(asyncio.Protocol):
         kind = expect[0][0]
         if type_code == _PARSE_DONE and kind in (EXPECT_PARSE, EXPECT_PARSE_DROP):
             expect.popleft()
+            self._rewrite_done()
             if kind == EXPECT_PARSE_DROP:
                 self._flush_run(data, run, pos)
                 return True
         elif type_code == _CLOSE_DONE and kind in (EXPECT_CLOSE, EXPECT_CLOSE_AS_PARSE):
             expect.popleft()
+            self._rewrite_done()
             if kind == EXPECT_CLOSE_AS_PARSE:
                 self._flush_run(data, run, pos)
                 if self.client is not None:
                     self.client.write(codec.PARSE_COMPLETE)
                 return True
         return False
+
+    def expect_rewrite(self, kind: int, name: str = "") -> None:
+        """A Parse/Close whose reply the relay must match up (renamed, injected or answered differently)."""
+        self.expect.append((kind, name))
+        self.rewrites += 1
+        if self.rewrites == 1:
+            self.watched = _WATCHED[True, self.tags]
+
+    def _rewrite_done(self) -> None:
+        self.rewrites -= 1
+        if not self.rewrites:
+            self.watched = _WATCHED[False, self.tags]
+
+    def _drop_rewrites(self) -> None:
+        """An error or ReadyForQuery: the server skipped (or finished) everything up to the next Sync."""
+        expect = self.expect
+        while expect and expect[0][0] != EXPECT_SYNC:
+            kind, name = expect.popleft()
+            if kind in (EXPECT_PARSE, EXPECT_PARSE_DROP) and name:
+                self.prepared.discard(name)
+            self._rewrite_done()
 
     def _record_parameter(self, data: bytes, pos: int, end: int) -> None:
         raw_name, _, raw_value = data[pos + 5 : end - 1].partition(b"\x00")
@@ -313,7 +343,7 @@ class ServerConnection(asyncio.Protocol):
         self.swallow = 1
         self.swallow_error = None
         self.outstanding += 1
-        self.expect.append((EXPECT_SYNC, ""))
+        self.expect.append(SYNC_ITEM)
         self.send(codec.query(sql))
 
     async def execute_internal(self, sql: str, timeout_s: float) -> bytes | None:
@@ -384,12 +414,15 @@ class ServerConnection(asyncio.Protocol):
                 and not self.swallow)
 
     def track_tags(self, enabled: bool) -> None:
-        self.watched = WATCHED_WITH_TAGS if enabled else _WATCHED
+        self.tags = enabled
+        self.watched = _WATCHED[self.rewrites > 0, enabled]
 
     def reset_tracking(self) -> None:
         self.session_state = EMPTY_SERVER_STATE
         self.prepared.clear()
         self.expect.clear()
+        self.rewrites = 0
+        self.watched = _WATCHED[False, self.tags]
 
 
 
