@@ -19,6 +19,7 @@ from auth.scram import ScramVerifier, is_md5_hash, is_scram_verifier, md5_hash, 
 from auth.token_cache import CachedJwtValidator
 from config.loader import ConfigError, load, split_address
 from config.model import Config, DatabaseConfig, UserConfig
+from proxy.admin import start_admin
 from proxy.client import ClientSession
 from proxy.cluster import Cluster, build_clusters
 from proxy.pool import Pool, PoolSettings
@@ -192,6 +193,7 @@ class App:
     def __init__(self, config: Config) -> None:
         self.runtime = Runtime(config)
         self.server: asyncio.base_events.Server | None = None
+        self.admin: asyncio.base_events.Server | None = None
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -208,6 +210,9 @@ class App:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: ClientSession(self.runtime), host, port,
                                                reuse_address=True, backlog=2048)
+        if config.general.admin_listen:
+            admin_host, admin_port = split_address(config.general.admin_listen)
+            self.admin = await start_admin(self.runtime, admin_host, admin_port)
         self.runtime.create_min_pools()
         self.runtime.spawn(self.runtime.janitor())
         for cluster in self.runtime.clusters.values():
@@ -256,6 +261,8 @@ class App:
         for cluster in runtime.clusters.values():
             cluster.close()
         await asyncio.sleep(0.05)
+        if self.admin is not None:
+            self.admin.close()
         log.info("event=shutdown_complete")
         self.stopped.set()
 

@@ -1,0 +1,143 @@
+"""HTTP admin listener: Prometheus /metrics, /health (the process is up), /ready (it accepts clients)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from proxy.app import Runtime
+
+log = logging.getLogger("shardgate.admin")
+
+MAX_REQUEST_BYTES = 8192
+CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class RuntimeCollector:
+    """Reads the runtime's counters at scrape time: nothing is counted twice or on the hot path."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        rt = self.runtime
+        clients = GaugeMetricFamily("shardgate_clients", "Client connections open")
+        clients.add_metric([], len(rt.clients))
+        yield clients
+
+        servers = GaugeMetricFamily("shardgate_pool_servers", "Server connections by pool and state",
+                                    labels=["pool", "state"])
+        waiting = GaugeMetricFamily("shardgate_pool_waiting_clients", "Clients waiting for a server", labels=["pool"])
+        checkouts = CounterMetricFamily("shardgate_pool_checkouts", "Server checkouts", labels=["pool"])
+        created = CounterMetricFamily("shardgate_pool_servers_created", "Server logins", labels=["pool"])
+        failed = CounterMetricFamily("shardgate_pool_servers_failed", "Failed server logins", labels=["pool"])
+        wait_s = CounterMetricFamily("shardgate_pool_wait_seconds", "Time clients spent waiting", labels=["pool"])
+        for pool in list(rt.pools.values()):
+            stats = pool.stats()
+            for state in ("idle", "active", "connecting"):
+                servers.add_metric([pool.name, state], stats[state])
+            waiting.add_metric([pool.name], stats["waiting"])
+            checkouts.add_metric([pool.name], stats["checkouts"])
+            created.add_metric([pool.name], stats["servers_created"])
+            failed.add_metric([pool.name], stats["servers_failed"])
+            wait_s.add_metric([pool.name], stats["wait_time_total_s"])
+        yield from (servers, waiting, checkouts, created, failed, wait_s)
+
+        hits = CounterMetricFamily("shardgate_router_cache_hits", "Routing decisions served from the cache")
+        hits.add_metric([], rt.router.cache_hits)
+        misses = CounterMetricFamily("shardgate_router_cache_misses", "Statements the router had to analyse")
+        misses.add_metric([], rt.router.cache_misses)
+        yield from (hits, misses)
+
+        up = GaugeMetricFamily("shardgate_server_up", "1 when the server passed its last probe and is not banned",
+                               labels=["database", "shard", "server", "role"])
+        lag_bytes = GaugeMetricFamily("shardgate_server_lag_bytes", "Replay lag behind the primary",
+                                      labels=["database", "shard", "server"])
+        lag_s = GaugeMetricFamily("shardgate_server_lag_seconds", "Replay delay", labels=["database", "shard", "server"])
+        for cluster in list(rt.clusters.values()):
+            for row in cluster.stats():
+                server = f"{row['host']}:{row['port']}"
+                labels = [str(row["database"]), str(row["shard"]), server]
+                up.add_metric([*labels, str(row["role"])], 1 if row["healthy"] and not row["banned"] else 0)
+                lag_bytes.add_metric(labels, float(row["lag_bytes"]))  # type: ignore[arg-type]
+                lag_s.add_metric(labels, float(row["lag_ms"]) / 1000)  # type: ignore[arg-type]
+        yield from (up, lag_bytes, lag_s)
+
+        jwt = rt.jwt
+        if jwt is not None:
+            cache = jwt.cache
+            for name, value, text in (
+                ("shardgate_jwt_cache_hits", cache.hits, "Tokens served from the cache"),
+                ("shardgate_jwt_cache_misses", cache.misses, "Tokens verified"),
+                ("shardgate_jwt_cache_evictions", cache.evictions, "Tokens dropped to make room"),
+            ):
+                family = CounterMetricFamily(name, text)
+                family.add_metric([], value)
+                yield family
+            rejections = CounterMetricFamily("shardgate_jwt_rejections", "Refused tokens by reason", labels=["reason"])
+            for reason, count in jwt.validator.rejections.items():
+                rejections.add_metric([reason], count)
+            yield rejections
+
+
+class AdminProtocol(asyncio.Protocol):
+    """One HTTP/1.x request per connection: GET only, then close."""
+
+    def __init__(self, runtime: Runtime, registry: CollectorRegistry) -> None:
+        self.runtime = runtime
+        self.registry = registry
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer and b"\n\n" not in self.buffer:
+            if len(self.buffer) > MAX_REQUEST_BYTES:
+                self._respond(431, "text/plain", b"request too large\n")
+            return
+        request_line = bytes(self.buffer).split(b"\n", 1)[0].decode("latin-1").strip()
+        parts = request_line.split()
+        if len(parts) < 2:
+            self._respond(400, "text/plain", b"bad request\n")
+            return
+        method, path = parts[0], parts[1].split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            self._respond(405, "text/plain", b"method not allowed\n")
+        elif path == "/metrics":
+            self._respond(200, CONTENT_TYPE_METRICS, generate_latest(self.registry), head=method == "HEAD")
+        elif path == "/health":
+            self._respond(200, "text/plain", b"ok\n", head=method == "HEAD")
+        elif path == "/ready":
+            if self.runtime.shutting_down:
+                self._respond(503, "text/plain", b"shutting down\n", head=method == "HEAD")
+            else:
+                self._respond(200, "text/plain", b"ready\n", head=method == "HEAD")
+        else:
+            self._respond(404, "text/plain", b"not found\n")
+
+    def _respond(self, status: int, content_type: str, body: bytes, *, head: bool = False) -> None:
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                  431: "Request Header Fields Too Large", 503: "Service Unavailable"}[status]
+        header = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        assert self.transport is not None
+        self.transport.write(header if head else header + body)
+        self.transport.close()
+
+
+async def start_admin(runtime: Runtime, host: str, port: int) -> asyncio.base_events.Server:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RuntimeCollector(runtime))  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: AdminProtocol(runtime, registry), host, port, reuse_address=True)
+    log.info("event=admin_listening address=%s:%s", host, port)
+    return server
