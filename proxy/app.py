@@ -41,7 +41,7 @@ class Runtime:
         self.clients: set[ClientSession] = set()
         self.cancel_keys: dict[tuple[int, int], ClientSession] = {}
         self.effects = EffectScanner()
-        self.login_params: dict[Any, dict[str, str]] = {}
+        self.login_params: dict[Any, bytes] = {}  # (pool, startup settings) -> ParameterStatus messages
         self.shutting_down = False
         self._verifiers: dict[str, ScramVerifier] = {}
         self._tasks: set[asyncio.Task[Any]] = set()

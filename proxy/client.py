@@ -292,42 +292,56 @@ class ClientSession(asyncio.Protocol):
             self.state.claims = self.rt.claims_sql(identity)
             self.jwt_guard = True
         self.phase = "login"
-        self.write(codec.AUTH_OK)
-        self._task = asyncio.get_running_loop().create_task(self._login())
-
-    async def _login(self) -> None:
-        user = self.user
-        assert user is not None and self.transport is not None
         try:
-            cluster = self.rt.cluster_for(self.database)
-            if cluster is None:
-                raise ProxyError(sqlstate.INVALID_CATALOG_NAME, f'database "{self.database}" does not exist',
-                                 fatal=True)
-            self.cluster = cluster
-            # the constants themselves, so the hot path can compare by identity
-            self.pool_mode = _MODES[user.pool_mode or self.rt.config.general.pool_mode]
-            if self.pool_mode is not _SESSION and self.rt.splits_reads(cluster):
-                self.routing = TransactionRouting(self.rt.router, self.rt.config.general.read_write_split)
-            pool = self.pool = self._login_pool()
-            if self.pool_mode == _SESSION:
+            pool = self._choose_login_pool()
+        except ProxyError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+            return
+        if self.pool_mode is not _SESSION:
+            params = self.rt.login_params.get((pool.name, tuple(sorted(self.state.settings.items()))))
+            if params is not None:  # the usual case: no server needed to log in
+                self._finish_login(params, (secrets.randbits(31), secrets.randbits(31) - (1 << 30)))
+                return
+        self._task = asyncio.get_running_loop().create_task(self._login(pool))
+
+    def _choose_login_pool(self) -> Pool:
+        user = self.user
+        assert user is not None
+        cluster = self.rt.cluster_for(self.database)
+        if cluster is None:
+            raise ProxyError(sqlstate.INVALID_CATALOG_NAME, f'database "{self.database}" does not exist', fatal=True)
+        self.cluster = cluster
+        # the constants themselves, so the hot path can compare by identity
+        self.pool_mode = _MODES[user.pool_mode or self.rt.config.general.pool_mode]
+        if self.pool_mode is not _SESSION and self.rt.splits_reads(cluster):
+            self.routing = TransactionRouting(self.rt.router, self.rt.config.general.read_write_split)
+        pool = self.pool = self._login_pool()
+        return pool
+
+    async def _login(self, pool: Pool) -> None:
+        """Slow path of a login: a server is needed (session mode, or startup settings not seen before)."""
+        try:
+            if self.pool_mode is _SESSION:
                 server = await pool.checkout()
                 self._link(server)
                 await self._sync_state(server)
-                params = dict(server.params)
-                self.cancel_key = (server.process_id, server.secret_key)
+                params = _parameter_block(server.params)
+                cancel_key = (server.process_id, server.secret_key)
             else:
                 params = await self._canonical_params(pool)
-                self.cancel_key = (secrets.randbits(31), secrets.randbits(31) - (1 << 30))
+                cancel_key = (secrets.randbits(31), secrets.randbits(31) - (1 << 30))
         except ProxyError as exc:
             self.fatal(exc.sqlstate, exc.message)
             return
         except asyncio.CancelledError:
             return
-        self.rt.cancel_keys[self.cancel_key] = self
-        out = [codec.parameter_status(name, value) for name, value in params.items()]
-        out.append(codec.backend_key_data(*self.cancel_key))
-        out.append(codec.ready_for_query(b"I"))
-        self.write(b"".join(out))
+        self._finish_login(params, cancel_key)
+
+    def _finish_login(self, params: bytes, cancel_key: tuple[int, int]) -> None:
+        """AuthenticationOk, ParameterStatus, BackendKeyData and ReadyForQuery in one write."""
+        self.cancel_key = cancel_key
+        self.rt.cancel_keys[cancel_key] = self
+        self.write(codec.AUTH_OK + params + codec.backend_key_data(*cancel_key) + codec.ready_for_query(b"I"))
         self.phase = READY
         self._snapshot = None
         if self.inbuf:
@@ -346,8 +360,8 @@ class ClientSession(asyncio.Protocol):
             target = self.cluster.pick_read()
         return self.rt.pool_for_server(self.user, target.config)
 
-    async def _canonical_params(self, pool: Pool) -> dict[str, str]:
-        """ParameterStatus values as the server reports them for this client's startup settings."""
+    async def _canonical_params(self, pool: Pool) -> bytes:
+        """ParameterStatus messages as the server reports them for this client's startup settings."""
         key = tuple(sorted(self.state.settings.items()))
         cached = self.rt.login_params.get((pool.name, key))
         if cached is not None:
@@ -356,7 +370,7 @@ class ClientSession(asyncio.Protocol):
         self._link(server)
         try:
             await self._sync_state(server)
-            params = dict(server.params)
+            params = _parameter_block(server.params)
         finally:
             self._unlink_and_release()
         if len(self.rt.login_params) < 10_000:
@@ -988,6 +1002,10 @@ def _extended_begin_reply(data: bytes, pos: int, size: int) -> bytes | None:
 _NO_PARAMETERS = codec.message(b"t", b"\x00\x00")
 # RowDescription field: no table, text (oid 25), variable length, no modifier, text format
 _TEXT_COLUMN = b"\x00\x00\x00\x00" + b"\x00\x00" + b"\x00\x00\x00\x19" + b"\xff\xff" + b"\xff\xff\xff\xff" + b"\x00\x00"
+
+
+def _parameter_block(params: dict[str, str]) -> bytes:
+    return b"".join(codec.parameter_status(name, value) for name, value in params.items())
 
 
 def _raising_query(code: str, message: str, hint: str) -> bytes:
