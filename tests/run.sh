@@ -9,7 +9,7 @@ if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; f
 need_apt=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
-command -v pgbench >/dev/null 2>&1 || need_apt+=(postgresql-contrib)
+command -v pgbench >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v go >/dev/null 2>&1 || need_apt+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/jackc/pgx/v4 ] || need_apt+=(golang-github-jackc-pgx-v4-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
