@@ -259,21 +259,6 @@ class ServerConnection(asyncio.Protocol):
                     elif self._drain is not None and not self._drain.done():
                         self._drain.set_result(None)
             return True
-        if type_code == _Z:
-            expect = self.expect
-            while expect and expect[0][0] != EXPECT_SYNC:
-                expect.popleft()
-            if expect:
-                expect.popleft()
-            self.outstanding -= 1
-            status = data[pos + 5 : pos + 6]
-            self.txn_status = status
-            client = self.client
-            if client is not None:
-                client.write(data if run == 0 and end == len(data) else data[run:end])
-                client.on_server_ready(self, status)
-            self.saw_error = False
-            return True
         if type_code == _COMPLETE:
             self.last_tag_rollback = data.startswith(b"ROLLBACK", pos + 5)
             return False

@@ -301,19 +301,17 @@ def _chain(cursor: _Cursor) -> bool:
 
 def _begin(cursor: _Cursor, head: _Head) -> Classification:
     cursor.next_is("work", "transaction")
-    return Classification(
-        StatementKind.BEGIN,
-        False,
-        head.keyword,
-        head.hint,
-        begins_transaction=True,
-        read_only_transaction=_read_only_mode(cursor),
-    )
+    return _transaction_start(cursor, head)
 
 
 def _start(cursor: _Cursor, head: _Head) -> Classification:
     if not cursor.next_is("transaction"):
         return _unknown(head)
+    return _transaction_start(cursor, head)
+
+
+def _transaction_start(cursor: _Cursor, head: _Head) -> Classification:
+    """BEGIN [WORK|TRANSACTION] / START TRANSACTION, then the transaction modes."""
     return Classification(
         StatementKind.BEGIN,
         False,

@@ -23,6 +23,16 @@ def pg() -> Iterator[Topology]:
         destroy_topology(topology)
 
 
+@pytest.fixture
+def throwaway_topology() -> Iterator[Topology]:
+    """A primary and one streaming replica of the test's own: it may stop, kill and promote them."""
+    topology = create_topology(replicas=1)
+    try:
+        yield topology
+    finally:
+        destroy_topology(topology)
+
+
 @pytest.fixture(scope="session")
 def proxy_work_root() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="shardgate-proxy-"))

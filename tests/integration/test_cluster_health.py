@@ -7,14 +7,10 @@ The `pg` topology is shared with other tests: whatever a test stops or pauses is
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -107,24 +103,6 @@ def wait_received(primary: PgServer, replica: PgServer, timeout_s: float = 30.0)
         assert time.monotonic() < deadline, f"{replica.name} did not receive up to {target}"
         time.sleep(0.05)
 
-
-@pytest.fixture
-def throwaway() -> Iterator[Topology]:
-    """A primary and one replica of our own: failover tests stop and promote servers."""
-    base_dir = Path(tempfile.mkdtemp(prefix="shardgate-failover-"))
-    os.chmod(base_dir, 0o755)
-    try:
-        topology = Topology.create(base_dir, replicas=1)
-    except BaseException:
-        shutil.rmtree(base_dir, ignore_errors=True)
-        raise
-    try:
-        yield topology
-    finally:
-        try:
-            topology.remove()
-        finally:
-            shutil.rmtree(base_dir, ignore_errors=True)
 
 
 # -- roles ------------------------------------------------------------------------------------------
@@ -329,8 +307,8 @@ def test_paused_replay_excludes_replica_until_resumed(pg: Topology) -> None:
 # -- failover (own topology) -------------------------------------------------------------------------
 
 
-def test_failover_to_promoted_replica_and_split_brain(throwaway: Topology) -> None:
-    old, new = throwaway.primary, throwaway.replicas[0]
+def test_failover_to_promoted_replica_and_split_brain(throwaway_topology: Topology) -> None:
+    old, new = throwaway_topology.primary, throwaway_topology.replicas[0]
     assert old is not None
     cluster = make_cluster([old, new], ["auto", "auto"], read_write_split="exclude_primary")
 

@@ -8,15 +8,11 @@ and the shared primary is never stopped. Failover runs on a private topology of 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from dataclasses import astuple, dataclass
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -158,24 +154,6 @@ def shared_split(proxy: ProxyFactory, pg: Topology) -> Callable[..., ProxyProces
 
     return start
 
-
-@pytest.fixture
-def private_topology() -> Iterator[Topology]:
-    """A primary and one streaming replica of our own: this one may be stopped and promoted."""
-    base_dir = Path(tempfile.mkdtemp(prefix="shardgate-failover-", dir="/tmp"))
-    os.chmod(base_dir, 0o755)  # PostgreSQL runs as the postgres OS user
-    try:
-        topology = Topology.create(base_dir, replicas=1)
-    except BaseException:
-        shutil.rmtree(base_dir, ignore_errors=True)
-        raise
-    try:
-        yield topology
-    finally:
-        try:
-            topology.remove()
-        finally:
-            shutil.rmtree(base_dir, ignore_errors=True)
 
 
 # -- stopped replicas ---------------------------------------------------------------------------------
@@ -435,9 +413,9 @@ async def read_once(proxy_process: ProxyProcess) -> Landing:
 
 
 def test_failover_writes_fail_fast_then_follow_the_promoted_replica(
-    proxy: ProxyFactory, private_topology: Topology
+    proxy: ProxyFactory, throwaway_topology: Topology
 ) -> None:
-    old, new = private_topology.primary, private_topology.replicas[0]
+    old, new = throwaway_topology.primary, throwaway_topology.replicas[0]
     assert old is not None
     table = f"failover_{uuid.uuid4().hex[:12]}"
     old.psql(f"CREATE TABLE {table} (id serial PRIMARY KEY, note text)", user="app", db="app")
