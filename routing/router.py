@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import functools
+import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -109,6 +110,29 @@ def _combine(routes: Sequence[Route], hint: Role | None) -> Route:
     )
 
 
+# Literals and quoted identifiers of a statement; identifiers are kept, literals become `?`.
+_LITERALS = re.compile(r"""("(?:[^"]|"")*")|'(?:[^']|'')*'|(?<![\w$.])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?""")
+_SHAPE_HEADS = ("select", "with", "values", "table", "(")
+
+
+def _keep_identifiers(match: re.Match[str]) -> str:
+    return match.group(1) or "?"
+
+
+def literal_free_key(sql: str) -> str | None:
+    """The statement with literals replaced, for reads sqlglot decides; None where that is not safe.
+
+    Only SELECT-like statements (a SET's value changes its meaning), and only texts without backslashes,
+    dollar quotes or comments, where a quote cannot be told from a string boundary without a full lexer.
+    """
+    head = sql.lstrip()[:6].lower()
+    if not head.startswith(_SHAPE_HEADS):
+        return None
+    if "\\" in sql or "$" in sql or "--" in sql or "/*" in sql:
+        return None
+    return "\x00" + _LITERALS.sub(_keep_identifiers, sql)
+
+
 class Router:
     """Decides where a statement text goes, ignoring transaction state; decisions are cached by text."""
 
@@ -124,34 +148,56 @@ class Router:
         # Huge texts (bulk INSERTs with literals) are rarely repeated: caching them only costs memory.
         self.max_cached_sql_length = max_cached_sql_length
         self._analyzer = analyzer
-        self._uncached_calls = 0
-        self._decide_cached = functools.lru_cache(maxsize=cache_size)(self._decide_uncached)
+        self._cache: OrderedDict[str, Decision] = OrderedDict()
+        self._cache_size = cache_size
+        self._hits = 0
+        self._misses = 0
 
     def route_statement(self, sql: str) -> Route:
         return self.decide(sql).route
 
     def decide(self, sql: str) -> Decision:
+        """Cached by text, then by the text with its literals blanked: `WHERE id = 1` and `WHERE id = 2` are
+        one decision, so clients that inline values (simple protocol) are parsed once per statement shape."""
         if len(sql) > self.max_cached_sql_length:
-            self._uncached_calls += 1
+            self._misses += 1
             return self._decide_uncached(sql)
-        return self._decide_cached(sql)
+        cache = self._cache
+        decision = cache.get(sql)
+        if decision is not None:
+            self._hits += 1
+            cache.move_to_end(sql)
+            return decision
+        key = literal_free_key(sql)
+        if key is not None:
+            decision = cache.get(key)
+            if decision is not None:
+                self._hits += 1
+                cache.move_to_end(key)
+                return decision
+        self._misses += 1
+        decision = self._decide_uncached(sql)
+        cache[key if key is not None else sql] = decision
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+        return decision
 
     @property
     def cache_hits(self) -> int:
-        return self._decide_cached.cache_info().hits
+        return self._hits
 
     @property
     def cache_misses(self) -> int:
-        return self._decide_cached.cache_info().misses + self._uncached_calls
+        return self._misses
 
     @property
     def cache_entries(self) -> int:
-        return self._decide_cached.cache_info().currsize
+        return len(self._cache)
 
     def clear_cache(self) -> None:
         """Forget cached decisions (after the volatile function list changes) and zero the counters."""
-        self._decide_cached.cache_clear()
-        self._uncached_calls = 0
+        self._cache.clear()
+        self._hits = self._misses = 0
 
     def _decide_uncached(self, sql: str) -> Decision:
         if ";" in sql:

@@ -7,7 +7,7 @@ import pytest
 from routing.analyze import Analysis, analyze
 from routing.errors import RoutingError
 from routing.route import Role, Route
-from routing.router import Router, TransactionRouting, TransactionState
+from routing.router import Router, TransactionRouting, TransactionState, literal_free_key
 
 P = Role.PRIMARY
 R = Role.REPLICA
@@ -267,14 +267,15 @@ def test_cache_counts_hits_and_misses() -> None:
 
 def test_cache_evicts_least_recently_used() -> None:
     router = Router(cache_size=2)
-    router.route_statement("SELECT 1")
-    router.route_statement("SELECT 2")
-    router.route_statement("SELECT 1")  # hit: SELECT 2 is now the oldest
-    router.route_statement("SELECT 3")  # evicts SELECT 2
+    first, second, third = "SELECT a FROM t1", "SELECT b FROM t2", "SELECT c FROM t3"
+    router.route_statement(first)
+    router.route_statement(second)
+    router.route_statement(first)  # hit: the second is now the oldest
+    router.route_statement(third)  # evicts the second
     assert router.cache_entries == 2
-    router.route_statement("SELECT 1")
+    router.route_statement(first)
     assert router.cache_hits == 2
-    router.route_statement("SELECT 2")
+    router.route_statement(second)
     assert router.cache_misses == 4
 
 
@@ -529,3 +530,50 @@ def test_read_write_split_does_not_change_routes() -> None:
         assert include.on_statement(sql) == exclude.on_statement(sql)
     with pytest.raises(ValueError, match="read_write_split"):
         TransactionRouting(router, read_write_split="replicas_only")
+
+
+def test_statements_differing_only_in_literals_are_parsed_once() -> None:
+    calls: list[str] = []
+
+    def counting(sql: str, volatile: frozenset[str] = frozenset()) -> Analysis:
+        calls.append(sql)
+        return analyze(sql, volatile) if volatile else analyze(sql)
+
+    router = Router(analyzer=counting)  # type: ignore[arg-type]
+    for aid in (1, 22, 333):
+        route = router.route_statement(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};")
+        assert route.role is Role.REPLICA
+    for name in ("x", "it''s", "z"):
+        assert router.route_statement(f"SELECT * FROM users WHERE name = '{name}' AND age > 1.5e3").role is Role.REPLICA
+    assert len(calls) == 2
+    assert (router.cache_hits, router.cache_misses) == (4, 2)
+
+
+def test_literal_blanking_never_merges_different_statements() -> None:
+    router = Router()
+    assert router.route_statement("SELECT nextval('seq_1')").role is Role.PRIMARY
+    assert router.route_statement("SELECT currval('seq_1')").role is Role.REPLICA
+    assert router.route_statement('SELECT "it\'s" FROM t WHERE a = 1').role is Role.REPLICA
+    assert router.route_statement("SELECT * FROM t FOR UPDATE").role is Role.PRIMARY
+    assert router.route_statement("SELECT * FROM t WHERE a = 2 FOR UPDATE").role is Role.PRIMARY
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SET shardgate.role = 'primary'",  # a SET's value is its meaning
+        "INSERT INTO t VALUES (1)",  # decided by keywords, nothing to save
+        "SELECT E'\\'' ; DELETE FROM t; SELECT 'x'",  # backslash: quotes cannot be paired safely
+        "SELECT $$a'b$$",
+        "/* it's */ SELECT 1",
+        "-- it's\nSELECT 1",
+    ],
+)
+def test_literal_free_key_is_not_used_where_unsafe(sql: str) -> None:
+    assert literal_free_key(sql) is None
+
+
+def test_literal_free_key_keeps_identifiers() -> None:
+    assert literal_free_key('SELECT "a""b", t1.c2 FROM t1 WHERE x = \'q\' AND y = 10') == (
+        '\x00SELECT "a""b", t1.c2 FROM t1 WHERE x = ? AND y = ?'
+    )
