@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import secrets
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardgate.client")
 
-STARTUP, AUTH, READY, CLOSED = "startup", "auth", "ready", "closed"
+STARTUP, AUTH, LOGIN, READY, CLOSED = "startup", "auth", "login", "ready", "closed"
 _SESSION, _TRANSACTION, _STATEMENT = "session", "transaction", "statement"
 _MODES = {_SESSION: _SESSION, _TRANSACTION: _TRANSACTION, _STATEMENT: _STATEMENT}
 
@@ -120,8 +121,6 @@ class ClientSession(asyncio.Protocol):
         self.rt.clients.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            import socket
-
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
@@ -291,7 +290,7 @@ class ClientSession(asyncio.Protocol):
         if identity.is_jwt:
             self.state.claims = self.rt.claims_sql(identity)
             self.jwt_guard = True
-        self.phase = "login"
+        self.phase = LOGIN
         try:
             pool = self._choose_login_pool()
         except ProxyError as exc:
