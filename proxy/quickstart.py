@@ -7,8 +7,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from config.loader import ConfigError, load
+
+if TYPE_CHECKING:
+    from proxy.topology import Topology
 
 QUICKSTART_USER = "app"
 QUICKSTART_PASSWORD = "app"
@@ -42,6 +46,18 @@ def write_config(path: Path, port: int, pool_mode: str, primary: tuple[str, int]
     path.write_text("\n".join(lines) + "\n")
 
 
+def make_replicas_synchronous(topology: Topology) -> None:
+    """Commits wait until the replica has applied them, so a read routed to the replica right after a write
+    (another psql, another connection) sees it. Set once the replica streams: earlier it would block the
+    primary's own bootstrap."""
+    primary = topology.primary
+    assert primary is not None
+    for statement in ("ALTER SYSTEM SET synchronous_standby_names = '*'",
+                      "ALTER SYSTEM SET synchronous_commit = 'remote_apply'",
+                      "SELECT pg_reload_conf()"):
+        primary.psql(statement, user="postgres", db="postgres")
+
+
 def quickstart(port: int, base_dir: str | None, pool_mode: str) -> int:
     from proxy.__main__ import install_event_loop, setup_logging
     from proxy.app import serve
@@ -54,6 +70,7 @@ def quickstart(port: int, base_dir: str | None, pool_mode: str) -> int:
     topology = None
     try:
         topology = Topology.create(workdir / "pg", replicas=1)
+        make_replicas_synchronous(topology)
         config_path = workdir / "shardgate.toml"
         primary = topology.primary
         assert primary is not None
