@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from proxy.protocol.codec import PROTOCOL_V3
+from proxy.protocol.codec import parse_error_fields as error_fields
 from proxy.topology import PgServer, Topology, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -432,3 +435,135 @@ def build_pgx_client(out_dir: Path) -> Path:
     if result.returncode != 0:
         raise RuntimeError(f"go build of {PGX_SOURCE_DIR} failed:\n{result.stderr}\n{GO_MISSING_MESSAGE}")
     return binary
+
+
+# -- a raw PostgreSQL frontend over a socket, for the exact bytes of faults ---------------------------
+
+RAW_READ_TIMEOUT_S = 5.0
+# trust on the proxy and on PostgreSQL: a raw client needs no authentication code.
+RAW_USER = "trustuser"
+
+
+class RawClient:
+    """A PostgreSQL frontend over a plain socket, just enough to log in, query and watch faults."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port), timeout=RAW_READ_TIMEOUT_S)
+        self.buffer = bytearray()
+        self.closed_by_peer = False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send_startup(self, user: str = RAW_USER, database: str = "app") -> None:
+        body = struct.pack("!i", PROTOCOL_V3)
+        body += b"".join(
+            key.encode() + b"\x00" + value.encode() + b"\x00"
+            for key, value in (("user", user), ("database", database))
+        )
+        body += b"\x00"
+        self.send(struct.pack("!i", len(body) + 4) + body)
+
+    def _fill(self, deadline: float) -> bool:
+        """Read more bytes; False once the peer closed (EOF or reset) or the deadline passed."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            self.closed_by_peer = True
+            return False
+        except TimeoutError:
+            return False
+        if not chunk:
+            self.closed_by_peer = True
+            return False
+        self.buffer += chunk
+        return True
+
+    def read_message(self, timeout_s: float = RAW_READ_TIMEOUT_S) -> tuple[bytes, bytes] | None:
+        """One backend message (type, body), or None when the connection closed or nothing came."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if len(self.buffer) >= 5:
+                length = struct.unpack_from("!I", self.buffer, 1)[0]
+                if len(self.buffer) >= 1 + length:
+                    type_code = bytes(self.buffer[:1])
+                    body = bytes(self.buffer[5 : 1 + length])
+                    del self.buffer[: 1 + length]
+                    return type_code, body
+            if not self._fill(deadline):
+                return None
+
+    def read_until_closed(self, timeout_s: float = RAW_READ_TIMEOUT_S) -> list[tuple[bytes, bytes]]:
+        """Every message until the peer closes; the caller checks `closed_by_peer`."""
+        deadline = time.monotonic() + timeout_s
+        messages = []
+        while time.monotonic() < deadline:
+            message = self.read_message(deadline - time.monotonic())
+            if message is None:
+                break
+            messages.append(message)
+        return messages
+
+    def read_until_ready(self) -> list[tuple[bytes, bytes]]:
+        messages: list[tuple[bytes, bytes]] = []
+        for _ in range(10_000):
+            message = self.read_message()
+            if message is None:
+                raise AssertionError(f"connection closed or silent before ReadyForQuery: {messages}")
+            messages.append(message)
+            if message[0] == b"Z":
+                return messages
+        raise AssertionError("no ReadyForQuery in 10,000 messages")
+
+    def login(self, user: str = RAW_USER) -> dict[str, str]:
+        """Startup as a trust user; returns the ParameterStatus values."""
+        self.send_startup(user)
+        messages = self.read_until_ready()
+        errors = [error_fields(body) for code, body in messages if code == b"E"]
+        assert not errors, errors
+        assert (b"R", struct.pack("!i", 0)) in messages  # AuthenticationOk
+        assert any(code == b"K" for code, _ in messages)  # BackendKeyData
+        return dict(_parameter(body) for code, body in messages if code == b"S")
+
+    def query_status(self, sql: str) -> bytes:
+        """Run a simple query; returns the transaction status of its ReadyForQuery (b"I", b"T", b"E")."""
+        self.send(b"Q" + struct.pack("!I", len(sql.encode()) + 5) + sql.encode() + b"\x00")
+        return self.read_until_ready()[-1][1]
+
+    def simple_query(self, sql: str) -> list[list[str | None]]:
+        """Rows of a simple query as text; raises AssertionError on an ErrorResponse."""
+        self.send(b"Q" + struct.pack("!I", len(sql.encode()) + 5) + sql.encode() + b"\x00")
+        rows = []
+        for code, body in self.read_until_ready():
+            if code == b"E":
+                raise AssertionError(f"query {sql!r} failed: {error_fields(body)}")
+            if code == b"D":
+                rows.append(data_row(body))
+        return rows
+
+
+def _parameter(body: bytes) -> tuple[str, str]:
+    name, value, _ = body.split(b"\x00", 2)
+    return name.decode(), value.decode()
+
+
+def data_row(body: bytes) -> list[str | None]:
+    count = struct.unpack_from("!h", body, 0)[0]
+    offset = 2
+    values: list[str | None] = []
+    for _ in range(count):
+        length = struct.unpack_from("!i", body, offset)[0]
+        offset += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(body[offset : offset + length].decode())
+            offset += length
+    return values

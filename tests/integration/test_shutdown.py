@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import struct
 import subprocess
 import time
 import uuid
@@ -21,13 +19,18 @@ import psycopg
 import pytest
 
 from proxy.topology import Topology
-from tests.harness import DirectProxy, ProxyFactory, ProxyProcess, database_entries
+from tests.harness import (
+    RAW_USER,
+    DirectProxy,
+    ProxyFactory,
+    ProxyProcess,
+    RawClient,
+    database_entries,
+    error_fields,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
-PROTOCOL_V3 = 196608
-RAW_USER = "trustuser"  # trust on the proxy and on PostgreSQL: a raw client needs no authentication code
-READ_TIMEOUT_S = 10.0
 EXIT_TIMEOUT_S = 15.0
 
 
@@ -117,77 +120,6 @@ def wait_refused(proxy_process: ProxyProcess, timeout_s: float = 3.0) -> str:
     raise AssertionError(f"new connections still accepted {timeout_s:.0f}s after SIGTERM: {outcomes}")
 
 
-# -- raw client: to read the exact ErrorResponse a disconnected client gets ----------------------------
-
-
-class RawClient:
-    def __init__(self, host: str, port: int) -> None:
-        self.sock = socket.create_connection((host, port), timeout=READ_TIMEOUT_S)
-        self.buffer = bytearray()
-        self.closed_by_peer = False
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def read_message(self, deadline: float) -> tuple[bytes, bytes] | None:
-        while True:
-            if len(self.buffer) >= 5:
-                length = struct.unpack_from("!I", self.buffer, 1)[0]
-                if len(self.buffer) >= 1 + length:
-                    message = (bytes(self.buffer[:1]), bytes(self.buffer[5 : 1 + length]))
-                    del self.buffer[: 1 + length]
-                    return message
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:
-                chunk = b""
-            except TimeoutError:
-                return None
-            if not chunk:
-                self.closed_by_peer = True
-                return None
-            self.buffer += chunk
-
-    def until_ready(self) -> list[tuple[bytes, bytes]]:
-        deadline = time.monotonic() + READ_TIMEOUT_S
-        messages = []
-        while (message := self.read_message(deadline)) is not None:
-            messages.append(message)
-            if message[0] == b"E":
-                raise AssertionError(f"unexpected error: {error_fields(message[1])}")
-            if message[0] == b"Z":
-                return messages
-        raise AssertionError(f"no ReadyForQuery; got {messages}")
-
-    def login(self) -> None:
-        body = (
-            struct.pack("!i", PROTOCOL_V3) + b"user\x00" + RAW_USER.encode() + b"\x00database\x00app\x00\x00"
-        )
-        self.sock.sendall(struct.pack("!i", len(body) + 4) + body)
-        self.until_ready()
-
-    def query(self, sql: str) -> bytes:
-        """Run a simple query; returns the transaction status of its ReadyForQuery."""
-        data = sql.encode() + b"\x00"
-        self.sock.sendall(b"Q" + struct.pack("!I", len(data) + 4) + data)
-        return self.until_ready()[-1][1]
-
-    def until_closed(self, timeout_s: float) -> list[tuple[bytes, bytes]]:
-        deadline = time.monotonic() + timeout_s
-        messages = []
-        while (message := self.read_message(deadline)) is not None:
-            messages.append(message)
-        return messages
-
-
-def error_fields(body: bytes) -> dict[str, str]:
-    return {chr(part[0]): part[1:].decode() for part in body.rstrip(b"\x00").split(b"\x00") if part}
-
-
 # -- tests ----------------------------------------------------------------------------------------------
 
 
@@ -233,15 +165,15 @@ def test_sigterm_disconnects_idle_in_transaction_after_timeout(
     try:
         lingering.login()
         idle.login()
-        assert lingering.query(f"BEGIN; INSERT INTO {table} VALUES (7)") == b"T"
-        assert idle.query("SELECT 1") == b"I"
+        assert lingering.query_status(f"BEGIN; INSERT INTO {table} VALUES (7)") == b"T"
+        assert idle.query_status("SELECT 1") == b"I"
         server_pids = admin_backends(admin_conn)
         assert server_pids, "the open transaction has a server connection"
 
         assert proxy_process.process is not None
         signalled = time.monotonic()
         proxy_process.process.send_signal(signal.SIGTERM)
-        messages = lingering.until_closed(shutdown_timeout_s + 8)
+        messages = lingering.read_until_closed(shutdown_timeout_s + 8)
         closed_at = time.monotonic()
         assert lingering.closed_by_peer, f"still connected; got {messages}"
         errors = [error_fields(body) for code, body in messages if code == b"E"]
@@ -252,7 +184,7 @@ def test_sigterm_disconnects_idle_in_transaction_after_timeout(
         )
 
         # The client idle between transactions is told the same.
-        idle_messages = idle.until_closed(5)
+        idle_messages = idle.read_until_closed(5)
         assert idle.closed_by_peer
         assert [error_fields(body).get("C") for code, body in idle_messages if code == b"E"] == ["57P01"]
 
