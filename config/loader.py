@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from auth.scram import is_md5_hash
 from config.model import (
     AUTH_METHODS,
     LOAD_BALANCING,
@@ -45,7 +46,6 @@ SCRAM_PREFIX = "SCRAM-SHA-256$"
 SCRAM_KEY_BYTES = 32  # SHA-256 digest size: StoredKey and ServerKey
 
 _SECTIONS = ("general", "users", "databases", "jwt")
-_MD5_HASH = re.compile(r"md5[0-9a-f]{32}")
 _TOML_POSITION = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)\s*$")
 
 
@@ -228,7 +228,7 @@ def _check_password(path: str, password: str, auth: str, problems: list[str]) ->
             problems.append(
                 f'{path}.password: a SCRAM verifier only works with auth "scram-sha-256" (got "{auth}")'
             )
-    elif _MD5_HASH.fullmatch(password) and auth != "md5":
+    elif is_md5_hash(password) and auth != "md5":
         # PostgreSQL also treats "md5" + 32 hex digits as a stored hash, never as a plain password.
         problems.append(f'{path}.password: an md5 hash only works with auth "md5" (got "{auth}")')
     elif not password and auth in ("scram-sha-256", "md5", "plain"):

@@ -297,7 +297,7 @@ class ClientSession(asyncio.Protocol):
             self.fatal(exc.sqlstate, exc.message)
             return
         if self.pool_mode is not _SESSION:
-            params = self.rt.login_params.get((pool.name, tuple(sorted(self.state.settings.items()))))
+            params = self.rt.login_params.get(self._login_params_key(pool))
             if params is not None:  # the usual case: no server needed to log in
                 self._finish_login(params, (secrets.randbits(31), secrets.randbits(31) - (1 << 30)))
                 return
@@ -359,12 +359,12 @@ class ClientSession(asyncio.Protocol):
             target = self.cluster.pick_read()
         return self.rt.pool_for_server(self.user, target.config)
 
+    def _login_params_key(self, pool: Pool) -> tuple[str, tuple[tuple[str, str], ...]]:
+        return pool.name, tuple(sorted(self.state.settings.items()))
+
     async def _canonical_params(self, pool: Pool) -> bytes:
-        """ParameterStatus messages as the server reports them for this client's startup settings."""
-        key = tuple(sorted(self.state.settings.items()))
-        cached = self.rt.login_params.get((pool.name, key))
-        if cached is not None:
-            return cached
+        """ParameterStatus messages as the server reports them for this client's startup settings
+        (called when the login cache has none for them)."""
         server = await pool.checkout()
         self._link(server)
         try:
@@ -373,7 +373,7 @@ class ClientSession(asyncio.Protocol):
         finally:
             self._unlink_and_release()
         if len(self.rt.login_params) < 10_000:
-            self.rt.login_params[(pool.name, key)] = params
+            self.rt.login_params[self._login_params_key(pool)] = params
         return params
 
     # ------------------------------------------------------------ server attachment
@@ -465,7 +465,7 @@ class ClientSession(asyncio.Protocol):
             except ServerError as exc:
                 if self.route_role is not Role.REPLICA:
                     raise
-                failed = self._cluster_server(pool)
+                failed = self.cluster.server_at(pool.address)
                 if failed is None or failed.role == "primary":
                     raise
                 self.cluster.ban(failed, f"connect failed: {exc.message}")
@@ -603,13 +603,6 @@ class ClientSession(asyncio.Protocol):
     def _active_on(self, target: ClusterServer) -> int:
         assert self.user is not None
         return len(self.rt.pool_for_server(self.user, target.config).active)
-
-    def _cluster_server(self, pool: Pool) -> ClusterServer | None:
-        assert self.cluster is not None
-        for candidate in self.cluster.servers:
-            if candidate.address == pool.address:
-                return candidate
-        return None
 
     def _transaction_ended(self) -> None:
         assert self.routing is not None
@@ -833,13 +826,11 @@ class ClientSession(asyncio.Protocol):
             server.expect_rewrite(EXPECT_PARSE, global_name)
             return parse_message
         if type_code == _B:
-            portal_end = data.index(b"\x00", body_start)
-            stmt_end = data.index(b"\x00", portal_end + 1)
-            if stmt_end == portal_end + 1:
+            portal, statement, rest = codec.split_bind(data[body_start:end])
+            if not statement:
                 return None
-            return self._with_statement(server, data[portal_end + 1 : stmt_end].decode(),
-                                        lambda g: codec.build_bind(data[body_start:portal_end], g.encode(),
-                                                                   data[stmt_end + 1 : end]))
+            return self._with_statement(server, statement.decode(),
+                                        lambda g: codec.build_bind(portal, g.encode(), rest))
         if type_code in (_D, _C):
             kind = data[body_start]
             name = data[body_start + 1 : end - 1].decode()

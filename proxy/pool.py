@@ -152,13 +152,6 @@ class Pool:
         server.last_used = time.monotonic()
         return server
 
-    async def ensure_params(self) -> dict[str, str]:
-        """The server's ParameterStatus set, logging in one server first if none was seen yet."""
-        if not self.base_params:
-            server = await self.checkout()
-            self.checkin(server)
-        return self.base_params
-
     # ------------------------------------------------------------ checkin
 
     def checkin(self, server: ServerConnection, *, reset: bool = False) -> None:

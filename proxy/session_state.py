@@ -6,6 +6,8 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from routing.classify import split_statements as routing_split_statements
+
 # Cheap test run once per Query (C-level `in`/`startswith` on the lowered bytes); only a hit pays for
 # the statement splitter. A false hit costs time, never correctness.
 _STATEFUL_HEADS = (b"set", b"reset", b"discard", b"deallocate", b"prepare", b"listen", b"declare", b"create",
@@ -66,40 +68,8 @@ def _normalise_name(name: str) -> str:
 
 
 def split_statements(sql: str) -> list[str]:
-    """Split on top-level semicolons, honouring quotes, dollar quotes and comments."""
-    statements: list[str] = []
-    start = 0
-    index = 0
-    length = len(sql)
-    while index < length:
-        char = sql[index]
-        if char == "'" or char == '"':
-            end = sql.find(char, index + 1)
-            while end != -1 and end + 1 < length and sql[end + 1] == char:
-                end = sql.find(char, end + 2)
-            index = length if end == -1 else end + 1
-        elif char == "-" and sql.startswith("--", index):
-            end = sql.find("\n", index)
-            index = length if end == -1 else end + 1
-        elif char == "/" and sql.startswith("/*", index):
-            end = sql.find("*/", index + 2)
-            index = length if end == -1 else end + 2
-        elif char == "$":
-            match = re.match(r"\$(?:[A-Za-z_]\w*)?\$", sql[index:])
-            if match:
-                tag = match.group(0)
-                end = sql.find(tag, index + len(tag))
-                index = length if end == -1 else end + len(tag)
-            else:
-                index += 1
-        elif char == ";":
-            statements.append(sql[start:index])
-            index += 1
-            start = index
-        else:
-            index += 1
-    statements.append(sql[start:])
-    return [s for s in (_strip_comments(s) for s in statements) if s]
+    """Top-level statements (the router's splitter), leading comments and whitespace removed."""
+    return [s for s in (_strip_comments(piece) for piece in routing_split_statements(sql)) if s]
 
 
 def _strip_comments(statement: str) -> str:

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxy.session_state import quote_ident, quote_literal
+
 PG_OS_USER = "postgres"
 SUPERUSER = "postgres"
 HBA_METHODS = ("scram-sha-256", "md5", "password", "trust")
@@ -134,14 +136,6 @@ def _conf_value(value: str | int | float | bool) -> str:
     if isinstance(value, int | float):
         return str(value)
     return "'" + str(value).replace("'", "''") + "'"
-
-
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _quote_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def _conninfo_value(value: str) -> str:
@@ -492,7 +486,7 @@ class Topology:
             raise TopologyError("add_replica needs a running primary")
         name = name or f"replica{len(self.replicas) + 1}"
         slot = re.sub(r"[^a-z0-9_]", "_", name.lower())
-        source.psql(f"SELECT pg_create_physical_replication_slot({_quote_literal(slot)})")
+        source.psql(f"SELECT pg_create_physical_replication_slot({quote_literal(slot)})")
         server = self._new_server(name, "replica")
         conninfo = (
             f"host={source.host} port={source.port} user={SUPERUSER} "
@@ -585,24 +579,24 @@ class Topology:
             if user.name == SUPERUSER:
                 statements.append("SET password_encryption = 'scram-sha-256'")
                 statements.append(
-                    f"ALTER ROLE {_quote_ident(user.name)} PASSWORD {_quote_literal(user.password or '')}"
+                    f"ALTER ROLE {quote_ident(user.name)} PASSWORD {quote_literal(user.password or '')}"
                 )
                 continue
             encryption = "md5" if user.method == "md5" else "scram-sha-256"
-            password = f"PASSWORD {_quote_literal(user.password)}" if user.password else "PASSWORD NULL"
-            statements.append(f"SET password_encryption = {_quote_literal(encryption)}")
-            statements.append(f"CREATE ROLE {_quote_ident(user.name)} {attributes} {password}")
+            password = f"PASSWORD {quote_literal(user.password)}" if user.password else "PASSWORD NULL"
+            statements.append(f"SET password_encryption = {quote_literal(encryption)}")
+            statements.append(f"CREATE ROLE {quote_ident(user.name)} {attributes} {password}")
         server._psql_local("; ".join(statements))
         # CREATE DATABASE cannot run inside the implicit transaction of a multi-statement -c.
         for database in self.databases:
             server._psql_local(
-                f"CREATE DATABASE {_quote_ident(database)} OWNER {_quote_ident(self.db_owner)}"
+                f"CREATE DATABASE {quote_ident(database)} OWNER {quote_ident(self.db_owner)}"
             )
 
     def _wait_streaming(self, primary: PgServer, replica: PgServer, slot: str) -> None:
         query = (
             "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid "
-            f"WHERE s.slot_name = {_quote_literal(slot)} AND r.state = 'streaming'"
+            f"WHERE s.slot_name = {quote_literal(slot)} AND r.state = 'streaming'"
         )
         deadline = time.monotonic() + STREAMING_TIMEOUT_S
         while primary.psql(query) != "1":

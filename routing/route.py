@@ -33,5 +33,3 @@ class Route:
     ends_transaction: bool = False
     role_pending: bool = False
 
-
-PRIMARY_ROUTE = Route(Role.PRIMARY, (0,), True, "default")

@@ -182,11 +182,9 @@ AUTH_OK = authentication(0)
 AUTH_CLEARTEXT = authentication(3)
 PARSE_COMPLETE = message(b"1")
 BIND_COMPLETE = message(b"2")
-CLOSE_COMPLETE = message(b"3")
 NO_DATA = message(b"n")
 SSL_REFUSED = b"N"
 SYNC = message(b"S")
-FLUSH = message(b"H")
 TERMINATE = message(b"X")
 
 
@@ -235,10 +233,6 @@ def error_response(
     code: str, text: str, severity: str = "ERROR", detail: str | None = None, hint: str | None = None
 ) -> bytes:
     return message(b"E", _fields(severity, code, text, detail, hint))
-
-
-def notice_response(code: str, text: str, severity: str = "NOTICE") -> bytes:
-    return message(b"N", _fields(severity, code, text, None, None))
 
 
 def query(sql: str) -> bytes:
