@@ -7,6 +7,7 @@ import hashlib
 import logging
 import secrets
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,10 @@ _MODES = {_SESSION: _SESSION, _TRANSACTION: _TRANSACTION, _STATEMENT: _STATEMENT
 
 _Q, _P, _B, _D, _C, _S, _X, _F, _H, _EXECUTE = (ord(c) for c in "QPBDCSXFHE")
 _EXTENDED = frozenset(ord(c) for c in "PBDEHC")
+_SYNCING = frozenset((_Q, _S, _F))  # answered with a ReadyForQuery
+_UNNAMED_ALWAYS = frozenset((_EXECUTE, _H))  # Execute and Flush name no statement: never rewritten
 _FRONTEND_TYPES = frozenset(ord(c) for c in "QPBDECSHXFdcfp")
+_HEADER = struct.Struct("!BI").unpack_from  # message type and length
 _HIGH_WATER_BYTES = 1 << 20
 _STARTUP_ONLY = frozenset(("user", "database", "options", "replication"))
 
@@ -86,6 +90,7 @@ class ClientSession(asyncio.Protocol):
         self.waiting = b""
         self.acquiring = False
         self.pinned = False
+        self.parked = False  # `server` stays linked between transactions (see Pool)
         self.unsynced = False
         self.pending_effects: list[Effect] = []
         self.unanswered: list[bytes | memoryview] = []
@@ -94,6 +99,7 @@ class ClientSession(asyncio.Protocol):
         self.cancel_key: tuple[int, int] | None = None
         self.reading_paused = False
         self.jwt_guard = False
+        self.refusals = False  # some Query texts are answered with an error (statement mode, JWT sessions)
         self.cluster: Cluster | None = None
         self.routing: TransactionRouting | None = None
         self.route_role = Role.PRIMARY
@@ -126,7 +132,12 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             if self.phase is READY:
-                self._ready_data(data)
+                if self.inbuf or self.acquiring:
+                    self._ready_data(data)
+                else:
+                    consumed = self._relay(data)
+                    if consumed < len(data):
+                        self._keep(data, consumed)
             elif self.phase is not CLOSED:
                 self.inbuf += data
                 self._startup_data()
@@ -312,6 +323,7 @@ class ClientSession(asyncio.Protocol):
         self.cluster = cluster
         # the constants themselves, so the hot path can compare by identity
         self.pool_mode = _MODES[user.pool_mode or self.rt.config.general.pool_mode]
+        self.refusals = self.pool_mode is _STATEMENT or self.jwt_guard
         if self.pool_mode is not _SESSION and self.rt.splits_reads(cluster):
             self.routing = TransactionRouting(self.rt.router, self.rt.config.general.read_write_split)
         pool = self.pool = self._login_pool()
@@ -392,6 +404,7 @@ class ClientSession(asyncio.Protocol):
     def _link(self, server: ServerConnection) -> None:
         server.client = self
         server.relayed = False
+        server.saw_error = False  # an error it sent while idle (say, 57P01 before it closed) is not ours
         self.server = server
         self.unanswered = []
         self.retry_safe = server.txn_status == b"I" and self.pool_mode != _SESSION
@@ -602,7 +615,7 @@ class ClientSession(asyncio.Protocol):
 
     def _active_on(self, target: ClusterServer) -> int:
         assert self.user is not None
-        return len(self.rt.pool_for_server(self.user, target.config).active)
+        return self.rt.pool_for_server(self.user, target.config).busy
 
     def _transaction_ended(self) -> None:
         assert self.routing is not None
@@ -653,6 +666,7 @@ class ClientSession(asyncio.Protocol):
         if server is None:
             return
         self.server = None
+        self.parked = False
         server.client = None
         server.pool.checkin(server, reset=self.pool_mode == _SESSION or (closing and self.pinned))
 
@@ -674,11 +688,15 @@ class ClientSession(asyncio.Protocol):
             return
         consumed = self._relay(data)
         if consumed < len(data):
-            rest = data[consumed:]
-            if self.acquiring:
-                self.waiting += rest
-            else:
-                self.inbuf += rest
+            self._keep(data, consumed)
+
+    def _keep(self, data: bytes, consumed: int) -> None:
+        """What `_relay` did not take: an incomplete message, or what waits for a server."""
+        rest = data[consumed:]
+        if self.acquiring:
+            self.waiting += rest
+        else:
+            self.inbuf += rest
 
     def _relay(self, data: bytes) -> int:
         """Frame and forward complete messages; returns how many bytes were consumed."""
@@ -687,30 +705,25 @@ class ClientSession(asyncio.Protocol):
         run = 0
         out: list[bytes | memoryview] | None = None
         limit = self.max_message_bytes
-        pooled = self.pool_mode != _SESSION
+        pooled = self.pool_mode is not _SESSION
         server = self.server
-        view = data
-        unpack = codec.unpack_u32
+        header = _HEADER
         while size - pos >= 5:
-            type_code = data[pos]
-            length = unpack(data, pos + 1)[0]
-            if length < 4 or type_code not in _FRONTEND_TYPES:
-                raise ProtocolError(f"invalid frontend message type {type_code}" if length >= 4
-                                    else "invalid message length")
-            if length > limit:
-                raise ProtocolError(f"invalid message length: {length} bytes exceeds max_message_bytes ({limit})")
+            type_code, length = header(data, pos)
+            if type_code not in _FRONTEND_TYPES or length < 4 or length > limit:
+                raise ProtocolError(_framing_problem(type_code, length, limit))
             end = pos + 1 + length
             if end > size:
                 break
             if type_code == _X:
-                self._flush(server, view, run, pos, out)
+                self._flush(server, data, run, pos, out)
                 self._terminate()
                 return size
-            if server is None and (self.discarding or self.local_failed):
-                self._answer_without_server(type_code, data, pos, end)
-                pos = run = end
-                continue
-            if server is None:
+            if server is None or self.parked:
+                if server is None and (self.discarding or self.local_failed):
+                    self._answer_without_server(type_code, data, pos, end)
+                    pos = run = end
+                    continue
                 if self.routing is not None and self._route_start(data, pos, size):
                     pos = run = end  # answered by the proxy itself
                     continue
@@ -723,20 +736,20 @@ class ClientSession(asyncio.Protocol):
                 if server is None:
                     self.waiting += data[pos:]
                     return size
-            if type_code in (_Q, _S, _F):
+            if type_code in _SYNCING:
                 server.outstanding += 1
                 server.expect.append(SYNC_ITEM)
                 self.unsynced = False
                 if type_code == _Q and (pooled or self.jwt_guard):
                     sql = data[pos + 5 : end - 1]
-                    refusal = self._refusal(sql)
+                    refusal = self._refusal(sql) if self.refusals else None
                     if refusal is not None:
                         # the server raises the error itself: it aborts an open transaction as PostgreSQL
                         # would, and its reply keeps its place among pipelined responses
                         if out is None:
                             out = []
                         if run < pos:
-                            out.append(view[run:pos])
+                            out.append(memoryview(data)[run:pos])
                         out.append(_raising_query(*refusal))
                         pos = run = end
                         continue
@@ -749,7 +762,7 @@ class ClientSession(asyncio.Protocol):
                 if type_code == _P and self.jwt_guard:
                     self._guard_parse(data, pos, end)
                 # unnamed Parse/Bind/Describe and Execute/Flush pass as they are: skip the call
-                if pooled and not (type_code in (_EXECUTE, _H)
+                if pooled and not (type_code in _UNNAMED_ALWAYS
                                    or (type_code == _P and data[pos + 5] == 0)
                                    or (type_code == _B and data[pos + 5] == 0 and data[pos + 6] == 0)
                                    or (type_code == _D and data[pos + 6] == 0)):
@@ -758,11 +771,17 @@ class ClientSession(asyncio.Protocol):
                         if out is None:
                             out = []
                         if run < pos:
-                            out.append(view[run:pos])
+                            out.append(memoryview(data)[run:pos])
                         out.append(replacement)
                         run = end
             pos = end
-        self._flush(server, view, run, pos, out)
+        if out is None and run == 0 and pos == size and server is not None:
+            # the usual case, whole messages passed as they came
+            if not server.relayed:
+                self.unanswered.append(data)
+            server.send(data)
+        else:
+            self._flush(server, data, run, pos, out)
         return pos
 
     def _flush(self, server: ServerConnection | None, view: bytes, run: int, pos: int,
@@ -775,7 +794,7 @@ class ClientSession(asyncio.Protocol):
             chunk: bytes | memoryview = view if run == 0 and pos == len(view) else memoryview(view)[run:pos]
         else:
             if run < pos:
-                out.append(view[run:pos])
+                out.append(memoryview(view)[run:pos])
             if not out:
                 return
             chunk = b"".join(out)
@@ -784,15 +803,29 @@ class ClientSession(asyncio.Protocol):
         server.send(chunk)
 
     def _attach_now(self) -> ServerConnection | None:
-        """Fast path: an idle server whose session already matches; else start the slow path."""
+        """Fast path: the server parked with us, or an idle one, whose session already matches; else
+        start the slow path."""
         if self.routing is not None:
             self.pool = self._pool_for_route()
         pool = self.pool
         assert pool is not None
-        server = pool.try_checkout()
+        server = self.server
+        if server is not None:  # parked with this client since its last transaction
+            self.parked = False
+            if server.pool is not pool or not pool.unpark(server):
+                self.server = None
+                if server.pool is not pool:
+                    server.pool.checkin(server)
+                server = pool.try_checkout()
+        else:
+            server = pool.try_checkout()
         if server is not None:
             self._link(server)
-            if server.session_state == self.snapshot() and not self.deferred_begin:
+            state = server.session_state
+            wanted = self._snapshot or self.snapshot()
+            if state is not wanted and state == wanted:
+                server.session_state = state = wanted  # the same object: compared by identity next time
+            if state is wanted and not self.deferred_begin:
                 return server
         self.acquiring = True
         self._task = asyncio.get_running_loop().create_task(self._acquire())
@@ -905,10 +938,19 @@ class ClientSession(asyncio.Protocol):
                     "transaction blocks are not allowed in statement pool mode", "FATAL"))
                 self._terminate()
             return
-        self.server = None
         if self.routing is not None:
             self._transaction_ended()
+        if server.pool.park(server):
+            self.parked = True
+            return
+        self.server = None
         server.pool.checkin(server)
+
+    def on_server_taken(self, server: ServerConnection) -> None:
+        """The pool gave our parked server to another client (or back to the idle list)."""
+        if server is self.server:
+            self.server = None
+            self.parked = False
 
     def _settle_effects(self, server: ServerConnection, status: bytes) -> None:
         """Effects take hold once their transaction commits; an error or ROLLBACK drops them."""
@@ -1004,6 +1046,14 @@ def _raising_query(code: str, message: str, hint: str) -> bytes:
         f"DO $shardgate$BEGIN RAISE EXCEPTION USING ERRCODE = {quote_literal(code)}, "
         f"MESSAGE = {quote_literal(message)}, HINT = {quote_literal(hint)}; END$shardgate$"
     )
+
+
+def _framing_problem(type_code: int, length: int, limit: int) -> str:
+    if type_code not in _FRONTEND_TYPES:
+        return f"invalid frontend message type {type_code}"
+    if length < 4:
+        return "invalid message length"
+    return f"invalid message length: {length} bytes exceeds max_message_bytes ({limit})"
 
 
 def _opens_transaction(sql: bytes) -> bool:

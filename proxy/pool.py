@@ -16,6 +16,9 @@ from proxy.server import ServerConnection
 
 log = logging.getLogger("shardgate.pool")
 
+PARK_LIMIT_S = 1.0
+_monotonic = time.monotonic
+
 
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
@@ -30,7 +33,13 @@ class PoolSettings:
 
 
 class Pool:
-    """One server address, one backend user. Servers are `idle` (deque), `active` (set) or being created."""
+    """One server address, one backend user. Servers are `idle` (deque), `active` (set) or being created.
+
+    A server whose client finished a transaction while nobody waited stays linked to that client,
+    `parked` (a subset of `active`): the client's next transaction reuses it with no check-out. Parked
+    servers count as idle: a checkout that finds no idle server takes one from its client, and the
+    janitor returns any parked for longer than PARK_LIMIT_S to the idle list.
+    """
 
     def __init__(self, name: str, address: tuple[str, int], database: str, user: str, password: str,
                  settings: PoolSettings) -> None:
@@ -42,6 +51,8 @@ class Pool:
         self.settings = settings
         self.idle: deque[ServerConnection] = deque()
         self.active: set[ServerConnection] = set()
+        # parked server -> its client; insertion-ordered, so the longest parked is taken first
+        self.parked: dict[ServerConnection, Any] = {}
         self.connecting = 0
         self.waiters: deque[asyncio.Future[ServerConnection | None]] = deque()
         self.base_params: dict[str, str] = {}
@@ -53,22 +64,38 @@ class Pool:
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
+    def busy(self) -> int:
+        """Servers lent to a client for a transaction (parked ones are not)."""
+        return len(self.active) - len(self.parked)
+
+    @property
     def total(self) -> int:
         return len(self.idle) + len(self.active) + self.connecting
 
     # ------------------------------------------------------------ checkout
 
     def try_checkout(self) -> ServerConnection | None:
-        """An idle, recently used server without waiting, or None (the caller then awaits `checkout`)."""
+        """An idle (or parked), recently used server without waiting, or None (the caller then awaits
+        `checkout`)."""
+        if self.waiters:
+            return None
         idle = self.idle
-        if not idle or self.waiters:
+        if idle:
+            server = idle.pop()
+            if server.broken or (time.monotonic() - server.last_used) * 1000 > self.settings.healthcheck_idle_ms:
+                idle.append(server)
+                return None
+            server.state = "active"
+            self.active.add(server)
+        elif self.parked:
+            server = self._take_parked()
+            now = time.monotonic()
+            if (not server.idle_clean or self._expired(server, now)
+                    or (now - server.last_used) * 1000 > self.settings.healthcheck_idle_ms):
+                self.checkin(server)  # closed, or to the idle list where `checkout` tests it
+                return None
+        else:
             return None
-        server = idle.pop()
-        if server.broken or (time.monotonic() - server.last_used) * 1000 > self.settings.healthcheck_idle_ms:
-            idle.append(server)
-            return None
-        server.state = "active"
-        self.active.add(server)
         self.checkouts += 1
         return server
 
@@ -116,9 +143,14 @@ class Pool:
                          fatal=False)
 
     async def _take_idle(self) -> ServerConnection | None:
-        while self.idle:
-            server = self.idle.pop()
-            if server.broken:
+        while self.idle or self.parked:
+            if self.idle:
+                server = self.idle.pop()
+            else:
+                server = self._take_parked()
+                self.active.discard(server)  # the caller adds it back
+            if server.broken or not server.idle_clean or self._expired(server, time.monotonic()):
+                server.close()
                 continue
             if (time.monotonic() - server.last_used) * 1000 > self.settings.healthcheck_idle_ms:
                 server.state = "testing"
@@ -152,11 +184,56 @@ class Pool:
         server.last_used = time.monotonic()
         return server
 
+    # ------------------------------------------------------------ parking
+
+    def park(self, server: ServerConnection) -> bool:
+        """The linked client finished a transaction (its server is idle): True when the server may stay
+        with it, False when the client must check it in (somebody waits, or the pool is closing). A
+        parked server relays nothing: like an idle one, it has no client until unparked."""
+        if self.waiters or self.closed:
+            return False
+        server.last_used = _monotonic()
+        self.parked[server] = server.client
+        server.client = None
+        return True
+
+    def unpark(self, server: ServerConnection) -> bool:
+        """The parked server's client starts a transaction: True when it may use the server as it is;
+        False when the server was idle too long to skip the health check (it is checked in instead)."""
+        server.client = self.parked.pop(server)
+        now = _monotonic()
+        if ((now - server.last_used) * 1000 > self.settings.healthcheck_idle_ms
+                or 0 < self.settings.server_lifetime_s < now - server.created_at):
+            self.checkin(server)  # closed if too old; else tested on its way out of the idle list
+            return False
+        self.checkouts += 1
+        return True
+
+    def _take_parked(self) -> ServerConnection:
+        """Take the longest-parked server from its client (it stays active, for the caller)."""
+        server = next(iter(self.parked))
+        self._unlink_parked(server)
+        return server
+
+    def _unlink_parked(self, server: ServerConnection) -> None:
+        client = self.parked.pop(server)
+        if client is not None:
+            client.on_server_taken(server)
+
+    def release_parked(self, older_than_s: float) -> None:
+        """Janitor: servers parked for longer than `older_than_s` go back to the idle list."""
+        cutoff = time.monotonic() - older_than_s
+        for server in [s for s in self.parked if s.last_used < cutoff]:
+            self._unlink_parked(server)
+            self.checkin(server)
+
     # ------------------------------------------------------------ checkin
 
     def checkin(self, server: ServerConnection, *, reset: bool = False) -> None:
         """A client is done with `server`: clean it if needed and hand it to a waiter or the idle list."""
         self.active.discard(server)
+        if self.parked:
+            self.parked.pop(server, None)
         server.client = None
         now = time.monotonic()
         if server.broken or self.closed or not server.idle_clean or self._expired(server, now):
@@ -218,6 +295,8 @@ class Pool:
     def on_server_lost(self, server: ServerConnection) -> None:
         was_known = server in self.active
         self.active.discard(server)
+        if server in self.parked:
+            self._unlink_parked(server)
         try:
             self.idle.remove(server)
             was_known = True
@@ -230,6 +309,7 @@ class Pool:
 
     def maintain(self) -> None:
         """Close idle servers past their idle timeout or lifetime; open servers up to the minimum."""
+        self.release_parked(PARK_LIMIT_S)
         now = time.monotonic()
         keep: deque[ServerConnection] = deque()
         surplus = len(self.idle) + len(self.active) - self.settings.min_size
@@ -261,6 +341,8 @@ class Pool:
 
     def close(self) -> None:
         self.closed = True
+        for server in list(self.parked):
+            self._unlink_parked(server)
         for server in list(self.idle) + list(self.active):
             server.close()
         self.idle.clear()
@@ -271,8 +353,8 @@ class Pool:
 
     def stats(self) -> dict[str, float]:
         return {
-            "idle": len(self.idle),
-            "active": len(self.active),
+            "idle": len(self.idle) + len(self.parked),
+            "active": self.busy,
             "connecting": self.connecting,
             "waiting": len(self.waiters),
             "checkouts": self.checkouts,

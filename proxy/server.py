@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ NOOP_CLOSE = codec.message(b"C", b"Ssg_noop\x00")
 
 _Z, _E, _PARSE_DONE, _CLOSE_DONE, _PARAM, _COMPLETE = b"Z"[0], b"E"[0], b"1"[0], b"3"[0], b"S"[0], b"C"[0]
 _DATA_ROW = b"D"[0]
+_HEADER = struct.Struct("!BI").unpack_from
 # ParseComplete/CloseComplete are watched only while a renamed, injected or locally answered statement is in
 # flight; CommandComplete only while a client has transaction-scoped state to settle (COMMIT vs ROLLBACK).
 _WATCHED = {
@@ -36,6 +38,7 @@ _WATCHED = {
     (False, True): frozenset((_Z, _E, _PARAM, _COMPLETE)),
     (True, True): frozenset((_Z, _E, _PARAM, _PARSE_DONE, _CLOSE_DONE, _COMPLETE)),
 }
+_ALL_TYPES = frozenset(range(256))  # while proxy SQL runs: every response is the proxy's
 SYNC_ITEM = (EXPECT_SYNC, "")
 
 
@@ -195,42 +198,40 @@ class ServerConnection(asyncio.Protocol):
                     self.client.write(data)
                 return
             self._skip = 0
+        # Messages are walked header by header; unwatched ones are forwarded in runs, untouched.
         run = 0
-        unpack = codec.unpack_u32
+        header = _HEADER
         watched = self.watched
-        while pos < size:
-            if size - pos < 5:
-                self._pending = data[pos:]
-                break
-            type_code = data[pos]
-            end = pos + 1 + unpack(data, pos + 1)[0]
-            if type_code == _Z and not self.swallow and end <= size:
-                # ReadyForQuery, inlined: it ends every transaction and is the hottest watched message.
-                expect = self.expect
-                if self.rewrites:
-                    self._drop_rewrites()
-                if expect:
-                    expect.popleft()
-                self.outstanding -= 1
-                status = data[pos + 5 : pos + 6]
-                self.txn_status = status
-                client = self.client
-                if client is not None:
-                    client.write(data if run == 0 and end == size else data[run:end])
-                    client.on_server_ready(self, status)
-                self.saw_error = False
-                run = end
-            elif type_code in watched or self.swallow:
+        while size - pos >= 5:
+            type_code, length = header(data, pos)
+            end = pos + 1 + length
+            if type_code in watched:
                 if end > size:
-                    self._pending = data[pos:]
-                    break
-                if self._watched(data, type_code, pos, end, run):
+                    break  # kept whole in _pending until the rest arrives
+                if type_code == _Z and not self.swallow:
+                    # ReadyForQuery, inlined: it ends every transaction and is the hottest watched message.
+                    if self.rewrites:
+                        self._drop_rewrites()
+                    if self.expect:
+                        self.expect.popleft()
+                    self.outstanding -= 1
+                    status = data[pos + 5 : pos + 6]
+                    self.txn_status = status
+                    client = self.client
+                    if client is not None:
+                        client.write(data if run == 0 and end == size else data[run:end])
+                        client.on_server_ready(self, status)
+                    self.saw_error = False
                     run = end
-            elif end > size:
-                self._skip = end - size
-                pos = size
-                break
+                elif self._watched(data, type_code, pos, end, run):
+                    run = end
+                watched = self.watched
             pos = end
+        if pos > size:  # the last message continues in the next read: forward what came, skip the rest
+            self._skip = pos - size
+            pos = size
+        elif pos < size:
+            self._pending = data[pos:]
         client = self.client
         if run < pos and client is not None and not self.swallow:
             client.write(data[run:pos] if run or pos < size else data)
@@ -253,6 +254,7 @@ class ServerConnection(asyncio.Protocol):
                     self.expect.popleft()
                 self.txn_status = data[pos + 5 : pos + 6]
                 if not self.swallow:
+                    self._rewatch()
                     if self.client is not None:
                         self.client.on_preamble_done(self)
                     elif self._drain is not None and not self._drain.done():
@@ -294,12 +296,12 @@ class ServerConnection(asyncio.Protocol):
         self.expect.append((kind, name))
         self.rewrites += 1
         if self.rewrites == 1:
-            self.watched = _WATCHED[True, self.tags]
+            self._rewatch()
 
     def _rewrite_done(self) -> None:
         self.rewrites -= 1
         if not self.rewrites:
-            self.watched = _WATCHED[False, self.tags]
+            self._rewatch()
 
     def _drop_rewrites(self) -> None:
         """An error or ReadyForQuery: the server skipped (or finished) everything up to the next Sync."""
@@ -325,6 +327,7 @@ class ServerConnection(asyncio.Protocol):
     def run_preamble(self, sql: str) -> None:
         """Send proxy SQL whose responses are swallowed; the linked client hears when it is done."""
         self.swallow = 1
+        self.watched = _ALL_TYPES
         self.swallow_error = None
         self.outstanding += 1
         self.expect.append(SYNC_ITEM)
@@ -399,14 +402,17 @@ class ServerConnection(asyncio.Protocol):
 
     def track_tags(self, enabled: bool) -> None:
         self.tags = enabled
-        self.watched = _WATCHED[self.rewrites > 0, enabled]
+        self._rewatch()
+
+    def _rewatch(self) -> None:
+        self.watched = _ALL_TYPES if self.swallow else _WATCHED[self.rewrites > 0, self.tags]
 
     def reset_tracking(self) -> None:
         self.session_state = EMPTY_SERVER_STATE
         self.prepared.clear()
         self.expect.clear()
         self.rewrites = 0
-        self.watched = _WATCHED[False, self.tags]
+        self._rewatch()
 
 
 

@@ -8,22 +8,30 @@ from dataclasses import dataclass
 
 from routing.classify import split_statements as routing_split_statements
 
-# Cheap test run once per Query (C-level `in`/`startswith` on the lowered bytes); only a hit pays for
-# the statement splitter. A false hit costs time, never correctness.
-_STATEFUL_HEADS = (b"set", b"reset", b"discard", b"deallocate", b"prepare", b"listen", b"declare", b"create",
-                   b"--", b"/*")
+# Cheap test run once per Query, a few C-level calls on the bytes off the wire; only a hit pays for the
+# statement splitter. A false hit costs time, never correctness. Statement heads are compared on their
+# first three letters; leading comments count as a hit (they may hide a SET).
+_STATEFUL_HEADS = frozenset((b"set", b"res", b"dis", b"dea", b"pre", b"lis", b"dec", b"cre"))
+_COMMENT_HEADS = (b"--", b"/*")
+
+
+def _stateful_head(statement: bytes) -> bool:
+    head = statement.lstrip()[:3].lower()
+    return head in _STATEFUL_HEADS or head.startswith(_COMMENT_HEADS)
 
 
 def _may_change_state(sql: bytes) -> bool:
-    low = sql.lower()
-    if low.lstrip().startswith(_STATEFUL_HEADS):
+    # bytes.find, not `in`: `in` first tries the argument as an int, which costs more than the search
+    if _stateful_head(sql):
         return True
-    if b"set_config" in low or b"advisory_lock" in low or b"hold" in low:
-        return True
-    semicolon = low.find(b";")
-    if semicolon == -1 or not low[semicolon + 1 :].strip():
+    if sql.find(b"(") != -1:  # set_config(...) and pg_advisory_lock(...) can sit anywhere in a statement
+        low = sql.lower()
+        if low.find(b"set_config") != -1 or low.find(b"advisory_lock") != -1:
+            return True
+    semicolon = sql.find(b";")
+    if semicolon == -1 or not sql[semicolon + 1 :].strip():
         return False
-    return any(part.lstrip().startswith(_STATEFUL_HEADS) for part in low.split(b";")[1:])
+    return any(_stateful_head(part) for part in sql.split(b";")[1:])
 
 
 _SET = re.compile(
