@@ -51,11 +51,15 @@ STARTUP, AUTH, LOGIN, READY, CLOSED = "startup", "auth", "login", "ready", "clos
 _SESSION, _TRANSACTION, _STATEMENT = "session", "transaction", "statement"
 _MODES = {_SESSION: _SESSION, _TRANSACTION: _TRANSACTION, _STATEMENT: _STATEMENT}
 
-_Q, _P, _B, _D, _C, _S, _X, _F, _H, _EXECUTE = (ord(c) for c in "QPBDCSXFHE")
-_EXTENDED = frozenset(ord(c) for c in "PBDEHC")
-_SYNCING = frozenset((_Q, _S, _F))  # answered with a ReadyForQuery
-_UNNAMED_ALWAYS = frozenset((_EXECUTE, _H))  # Execute and Flush name no statement: never rewritten
+_Q, _P, _B, _D, _C, _S, _X, _F, _H, _EXECUTE = (ord(c) for c in "QPBDCSXFHE")  # message types
 _FRONTEND_TYPES = frozenset(ord(c) for c in "QPBDECSHXFdcfp")
+# What the relay does with each frontend message type; 0: not a frontend message
+_K_QUERY, _K_SYNC, _K_PASS, _K_NAMING, _K_UNSYNCED, _K_TERMINATE = range(1, 7)  # Query and Sync first
+_KINDS = [0] * 256
+for _codes, _kind in (("dcfp", _K_PASS), ("Q", _K_QUERY), ("SF", _K_SYNC), ("PBDC", _K_NAMING), ("EH", _K_UNSYNCED),
+                      ("X", _K_TERMINATE)):
+    for _code in _codes:
+        _KINDS[ord(_code)] = _kind
 _HEADER = struct.Struct("!BI").unpack_from  # message type and length
 _HIGH_WATER_BYTES = 1 << 20
 _STARTUP_ONLY = frozenset(("user", "database", "options", "replication"))
@@ -111,6 +115,7 @@ class ClientSession(asyncio.Protocol):
         self.last_write_at = 0.0
         self.statement_roles: dict[str, Role] = {}
         self.max_message_bytes = runtime.config.general.max_message_bytes
+        self.effects_of = runtime.effects.effects
         self._auth_method = ""
         self._scram: ScramServer | None = None
         self._md5_salt = b""
@@ -706,20 +711,23 @@ class ClientSession(asyncio.Protocol):
         out: list[bytes | memoryview] | None = None
         limit = self.max_message_bytes
         pooled = self.pool_mode is not _SESSION
-        server = self.server
+        server: ServerConnection = self.server  # type: ignore[assignment]  # None until `attached`
         header = _HEADER
+        kinds = _KINDS
+        attached = server is not None and not self.parked
         while size - pos >= 5:
             type_code, length = header(data, pos)
-            if type_code not in _FRONTEND_TYPES or length < 4 or length > limit:
+            kind = kinds[type_code]
+            if not kind or length < 4 or length > limit:
                 raise ProtocolError(_framing_problem(type_code, length, limit))
             end = pos + 1 + length
             if end > size:
                 break
-            if type_code == _X:
+            if kind == _K_TERMINATE:
                 self._flush(server, data, run, pos, out)
                 self._terminate()
                 return size
-            if server is None or self.parked:
+            if not attached:
                 if server is None and (self.discarding or self.local_failed):
                     self._answer_without_server(type_code, data, pos, end)
                     pos = run = end
@@ -728,19 +736,41 @@ class ClientSession(asyncio.Protocol):
                     pos = run = end  # answered by the proxy itself
                     continue
                 try:
-                    server = self._attach_now()
+                    linked = self._attach_now()
                 except ProxyError as exc:
                     self.waiting += data[pos:]
                     self._reject_waiting(exc)
                     return size
-                if server is None:
+                if linked is None:
                     self.waiting += data[pos:]
                     return size
-            if type_code in _SYNCING:
+                server = linked
+                attached = True
+            if kind == _K_NAMING:
+                self.unsynced = True
+                if type_code == _P and self.jwt_guard:
+                    self._guard_parse(data, pos, end)
+                # Close, and Parse/Bind/Describe naming a statement or portal, may be renamed: Parse's name
+                # starts at +5, Bind's portal at +5 and statement after it (+6 when the portal is unnamed),
+                # Describe's name at +6
+                if pooled and (type_code == _C
+                               or (data[pos + 5] != 0 and type_code != _D)
+                               or (data[pos + 6] != 0 and type_code != _P)):
+                    replacement = self._pooled_extended(server, type_code, data, pos, end)
+                    if replacement is not None:
+                        if out is None:
+                            out = []
+                        if run < pos:
+                            out.append(memoryview(data)[run:pos])
+                        out.append(replacement)
+                        run = end
+            elif kind == _K_UNSYNCED:
+                self.unsynced = True
+            elif kind <= _K_SYNC:  # Query, Sync or FunctionCall: answered with a ReadyForQuery
                 server.outstanding += 1
                 server.expect.append(SYNC_ITEM)
                 self.unsynced = False
-                if type_code == _Q and (pooled or self.jwt_guard):
+                if kind == _K_QUERY and (pooled or self.jwt_guard):
                     sql = data[pos + 5 : end - 1]
                     refusal = self._refusal(sql) if self.refusals else None
                     if refusal is not None:
@@ -754,32 +784,15 @@ class ClientSession(asyncio.Protocol):
                         pos = run = end
                         continue
                     if pooled:
-                        effects = self.rt.effects.effects(sql)
+                        effects = self.effects_of(sql)
                         if effects:
                             self._note_effects(effects)
-            elif type_code in _EXTENDED:
-                self.unsynced = True
-                if type_code == _P and self.jwt_guard:
-                    self._guard_parse(data, pos, end)
-                # unnamed Parse/Bind/Describe and Execute/Flush pass as they are: skip the call
-                if pooled and not (type_code in _UNNAMED_ALWAYS
-                                   or (type_code == _P and data[pos + 5] == 0)
-                                   or (type_code == _B and data[pos + 5] == 0 and data[pos + 6] == 0)
-                                   or (type_code == _D and data[pos + 6] == 0)):
-                    replacement = self._pooled_extended(server, type_code, data, pos, end)
-                    if replacement is not None:
-                        if out is None:
-                            out = []
-                        if run < pos:
-                            out.append(memoryview(data)[run:pos])
-                        out.append(replacement)
-                        run = end
             pos = end
         if out is None and run == 0 and pos == size and server is not None:
             # the usual case, whole messages passed as they came
             if not server.relayed:
                 self.unanswered.append(data)
-            server.send(data)
+            server.transport.write(data)  # type: ignore[union-attr]  # a linked server is logged in
         else:
             self._flush(server, data, run, pos, out)
         return pos
@@ -812,7 +825,14 @@ class ClientSession(asyncio.Protocol):
         server = self.server
         if server is not None:  # parked with this client since its last transaction
             self.parked = False
-            if server.pool is not pool or not pool.unpark(server):
+            if server.pool is pool and pool.unpark(server):
+                if server.session_state is self._snapshot and not self.deferred_begin:
+                    # nothing to restore: only the bookkeeping of a new transaction (see `_link`)
+                    server.relayed = server.saw_error = False
+                    self.unanswered = []
+                    self.retry_safe = True
+                    return server
+            else:
                 self.server = None
                 if server.pool is not pool:
                     server.pool.checkin(server)
@@ -849,7 +869,7 @@ class ClientSession(asyncio.Protocol):
             if self.routing is not None and name not in self.statement_roles:
                 text = query_text.decode("utf-8", "replace")
                 self.statement_roles[name] = self.rt.router.route_statement(text).role
-            effects = self.rt.effects.effects(query_text)
+            effects = self.effects_of(query_text)
             if effects:
                 self._note_effects(effects)
             if global_name in server.prepared:
@@ -1018,14 +1038,14 @@ def _extended_begin_reply(data: bytes, pos: int, size: int) -> bytes | None:
             replies.append(codec.BIND_COMPLETE)
         elif type_code == _D:
             replies.append(codec.NO_DATA if data[pos + 5] == ord("P") else _NO_PARAMETERS + codec.NO_DATA)
-        elif type_code == ord("E"):
+        elif type_code == _EXECUTE:
             replies.append(codec.command_complete("BEGIN"))
         elif type_code == _S:
             if end != size:
                 return None
             replies.append(codec.ready_for_query(b"T"))
             return b"".join(replies)
-        elif type_code != ord("H"):
+        elif type_code != _H:
             return None
         pos = end
     return None

@@ -61,6 +61,7 @@ class Pool:
         self.wait_time_total_s = 0.0
         self.servers_created = 0
         self.servers_failed = 0
+        self.untested_reuse_s = settings.healthcheck_idle_ms / 1000
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -179,6 +180,8 @@ class Pool:
         finally:
             self.connecting -= 1
         self.servers_created += 1
+        if self.settings.server_lifetime_s > 0:
+            server.retire_at = server.created_at + self.settings.server_lifetime_s
         if not self.base_params:
             self.base_params = dict(server.params)
         server.last_used = time.monotonic()
@@ -199,11 +202,10 @@ class Pool:
 
     def unpark(self, server: ServerConnection) -> bool:
         """The parked server's client starts a transaction: True when it may use the server as it is;
-        False when the server was idle too long to skip the health check (it is checked in instead)."""
+        False when the server is due for a health check or past its lifetime (it is checked in instead)."""
         server.client = self.parked.pop(server)
         now = _monotonic()
-        if ((now - server.last_used) * 1000 > self.settings.healthcheck_idle_ms
-                or 0 < self.settings.server_lifetime_s < now - server.created_at):
+        if now - server.last_used > self.untested_reuse_s or now > server.retire_at:
             self.checkin(server)  # closed if too old; else tested on its way out of the idle list
             return False
         self.checkouts += 1
@@ -290,7 +292,7 @@ class Pool:
                 return
 
     def _expired(self, server: ServerConnection, now: float) -> bool:
-        return 0 < self.settings.server_lifetime_s < now - server.created_at
+        return now > server.retire_at
 
     def on_server_lost(self, server: ServerConnection) -> None:
         was_known = server in self.active

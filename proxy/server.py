@@ -59,6 +59,7 @@ class ServerConnection(asyncio.Protocol):
         self.client: ClientSession | None = None
         self.created_at = time.monotonic()
         self.last_used = self.created_at
+        self.retire_at = float("inf")  # server_lifetime_s after its login (set by the pool)
         self.session_state: ServerState = EMPTY_SERVER_STATE
         self.prepared: set[str] = set()
         self.expect: deque[tuple[int, str]] = deque()
@@ -219,7 +220,9 @@ class ServerConnection(asyncio.Protocol):
                     self.txn_status = status
                     client = self.client
                     if client is not None:
-                        client.write(data if run == 0 and end == size else data[run:end])
+                        # a linked client is connected: its transport is set
+                        client.transport.write(  # type: ignore[union-attr]
+                            data if run == 0 and end == size else data[run:end])
                         client.on_server_ready(self, status)
                     self.saw_error = False
                     run = end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -12,7 +13,13 @@ from routing.classify import split_statements as routing_split_statements
 # statement splitter. A false hit costs time, never correctness. Statement heads are compared on their
 # first three letters; leading comments count as a hit (they may hide a SET).
 _STATEFUL_HEADS = frozenset((b"set", b"res", b"dis", b"dea", b"pre", b"lis", b"dec", b"cre"))
+# the same heads in every letter case, so that text starting with a letter needs no lowering
+_STATEFUL_HEADS_ANY_CASE = frozenset(
+    bytes(letters) for head in _STATEFUL_HEADS
+    for letters in itertools.product(*((c, c ^ 0x20) for c in head))
+)
 _COMMENT_HEADS = (b"--", b"/*")
+_BEFORE_HEAD = frozenset(b" \t\r\n\f\v-/")  # first bytes that need the careful head test
 
 
 def _stateful_head(statement: bytes) -> bool:
@@ -22,14 +29,16 @@ def _stateful_head(statement: bytes) -> bool:
 
 def _may_change_state(sql: bytes) -> bool:
     # bytes.find, not `in`: `in` first tries the argument as an int, which costs more than the search
-    if _stateful_head(sql):
+    if sql[:3] in _STATEFUL_HEADS_ANY_CASE:
+        return True
+    if sql and sql[0] in _BEFORE_HEAD and _stateful_head(sql):
         return True
     if sql.find(b"(") != -1:  # set_config(...) and pg_advisory_lock(...) can sit anywhere in a statement
         low = sql.lower()
         if low.find(b"set_config") != -1 or low.find(b"advisory_lock") != -1:
             return True
     semicolon = sql.find(b";")
-    if semicolon == -1 or not sql[semicolon + 1 :].strip():
+    if semicolon == -1 or semicolon == len(sql) - 1 or not sql[semicolon + 1 :].strip():
         return False
     return any(_stateful_head(part) for part in sql.split(b";")[1:])
 
