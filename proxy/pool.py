@@ -37,8 +37,8 @@ class Pool:
 
     A server whose client finished a transaction while nobody waited stays linked to that client,
     `parked` (a subset of `active`): the client's next transaction reuses it with no check-out. Parked
-    servers count as idle: a checkout that finds no idle server takes one from its client, and the
-    janitor returns any parked for longer than PARK_LIMIT_S to the idle list.
+    servers count as idle: a checkout that finds no idle server and no room for a new one takes a parked
+    one from its client, and the janitor returns any parked for longer than PARK_LIMIT_S to the idle list.
     """
 
     def __init__(self, name: str, address: tuple[str, int], database: str, user: str, password: str,
@@ -76,8 +76,8 @@ class Pool:
     # ------------------------------------------------------------ checkout
 
     def try_checkout(self) -> ServerConnection | None:
-        """An idle (or parked), recently used server without waiting, or None (the caller then awaits
-        `checkout`)."""
+        """An idle, recently used server without waiting (or, in a full pool, a parked one), or None (the
+        caller then awaits `checkout`)."""
         if self.waiters:
             return None
         idle = self.idle
@@ -88,7 +88,7 @@ class Pool:
                 return None
             server.state = "active"
             self.active.add(server)
-        elif self.parked:
+        elif self.parked and self.total >= self.settings.size:
             server = self._take_parked()
             now = time.monotonic()
             if (not server.idle_clean or self._expired(server, now)
@@ -107,9 +107,12 @@ class Pool:
         while True:
             if self.closed:
                 raise PoolError(sqlstate.CANNOT_CONNECT_NOW, f"pool {self.name} is shutting down")
-            server = await self._take_idle()
+            # idle first, then a new server while the pool has room, then one parked with another client
+            server = await self._take_idle(False)
             if server is None and self.total < self.settings.size:
                 server = await self._create()
+            if server is None:
+                server = await self._take_idle(True)
             if server is not None:
                 self.active.add(server)
                 server.state = "active"
@@ -143,8 +146,8 @@ class Pool:
                          f"{self.settings.checkout_timeout_ms} ms (pool size {self.settings.size})",
                          fatal=False)
 
-    async def _take_idle(self) -> ServerConnection | None:
-        while self.idle or self.parked:
+    async def _take_idle(self, or_parked: bool) -> ServerConnection | None:
+        while self.idle or (or_parked and self.parked):
             if self.idle:
                 server = self.idle.pop()
             else:

@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import ExitStack
@@ -827,3 +828,57 @@ def test_server_lifetime(primary_proxy: Callable[..., ProxyProcess], admin: psyc
     assert len(set(seen)) >= 3, f"server pids over 3.5s: {sorted(set(seen))}"
     # Replaced servers were closed, not leaked.
     wait_until(lambda: len(server_backends(admin)) <= pool_size, 5, "at most pool_size servers")
+
+
+# -- parked servers (a client keeps its server between transactions while nobody waits) ---------------
+
+
+def _pool_servers(proxy_process: ProxyProcess) -> dict[str, float]:
+    """shardgate_pool_servers by state, summed over pools, from /metrics."""
+    with urllib.request.urlopen(proxy_process.admin_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("shardgate_pool_servers{"):
+            state = line.split('state="', 1)[1].split('"', 1)[0]
+            totals[state] = totals.get(state, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def test_each_client_keeps_its_server_while_nobody_waits(primary_proxy: Callable[..., ProxyProcess]) -> None:
+    shared = primary_proxy("transaction", 4)
+    with connect(shared) as a, connect(shared) as b:
+        a_pids, b_pids = set(), set()
+        for _ in range(20):  # alternating: a returned server would go to the other client (last in, first out)
+            a_pids.add(one(a, "SELECT pg_backend_pid()"))
+            b_pids.add(one(b, "SELECT pg_backend_pid()"))
+        assert len(a_pids) == 1 and len(b_pids) == 1 and a_pids != b_pids, (a_pids, b_pids)
+        # A parked server counts as idle, not active, in the metrics.
+        assert _pool_servers(shared) == {"idle": 2.0, "active": 0.0, "connecting": 0.0}
+
+
+def test_parked_server_goes_to_the_client_that_needs_it(primary_proxy: Callable[..., ProxyProcess]) -> None:
+    # Pool of one: B's checkout must take the server parked with A at once, not wait for a timeout.
+    shared = primary_proxy("transaction", 1, checkout_timeout_ms=2000)
+    with connect(shared) as a, connect(shared) as b:
+        a.execute("SET application_name = 'parked-a'")
+        server_pid = one(a, "SELECT pg_backend_pid()")
+        started = time.monotonic()
+        assert one(b, "SELECT pg_backend_pid(), current_setting('application_name')") == (server_pid, "")
+        assert time.monotonic() - started < 1.0
+        # A gets the server back with its own session state restored; B's is not left on it.
+        assert one(a, "SELECT pg_backend_pid(), current_setting('application_name')") == (server_pid, "parked-a")
+        assert one(b, "SELECT current_setting('application_name')") == ""
+
+
+def test_parked_server_returns_to_the_pool_after_a_second(
+    primary_proxy: Callable[..., ProxyProcess], admin: psycopg.Connection[Any]
+) -> None:
+    # idle_timeout_s 1: a server parked with an idle client goes back to the idle list, and from there it is
+    # closed like any idle server, while its client stays connected and usable.
+    shared = primary_proxy("transaction", 2, idle_timeout_s=1, min_pool_size=0)
+    with connect(shared) as client:
+        first = one(client, "SELECT pg_backend_pid()")
+        assert first in server_backends(admin)
+        wait_until(lambda: first not in server_backends(admin), 10, "the idle parked server to be closed")
+        assert one(client, "SELECT pg_backend_pid()") != first
