@@ -52,14 +52,12 @@ _SESSION, _TRANSACTION, _STATEMENT = "session", "transaction", "statement"
 _MODES = {_SESSION: _SESSION, _TRANSACTION: _TRANSACTION, _STATEMENT: _STATEMENT}
 
 _Q, _P, _B, _D, _C, _S, _X, _F, _H, _EXECUTE = (ord(c) for c in "QPBDCSXFHE")  # message types
-_FRONTEND_TYPES = frozenset(ord(c) for c in "QPBDECSHXFdcfp")
-# What the relay does with each frontend message type; 0: not a frontend message
+# What the relay does with each frontend message type, indexed by type byte; 0: not a frontend message
 _K_QUERY, _K_SYNC, _K_PASS, _K_NAMING, _K_UNSYNCED, _K_TERMINATE = range(1, 7)  # Query and Sync first
-_KINDS = [0] * 256
-for _codes, _kind in (("dcfp", _K_PASS), ("Q", _K_QUERY), ("SF", _K_SYNC), ("PBDC", _K_NAMING), ("EH", _K_UNSYNCED),
-                      ("X", _K_TERMINATE)):
-    for _code in _codes:
-        _KINDS[ord(_code)] = _kind
+_KIND_BY_TYPE = {**dict.fromkeys(b"Q", _K_QUERY), **dict.fromkeys(b"SF", _K_SYNC), **dict.fromkeys(b"dcfp", _K_PASS),
+                 **dict.fromkeys(b"PBDC", _K_NAMING), **dict.fromkeys(b"EH", _K_UNSYNCED),
+                 **dict.fromkeys(b"X", _K_TERMINATE)}
+_KINDS = [_KIND_BY_TYPE.get(type_code, 0) for type_code in range(256)]
 _HEADER = struct.Struct("!BI").unpack_from  # message type and length
 _HIGH_WATER_BYTES = 1 << 20
 _STARTUP_ONLY = frozenset(("user", "database", "options", "replication"))
@@ -1069,7 +1067,7 @@ def _raising_query(code: str, message: str, hint: str) -> bytes:
 
 
 def _framing_problem(type_code: int, length: int, limit: int) -> str:
-    if type_code not in _FRONTEND_TYPES:
+    if not _KINDS[type_code]:
         return f"invalid frontend message type {type_code}"
     if length < 4:
         return "invalid message length"

@@ -83,7 +83,7 @@ class Pool:
         idle = self.idle
         if idle:
             server = idle.pop()
-            if server.broken or (time.monotonic() - server.last_used) * 1000 > self.settings.healthcheck_idle_ms:
+            if server.broken or self._due_for_test(server, time.monotonic()):
                 idle.append(server)
                 return None
             server.state = "active"
@@ -91,8 +91,7 @@ class Pool:
         elif self.parked and self.total >= self.settings.size:
             server = self._take_parked()
             now = time.monotonic()
-            if (not server.idle_clean or self._expired(server, now)
-                    or (now - server.last_used) * 1000 > self.settings.healthcheck_idle_ms):
+            if not server.idle_clean or self._expired(server, now) or self._due_for_test(server, now):
                 self.checkin(server)  # closed, or to the idle list where `checkout` tests it
                 return None
         else:
@@ -156,7 +155,7 @@ class Pool:
             if server.broken or not server.idle_clean or self._expired(server, time.monotonic()):
                 server.close()
                 continue
-            if (time.monotonic() - server.last_used) * 1000 > self.settings.healthcheck_idle_ms:
+            if self._due_for_test(server, time.monotonic()):
                 server.state = "testing"
                 self.connecting += 1
                 try:
@@ -208,6 +207,7 @@ class Pool:
         False when the server is due for a health check or past its lifetime (it is checked in instead)."""
         server.client = self.parked.pop(server)
         now = _monotonic()
+        # _due_for_test and _expired, inlined: this runs once per transaction
         if now - server.last_used > self.untested_reuse_s or now > server.retire_at:
             self.checkin(server)  # closed if too old; else tested on its way out of the idle list
             return False
@@ -293,6 +293,10 @@ class Pool:
             if not waiter.done():
                 waiter.set_result(value)
                 return
+
+    def _due_for_test(self, server: ServerConnection, now: float) -> bool:
+        """Idle for longer than healthcheck_idle_ms: tested before it is lent."""
+        return now - server.last_used > self.untested_reuse_s
 
     def _expired(self, server: ServerConnection, now: float) -> bool:
         return now > server.retire_at
