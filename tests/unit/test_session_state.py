@@ -36,6 +36,15 @@ from proxy.session_state import Effect, EffectScanner, SessionState, split_state
         ("SELECT 'SET search_path = z'", []),
         ("UPDATE t SET a = 1", []),
         ("CREATE TABLE t (a int)", []),
+        # the pre-check: any letter case, leading white space or comments, later statements, trailing ';'
+        ("sEt search_path = m", [Effect("set", "search_path", "m")]),
+        ("\n\t  Reset work_mem", [Effect("reset", "work_mem")]),
+        ("-- why\nset search_path = c", [Effect("set", "search_path", "c")]),
+        ("select 1;\n  LISTEN later", [Effect("pin", value="LISTEN")]),
+        ("SELECT 1;", []),
+        ("SELECT 1;  \n", []),
+        ("select PG_TRY_ADVISORY_LOCK(7)", [Effect("pin", value="SELECT")]),
+        ("", []),
     ],
 )
 def test_effects(sql: str, expected: list[Effect]) -> None:
