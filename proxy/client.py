@@ -7,7 +7,6 @@ import hashlib
 import logging
 import secrets
 import socket
-import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -58,7 +57,6 @@ _KIND_BY_TYPE = {**dict.fromkeys(b"Q", _K_QUERY), **dict.fromkeys(b"SF", _K_SYNC
                  **dict.fromkeys(b"PBDC", _K_NAMING), **dict.fromkeys(b"EH", _K_UNSYNCED),
                  **dict.fromkeys(b"X", _K_TERMINATE)}
 _KINDS = [_KIND_BY_TYPE.get(type_code, 0) for type_code in range(256)]
-_HEADER = struct.Struct("!BI").unpack_from  # message type and length
 _HIGH_WATER_BYTES = 1 << 20
 _STARTUP_ONLY = frozenset(("user", "database", "options", "replication"))
 
@@ -710,7 +708,7 @@ class ClientSession(asyncio.Protocol):
         limit = self.max_message_bytes
         pooled = self.pool_mode is not _SESSION
         server: ServerConnection = self.server  # type: ignore[assignment]  # None until `attached`
-        header = _HEADER
+        header = codec.unpack_header
         kinds = _KINDS
         attached = server is not None and not self.parked
         while size - pos >= 5:

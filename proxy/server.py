@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,6 @@ NOOP_CLOSE = codec.message(b"C", b"Ssg_noop\x00")
 
 _Z, _E, _PARSE_DONE, _CLOSE_DONE, _PARAM, _COMPLETE = b"Z"[0], b"E"[0], b"1"[0], b"3"[0], b"S"[0], b"C"[0]
 _DATA_ROW = b"D"[0]
-_HEADER = struct.Struct("!BI").unpack_from
 # ParseComplete/CloseComplete are watched only while a renamed, injected or locally answered statement is in
 # flight; CommandComplete only while a client has transaction-scoped state to settle (COMMIT vs ROLLBACK).
 _WATCHED = {
@@ -201,7 +199,7 @@ class ServerConnection(asyncio.Protocol):
             self._skip = 0
         # Messages are walked header by header; unwatched ones are forwarded in runs, untouched.
         run = 0
-        header = _HEADER
+        header = codec.unpack_header
         watched = self.watched
         while size - pos >= 5:
             type_code, length = header(data, pos)

@@ -17,10 +17,10 @@ MAX_STARTUP_BYTES = 10_000
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 _I16 = struct.Struct("!h")
-_HDR = struct.Struct("!cI")
 unpack_u32 = _U32.unpack_from
 unpack_i32 = _I32.unpack_from
 unpack_i16 = _I16.unpack_from
+unpack_header = struct.Struct("!BI").unpack_from  # (message type byte, length) of the message at an offset
 
 
 class ProtocolError(Exception):
