@@ -51,12 +51,28 @@ _SESSION, _TRANSACTION, _STATEMENT = "session", "transaction", "statement"
 _MODES = {_SESSION: _SESSION, _TRANSACTION: _TRANSACTION, _STATEMENT: _STATEMENT}
 
 _Q, _P, _B, _D, _C, _S, _X, _F, _H, _EXECUTE = (ord(c) for c in "QPBDCSXFHE")  # message types
-# What the relay does with each frontend message type, indexed by type byte; 0: not a frontend message
-_K_QUERY, _K_SYNC, _K_PASS, _K_NAMING, _K_UNSYNCED, _K_TERMINATE = range(1, 7)  # Query and Sync first
-_KIND_BY_TYPE = {**dict.fromkeys(b"Q", _K_QUERY), **dict.fromkeys(b"SF", _K_SYNC), **dict.fromkeys(b"dcfp", _K_PASS),
-                 **dict.fromkeys(b"PBDC", _K_NAMING), **dict.fromkeys(b"EH", _K_UNSYNCED),
-                 **dict.fromkeys(b"X", _K_TERMINATE)}
-_KINDS = [_KIND_BY_TYPE.get(type_code, 0) for type_code in range(256)]
+# What the relay does with each frontend message type, indexed by type byte. None: not a frontend message;
+# 0: Terminate. The numbers order the relay's tests: answered with a ReadyForQuery first, then plain, then the
+# messages that may name a prepared statement or portal.
+_K_SYNC, _K_QUERY, _K_UNSYNCED, _K_PASS, _K_BIND, _K_DESCRIBE, _K_PARSE, _K_CLOSE = range(1, 9)
+
+
+def _kinds_table(by_type: dict[bytes, int]) -> list[int | None]:
+    table: list[int | None] = [None] * 256
+    table[ord("X")] = 0
+    for types, kind in by_type.items():
+        for type_code in types:
+            table[type_code] = kind
+    return table
+
+
+# Session mode: nothing is renamed and Query texts are not looked at; with a JWT session, Parse and Query are
+# checked for claim forgery. Transaction and statement modes look at both, and at names.
+_KINDS_SESSION = _kinds_table({b"QSF": _K_SYNC, b"PBDCEH": _K_UNSYNCED, b"dcfp": _K_PASS})
+_KINDS_SESSION_JWT = _kinds_table({b"SF": _K_SYNC, b"Q": _K_QUERY, b"BDCEH": _K_UNSYNCED, b"dcfp": _K_PASS,
+                                   b"P": _K_PARSE})
+_KINDS_POOLED = _kinds_table({b"SF": _K_SYNC, b"Q": _K_QUERY, b"EH": _K_UNSYNCED, b"dcfp": _K_PASS,
+                              b"B": _K_BIND, b"D": _K_DESCRIBE, b"P": _K_PARSE, b"C": _K_CLOSE})
 _HIGH_WATER_BYTES = 1 << 20
 _STARTUP_ONLY = frozenset(("user", "database", "options", "replication"))
 
@@ -100,6 +116,7 @@ class ClientSession(asyncio.Protocol):
         self.reading_paused = False
         self.jwt_guard = False
         self.refusals = False  # some Query texts are answered with an error (statement mode, JWT sessions)
+        self.kinds = _KINDS_POOLED  # per message type: what the relay looks at (set with the pool mode)
         self.cluster: Cluster | None = None
         self.routing: TransactionRouting | None = None
         self.route_role = Role.PRIMARY
@@ -325,6 +342,10 @@ class ClientSession(asyncio.Protocol):
         # the constants themselves, so the hot path can compare by identity
         self.pool_mode = _MODES[user.pool_mode or self.rt.config.general.pool_mode]
         self.refusals = self.pool_mode is _STATEMENT or self.jwt_guard
+        if self.pool_mode is not _SESSION:
+            self.kinds = _KINDS_POOLED
+        else:
+            self.kinds = _KINDS_SESSION_JWT if self.jwt_guard else _KINDS_SESSION
         if self.pool_mode is not _SESSION and self.rt.splits_reads(cluster):
             self.routing = TransactionRouting(self.rt.router, self.rt.config.general.read_write_split)
         pool = self.pool = self._login_pool()
@@ -706,20 +727,20 @@ class ClientSession(asyncio.Protocol):
         run = 0
         out: list[bytes | memoryview] | None = None
         limit = self.max_message_bytes
-        pooled = self.pool_mode is not _SESSION
         server: ServerConnection = self.server  # type: ignore[assignment]  # None until `attached`
         header = codec.unpack_header
-        kinds = _KINDS
+        kinds = self.kinds
         attached = server is not None and not self.parked
-        while size - pos >= 5:
+        last = size - 5  # the last position where a whole header fits
+        while pos <= last:
             type_code, length = header(data, pos)
-            kind = kinds[type_code]
-            if not kind or length < 4 or length > limit:
-                raise ProtocolError(_framing_problem(type_code, length, limit))
             end = pos + 1 + length
-            if end > size:
-                break
-            if kind == _K_TERMINATE:
+            kind = kinds[type_code]
+            if end > size or length < 4 or not kind:  # incomplete, malformed or Terminate: off the usual path
+                if kind is None or length < 4 or length > limit:
+                    raise ProtocolError(_framing_problem(type_code, length, limit))
+                if end > size:
+                    break
                 self._flush(server, data, run, pos, out)
                 self._terminate()
                 return size
@@ -742,31 +763,11 @@ class ClientSession(asyncio.Protocol):
                     return size
                 server = linked
                 attached = True
-            if kind == _K_NAMING:
-                self.unsynced = True
-                if type_code == _P and self.jwt_guard:
-                    self._guard_parse(data, pos, end)
-                # Close, and Parse/Bind/Describe naming a statement or portal, may be renamed: Parse's name
-                # starts at +5, Bind's portal at +5 and statement after it (+6 when the portal is unnamed),
-                # Describe's name at +6
-                if pooled and (type_code == _C
-                               or (data[pos + 5] != 0 and type_code != _D)
-                               or (data[pos + 6] != 0 and type_code != _P)):
-                    replacement = self._pooled_extended(server, type_code, data, pos, end)
-                    if replacement is not None:
-                        if out is None:
-                            out = []
-                        if run < pos:
-                            out.append(memoryview(data)[run:pos])
-                        out.append(replacement)
-                        run = end
-            elif kind == _K_UNSYNCED:
-                self.unsynced = True
-            elif kind <= _K_SYNC:  # Query, Sync or FunctionCall: answered with a ReadyForQuery
+            if kind <= _K_QUERY:  # Sync, FunctionCall or Query: answered with a ReadyForQuery
                 server.outstanding += 1
                 server.expect.append(SYNC_ITEM)
                 self.unsynced = False
-                if kind == _K_QUERY and (pooled or self.jwt_guard):
+                if kind == _K_QUERY:
                     sql = data[pos + 5 : end - 1]
                     refusal = self._refusal(sql) if self.refusals else None
                     if refusal is not None:
@@ -779,10 +780,36 @@ class ClientSession(asyncio.Protocol):
                         out.append(_raising_query(*refusal))
                         pos = run = end
                         continue
-                    if pooled:
+                    if self.pool_mode is not _SESSION:
                         effects = self.effects_of(sql)
                         if effects:
                             self._note_effects(effects)
+            elif kind == _K_UNSYNCED:
+                self.unsynced = True
+            elif kind != _K_PASS:
+                # Parse, Bind, Describe or Close (Parse alone in session mode): names are renamed when pooled.
+                # Parse's name starts at +5, Bind's portal at +5 and its statement at +6 when the portal is
+                # unnamed, Describe's name at +6; a Close is always looked at.
+                self.unsynced = True
+                if kind == _K_BIND:
+                    named = data[pos + 5] or data[pos + 6]
+                elif kind == _K_DESCRIBE:
+                    named = data[pos + 6]
+                elif kind == _K_PARSE:
+                    if self.jwt_guard:
+                        self._guard_parse(data, pos, end)
+                    named = data[pos + 5] and self.pool_mode is not _SESSION
+                else:
+                    named = True
+                if named:
+                    replacement = self._pooled_extended(server, type_code, data, pos, end)
+                    if replacement is not None:
+                        if out is None:
+                            out = []
+                        if run < pos:
+                            out.append(memoryview(data)[run:pos])
+                        out.append(replacement)
+                        run = end
             pos = end
         if out is None and run == 0 and pos == size and server is not None:
             # the usual case, whole messages passed as they came
@@ -1065,7 +1092,7 @@ def _raising_query(code: str, message: str, hint: str) -> bytes:
 
 
 def _framing_problem(type_code: int, length: int, limit: int) -> str:
-    if not _KINDS[type_code]:
+    if _KINDS_POOLED[type_code] is None:
         return f"invalid frontend message type {type_code}"
     if length < 4:
         return "invalid message length"

@@ -28,15 +28,22 @@ NOOP_CLOSE = codec.message(b"C", b"Ssg_noop\x00")
 
 _Z, _E, _PARSE_DONE, _CLOSE_DONE, _PARAM, _COMPLETE = b"Z"[0], b"E"[0], b"1"[0], b"3"[0], b"S"[0], b"C"[0]
 _DATA_ROW = b"D"[0]
+
+
+def _types_table(types: tuple[int, ...]) -> list[bool]:
+    return [type_code in types for type_code in range(256)]
+
+
+# The response types the relay looks at, indexed by type byte (a list lookup is cheaper than a set's).
 # ParseComplete/CloseComplete are watched only while a renamed, injected or locally answered statement is in
 # flight; CommandComplete only while a client has transaction-scoped state to settle (COMMIT vs ROLLBACK).
 _WATCHED = {
-    (False, False): frozenset((_Z, _E, _PARAM)),
-    (True, False): frozenset((_Z, _E, _PARAM, _PARSE_DONE, _CLOSE_DONE)),
-    (False, True): frozenset((_Z, _E, _PARAM, _COMPLETE)),
-    (True, True): frozenset((_Z, _E, _PARAM, _PARSE_DONE, _CLOSE_DONE, _COMPLETE)),
+    (False, False): _types_table((_Z, _E, _PARAM)),
+    (True, False): _types_table((_Z, _E, _PARAM, _PARSE_DONE, _CLOSE_DONE)),
+    (False, True): _types_table((_Z, _E, _PARAM, _COMPLETE)),
+    (True, True): _types_table((_Z, _E, _PARAM, _PARSE_DONE, _CLOSE_DONE, _COMPLETE)),
 }
-_ALL_TYPES = frozenset(range(256))  # while proxy SQL runs: every response is the proxy's
+_ALL_TYPES = [True] * 256  # while proxy SQL runs: every response is the proxy's
 SYNC_ITEM = (EXPECT_SYNC, "")
 
 
@@ -201,32 +208,35 @@ class ServerConnection(asyncio.Protocol):
         run = 0
         header = codec.unpack_header
         watched = self.watched
-        while size - pos >= 5:
+        last = size - 5  # the last position where a whole header fits
+        while pos <= last:
             type_code, length = header(data, pos)
+            if not watched[type_code]:
+                pos += 1 + length
+                continue
             end = pos + 1 + length
-            if type_code in watched:
-                if end > size:
-                    break  # kept whole in _pending until the rest arrives
-                if type_code == _Z and not self.swallow:
-                    # ReadyForQuery, inlined: it ends every transaction and is the hottest watched message.
-                    if self.rewrites:
-                        self._drop_rewrites()
-                    if self.expect:
-                        self.expect.popleft()
-                    self.outstanding -= 1
-                    status = data[pos + 5 : pos + 6]
-                    self.txn_status = status
-                    client = self.client
-                    if client is not None:
-                        # a linked client is connected: its transport is set
-                        client.transport.write(  # type: ignore[union-attr]
-                            data if run == 0 and end == size else data[run:end])
-                        client.on_server_ready(self, status)
-                    self.saw_error = False
-                    run = end
-                elif self._watched(data, type_code, pos, end, run):
-                    run = end
-                watched = self.watched
+            if end > size:
+                break  # kept whole in _pending until the rest arrives
+            if type_code == _Z and not self.swallow:
+                # ReadyForQuery, inlined: it ends every transaction and is the hottest watched message.
+                if self.rewrites:
+                    self._drop_rewrites()
+                if self.expect:
+                    self.expect.popleft()
+                self.outstanding -= 1
+                status = data[pos + 5 : pos + 6]
+                self.txn_status = status
+                client = self.client
+                if client is not None:
+                    # a linked client is connected: its transport is set
+                    client.transport.write(  # type: ignore[union-attr]
+                        data if run == 0 and end == size else data[run:end])
+                    client.on_server_ready(self, status)
+                self.saw_error = False
+                run = end
+            elif self._watched(data, type_code, pos, end, run):
+                run = end
+            watched = self.watched
             pos = end
         if pos > size:  # the last message continues in the next read: forward what came, skip the rest
             self._skip = pos - size
