@@ -25,7 +25,6 @@ from proxy.server import (
     EXPECT_PARSE,
     EXPECT_PARSE_DROP,
     NOOP_CLOSE,
-    SYNC_ITEM,
     ServerConnection,
 )
 from proxy.session_state import (
@@ -765,7 +764,6 @@ class ClientSession(asyncio.Protocol):
                 attached = True
             if kind <= _K_QUERY:  # Sync, FunctionCall or Query: answered with a ReadyForQuery
                 server.outstanding += 1
-                server.expect.append(SYNC_ITEM)
                 self.unsynced = False
                 if kind == _K_QUERY:
                     sql = data[pos + 5 : end - 1]

@@ -17,8 +17,10 @@ from proxy.session_state import EMPTY_SERVER_STATE, ServerState
 if TYPE_CHECKING:
     from proxy.client import ClientSession
 
-# Response accounting for statements the proxy renamed, injected or answered itself (transaction mode).
-EXPECT_SYNC = 0        # a Sync or Query: its ReadyForQuery
+# Response accounting for statements the proxy renamed, injected or answered itself (transaction mode). Each
+# expected reply is (kind, statement name, batch): batch counts the Syncs still unanswered before the
+# message's own, so 0 is the batch the server is running now. Plain Syncs need no entry: `outstanding`
+# counts them.
 EXPECT_PARSE = 1       # a client Parse: forward its ParseComplete
 EXPECT_PARSE_DROP = 2  # a Parse the proxy injected: drop its ParseComplete
 EXPECT_CLOSE = 3       # a client Close: forward CloseComplete
@@ -44,7 +46,6 @@ _WATCHED = {
     (True, True): _types_table((_Z, _E, _PARAM, _PARSE_DONE, _CLOSE_DONE, _COMPLETE)),
 }
 _ALL_TYPES = [True] * 256  # while proxy SQL runs: every response is the proxy's
-SYNC_ITEM = (EXPECT_SYNC, "")
 
 
 class ServerConnection(asyncio.Protocol):
@@ -67,7 +68,7 @@ class ServerConnection(asyncio.Protocol):
         self.retire_at = float("inf")  # server_lifetime_s after its login (set by the pool)
         self.session_state: ServerState = EMPTY_SERVER_STATE
         self.prepared: set[str] = set()
-        self.expect: deque[tuple[int, str]] = deque()
+        self.expect: deque[tuple[int, str, int]] = deque()
         self.outstanding = 0
         self.txn_status = b"I"
         self.swallow = 0
@@ -220,9 +221,7 @@ class ServerConnection(asyncio.Protocol):
             if type_code == _Z and not self.swallow:
                 # ReadyForQuery, inlined: it ends every transaction and is the hottest watched message.
                 if self.rewrites:
-                    self._drop_rewrites()
-                if self.expect:
-                    self.expect.popleft()
+                    self._batch_done()
                 self.outstanding -= 1
                 status = data[pos + 5 : pos + 6]
                 self.txn_status = status
@@ -260,9 +259,7 @@ class ServerConnection(asyncio.Protocol):
                 self.swallow -= 1
                 self.outstanding -= 1
                 if self.rewrites:
-                    self._drop_rewrites()
-                if self.expect:
-                    self.expect.popleft()
+                    self._batch_done()
                 self.txn_status = data[pos + 5 : pos + 6]
                 if not self.swallow:
                     self._rewatch()
@@ -277,14 +274,14 @@ class ServerConnection(asyncio.Protocol):
         if type_code == _E:
             self.saw_error = True
             if self.rewrites:
-                self._drop_rewrites()
+                self._batch_failed()
             return False
         if type_code == _PARAM:
             self._record_parameter(data, pos, end)
             return False
         expect = self.expect
-        if not expect or expect[0][0] == EXPECT_SYNC:
-            return False
+        if not expect or expect[0][2]:
+            return False  # nothing expected from the batch running now
         kind = expect[0][0]
         if type_code == _PARSE_DONE and kind in (EXPECT_PARSE, EXPECT_PARSE_DROP):
             expect.popleft()
@@ -304,7 +301,7 @@ class ServerConnection(asyncio.Protocol):
 
     def expect_rewrite(self, kind: int, name: str = "") -> None:
         """A Parse/Close whose reply the relay must match up (renamed, injected or answered differently)."""
-        self.expect.append((kind, name))
+        self.expect.append((kind, name, self.outstanding))
         self.rewrites += 1
         if self.rewrites == 1:
             self._rewatch()
@@ -314,14 +311,20 @@ class ServerConnection(asyncio.Protocol):
         if not self.rewrites:
             self._rewatch()
 
-    def _drop_rewrites(self) -> None:
-        """An error or ReadyForQuery: the server skipped (or finished) everything up to the next Sync."""
+    def _batch_failed(self) -> None:
+        """An error: the server skips the rest of the running batch, up to its Sync."""
         expect = self.expect
-        while expect and expect[0][0] != EXPECT_SYNC:
-            kind, name = expect.popleft()
+        while expect and not expect[0][2]:
+            kind, name, _ = expect.popleft()
             if kind in (EXPECT_PARSE, EXPECT_PARSE_DROP) and name:
                 self.prepared.discard(name)
             self._rewrite_done()
+
+    def _batch_done(self) -> None:
+        """A ReadyForQuery: what the finished batch did not answer never will be; the next batch runs."""
+        self._batch_failed()
+        if self.expect:
+            self.expect = deque((kind, name, batch - 1) for kind, name, batch in self.expect)
 
     def _record_parameter(self, data: bytes, pos: int, end: int) -> None:
         raw_name, _, raw_value = data[pos + 5 : end - 1].partition(b"\x00")
@@ -341,7 +344,6 @@ class ServerConnection(asyncio.Protocol):
         self.watched = _ALL_TYPES
         self.swallow_error = None
         self.outstanding += 1
-        self.expect.append(SYNC_ITEM)
         self.send(codec.query(sql))
 
     async def execute_internal(self, sql: str, timeout_s: float) -> bytes | None:
