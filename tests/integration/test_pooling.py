@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -29,8 +30,11 @@ from tests.harness import (
     DirectProxy,
     ProxyFactory,
     ProxyProcess,
+    RawClient,
+    data_row,
     database_entries,
     default_users,
+    error_fields,
     make_dsn,
 )
 
@@ -456,6 +460,74 @@ def test_prepared_statement_parsed_under_its_clients_datestyle(
             assert a.execute(sql, prepare=True).fetchone() == ("2024-02-01",), f"round {round_index} (A)"
             assert b.execute(sql, prepare=True).fetchone() == ("2024-01-02",), f"round {round_index} (B)"
         assert one(b, "SHOW datestyle") == "ISO, MDY"
+
+
+def _frontend(type_code: bytes, body: bytes) -> bytes:
+    return type_code + struct.pack("!I", len(body) + 4) + body
+
+
+def _parse(name: str, sql: str) -> bytes:
+    return _frontend(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00" + struct.pack("!h", 0))
+
+
+def _bind_execute_sync(statement: str, value: str) -> bytes:
+    bind = b"\x00" + statement.encode() + b"\x00" + struct.pack("!hhi", 0, 1, len(value)) + value.encode()
+    return (_frontend(b"B", bind + struct.pack("!h", 0)) + _frontend(b"E", b"\x00" + struct.pack("!i", 0))
+            + _frontend(b"S", b""))
+
+
+def _batch_view(messages: list[tuple[bytes, bytes]]) -> list[str]:
+    """What a client sees of one batch: message types, with data rows and error codes spelled out."""
+    view = []
+    for code, body in messages:
+        if code == b"D":
+            view.append(f"D{data_row(body)}")
+        elif code == b"E":
+            view.append(f"E:{error_fields(body)['C']}")
+        elif code in (b"1", b"2", b"C", b"Z", b"3"):
+            view.append(code.decode())
+    return view
+
+
+def test_pipelined_batches_keep_replies_to_renamed_statements_in_their_batch(
+    primary_proxy: Callable[..., ProxyProcess], admin: psycopg.Connection[Any]
+) -> None:
+    # One write carries four extended-protocol batches to a server that lost the client's statement.
+    # The first fails to parse, so its reply never comes; the second uses the lost statement, which the
+    # proxy prepares again (and must hide that ParseComplete from the client); the last two add and
+    # reuse statements. Every reply must stay in its own batch, as PostgreSQL sends them to a client
+    # that talks to it directly.
+    shared = primary_proxy("transaction", 1)
+    client = RawClient(shared.host, shared.port)
+    try:
+        client.login()
+        client.send(_parse("doubled", "SELECT $1::int * 2") + _frontend(b"S", b""))
+        assert _batch_view(client.read_until_ready()) == ["1", "Z"]
+        pid = int(client.simple_query("SELECT pg_backend_pid()")[0][0] or 0)
+        assert one(admin, "SELECT pg_terminate_backend(%s)", (pid,)) is True
+        wait_until(lambda: pid not in server_backends(admin, "trustuser"), 10, "the server to go")
+        time.sleep(0.2)  # the proxy sees its server closed before the next transaction
+        client.send(
+            _parse("broken", "SELEC 1") + _frontend(b"S", b"")
+            + _bind_execute_sync("doubled", "21")
+            + _parse("seven", "SELECT $1::int + 7") + _bind_execute_sync("seven", "0")
+            + _bind_execute_sync("doubled", "5")
+        )
+        batches = [_batch_view(client.read_until_ready()) for _ in range(4)]
+        assert batches == [
+            ["E:42601", "Z"],
+            ["2", "D['42']", "C", "Z"],
+            ["1", "2", "D['7']", "C", "Z"],
+            ["2", "D['10']", "C", "Z"],
+        ]
+        # and the statements still work in the next transaction
+        client.send(_bind_execute_sync("seven", "35") + _bind_execute_sync("doubled", "50"))
+        assert [_batch_view(client.read_until_ready()) for _ in range(2)] == [
+            ["2", "D['42']", "C", "Z"],
+            ["2", "D['100']", "C", "Z"],
+        ]
+    finally:
+        client.close()
 
 
 def test_prepared_statement_resolved_under_its_clients_search_path(
