@@ -53,12 +53,18 @@ class Results:
     def failures(self, scenario: str, target: str) -> list[Measurement]:
         return [m for m in self.runs.get(scenario, {}).get(target, []) if not m.ok]
 
+    def round_ratios(self, scenario: str) -> list[float]:
+        """Shardgate TPS over PgBouncer TPS in each round where both ran clean. The two run back to back
+        within a round, so a ratio pairs runs that saw the same machine."""
+        runs = self.runs.get(scenario, {})
+        # a target not run in a scenario has no runs at all: nothing to pair
+        pairs = zip(runs.get("shardgate", []), runs.get("pgbouncer", []), strict=False)
+        return [s.tps / p.tps for s, p in pairs if s.ok and p.ok and s.tps is not None and p.tps]
+
     def ratio(self, scenario: str) -> float | None:
-        shardgate = self.representative(scenario, "shardgate")
-        pgbouncer = self.representative(scenario, "pgbouncer")
-        if shardgate is None or pgbouncer is None or not pgbouncer.tps or shardgate.tps is None:
-            return None
-        return shardgate.tps / pgbouncer.tps
+        """The median of the per-round ratios (the lower middle one for an even count)."""
+        ratios = sorted(self.round_ratios(scenario))
+        return ratios[(len(ratios) - 1) // 2] if ratios else None
 
     def added_latency_us(self, scenario: str, target: str) -> float | None:
         direct = self.representative(scenario, "direct")
@@ -101,9 +107,9 @@ def _verdict(passed: bool | None) -> str:
 
 def throughput_table(results: Results) -> list[str]:
     lines = [
-        "| scenario | direct TPS | PgBouncer TPS | Shardgate TPS | Shardgate/PgBouncer "
+        "| scenario | direct TPS | PgBouncer TPS | Shardgate TPS | Shardgate/PgBouncer | each round % "
         "| direct latency ms | PgBouncer latency ms | Shardgate latency ms |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     footnotes: dict[str, int] = {}
     for scenario in results.scenarios:
@@ -120,6 +126,7 @@ def throughput_table(results: Results) -> list[str]:
                 number = footnotes.setdefault(reason, len(footnotes) + 1)
                 cells.append(f"not run[^{number}]")
         cells.append(_pct(results.ratio(scenario.key)))
+        cells.append(", ".join(f"{100.0 * r:.0f}" for r in results.round_ratios(scenario.key)) or MISSING)
         cells += [_ms(picked[key]) for key in TARGET_KEYS]
         lines.append("| " + " | ".join(cells) + " |")
     if footnotes:
@@ -315,8 +322,9 @@ def render(results: Results) -> str:
         "",
         *throughput_table(results),
         "",
-        "Ratios and latencies use the median run (by TPS) when there are several rounds; "
-        "latency is pgbench's average per transaction.",
+        "TPS and latencies are the median run (by TPS) when there are several rounds; latency is pgbench's "
+        "average per transaction. Shardgate/PgBouncer is the median of the per-round ratios (each round "
+        "runs the two back to back), listed in the next column.",
         "",
     ]
     return "\n".join(
