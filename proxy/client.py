@@ -730,12 +730,15 @@ class ClientSession(asyncio.Protocol):
         header = codec.unpack_header
         kinds = self.kinds
         attached = server is not None and not self.parked
+        # A whole message in a buffer no larger than the limit is within it; a larger buffer checks each one.
+        wide = size > limit
         last = size - 5  # the last position where a whole header fits
         while pos <= last:
             type_code, length = header(data, pos)
             end = pos + 1 + length
             kind = kinds[type_code]
-            if end > size or length < 4 or not kind:  # incomplete, malformed or Terminate: off the usual path
+            # incomplete, malformed, too large or Terminate: off the usual path
+            if end > size or length < 4 or not kind or (wide and length > limit):
                 if kind is None or length < 4 or length > limit:
                     raise ProtocolError(_framing_problem(type_code, length, limit))
                 if end > size:

@@ -181,6 +181,24 @@ def test_message_larger_than_max_message_bytes(
     assert_unharmed(faulty, bystander)
 
 
+def test_whole_message_larger_than_max_message_bytes_in_one_write(
+    faulty: ProxyProcess, bystander: psycopg.Connection[Any]
+) -> None:
+    # The whole oversized Query arrives in one write, so the proxy reads it complete: it is refused all
+    # the same, not relayed.
+    client = RawClient(faulty.host, faulty.port)
+    try:
+        client.login()
+        assert client.simple_query("SELECT 7") == [["7"]]
+        big = b"SELECT '" + b"x" * (2 * MAX_MESSAGE_BYTES) + b"'\x00"
+        client.send(b"Q" + struct.pack("!I", len(big) + 4) + big)
+        fields = assert_protocol_violation(client)
+        assert str(MAX_MESSAGE_BYTES) in fields["M"], fields
+    finally:
+        client.close()
+    assert_unharmed(faulty, bystander)
+
+
 # -- encryption requests -----------------------------------------------------------------------------
 
 
