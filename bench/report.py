@@ -66,6 +66,16 @@ class Results:
         ratios = sorted(self.round_ratios(scenario))
         return ratios[(len(ratios) - 1) // 2] if ratios else None
 
+    def cpu_us_per_transaction(self, scenario: str, target: str) -> float | None:
+        """Pooler CPU time per transaction, the median over clean runs (the lower middle one for an even
+        count). Steadier than TPS on a shared machine: it is what the pooler itself spends."""
+        values = sorted(
+            m.pooler_cpu_pct * 10_000.0 / m.tps  # % of one core -> µs of CPU per second, per transaction
+            for m in self.runs.get(scenario, {}).get(target, [])
+            if m.ok and m.pooler_cpu_pct is not None and m.tps
+        )
+        return values[(len(values) - 1) // 2] if values else None
+
     def added_latency_us(self, scenario: str, target: str) -> float | None:
         direct = self.representative(scenario, "direct")
         pooled = self.representative(scenario, target)
@@ -242,24 +252,30 @@ def cpu_section(results: Results) -> list[str]:
     lines = [
         "## CPU during each run (pooler: % of one core; machine: % of all cores)",
         "",
-        "| scenario | PgBouncer | Shardgate | machine busy: direct | machine busy: PgBouncer "
-        "| machine busy: Shardgate |",
-        "|---|--:|--:|--:|--:|--:|",
+        "| scenario | PgBouncer | Shardgate | PgBouncer µs/txn | Shardgate µs/txn | machine busy: direct "
+        "| machine busy: PgBouncer | machine busy: Shardgate |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for scenario in results.scenarios:
         if scenario.key not in results.runs:
             continue
         picked = [results.representative(scenario.key, key) for key in TARGET_KEYS]
         cells = [_percent(m.pooler_cpu_pct if m else None) for m in picked[1:]]
+        cells += [_one_decimal(results.cpu_us_per_transaction(scenario.key, key)) for key in TARGET_KEYS[1:]]
         cells += [_percent(m.machine_busy_pct if m else None) for m in picked]
         lines.append(f"| {scenario.title} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Pooler CPU: user+system time of the pooler process over the run. Machine busy: all CPUs, "
-        "everything running (pgbench, PostgreSQL, the pooler, anything else on the machine).",
+        "Pooler CPU: user+system time of the pooler process over the run (% of one core for the median run; "
+        "µs per transaction, the median over the rounds). Machine busy: all CPUs, everything running "
+        "(pgbench, PostgreSQL, the pooler, anything else on the machine).",
         "",
     ]
     return lines
+
+
+def _one_decimal(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.1f}"
 
 
 def _percent(value: float | None) -> str:

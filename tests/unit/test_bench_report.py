@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.pgbench import Measurement, Scenario
-from bench.report import Results, throughput_table
+from bench.report import Results, cpu_section, throughput_table
 
 SCENARIO = Scenario("select-simple", "`-S` simple, 16 clients", 16, ("-S",))
 
@@ -41,3 +41,15 @@ def test_no_clean_pair_gives_no_ratio() -> None:
 def test_throughput_row_lists_each_round() -> None:
     row = throughput_table(results_with([100.0, 270.0, 200.0], [200.0, 300.0, 250.0]))[2]
     assert "| 80.0% | 50, 90, 80 |" in row
+
+
+def test_pooler_cpu_per_transaction_is_the_median_over_rounds() -> None:
+    results = Results(info={}, scenarios=[SCENARIO])
+    # 40% of a core at 20,000 TPS is 20 µs per transaction; 30% at 30,000 is 10; 50% at 10,000 is 50.
+    for cpu_pct, tps in ((40.0, 20_000.0), (30.0, 30_000.0), (50.0, 10_000.0)):
+        results.add(Measurement(SCENARIO.key, "shardgate", tps=tps, latency_ms=1.0, pooler_cpu_pct=cpu_pct))
+    results.add(Measurement(SCENARIO.key, "shardgate", tps=None, pooler_cpu_pct=90.0, problems=["failed"]))
+    assert results.cpu_us_per_transaction(SCENARIO.key, "shardgate") == 20.0
+    assert results.cpu_us_per_transaction(SCENARIO.key, "pgbouncer") is None
+    row = next(line for line in cpu_section(results) if line.startswith(f"| {SCENARIO.title}"))
+    assert "| n/a | 20.0 |" in row
