@@ -553,7 +553,16 @@ def test_forgery_over_the_extended_protocol_from_psycopg_closes_the_connection(
 def test_forgery_from_asyncpg(jwt_proxy: ProxyProcess) -> None:
     """asyncpg: execute() without arguments is a simple Query (refused with 42501, connection usable);
     fetch*() send Parse/Bind (refused with FATAL 42501 and the connection is closed)."""
+    asyncpg_forgeries_refused(jwt_proxy)
 
+
+def test_forgery_from_asyncpg_in_session_mode(proxy: ProxyFactory, pg: Topology, rls_table: None) -> None:
+    """Session mode looks at fewer messages than the pooled modes: a JWT session's Query and Parse are
+    still checked."""
+    asyncpg_forgeries_refused(start_jwt_proxy(proxy, pg, "session"))
+
+
+def asyncpg_forgeries_refused(jwt_proxy: ProxyProcess) -> None:
     async def scenario() -> None:
         conn = await connect_asyncpg(jwt_proxy, make_token("t1"))
         try:
