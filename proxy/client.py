@@ -72,6 +72,7 @@ _KINDS_SESSION_JWT = _kinds_table({b"SF": _K_SYNC, b"Q": _K_QUERY, b"BDCEH": _K_
                                    b"P": _K_PARSE})
 _KINDS_POOLED = _kinds_table({b"SF": _K_SYNC, b"Q": _K_QUERY, b"EH": _K_UNSYNCED, b"dcfp": _K_PASS,
                               b"B": _K_BIND, b"D": _K_DESCRIBE, b"P": _K_PARSE, b"C": _K_CLOSE})
+_MALFORMED = 'invalid frontend message format: "%s" message body does not hold its names'
 _HIGH_WATER_BYTES = 1 << 20
 _STARTUP_ONLY = frozenset(("user", "database", "options", "replication"))
 
@@ -792,6 +793,8 @@ class ClientSession(asyncio.Protocol):
                 # Parse's name starts at +5, Bind's portal at +5 and its statement at +6 when the portal is
                 # unnamed, Describe's name at +6; a Close is always looked at.
                 self.unsynced = True
+                if end - pos < 7:  # a body of under 2 bytes holds none of these messages
+                    raise ProtocolError(_MALFORMED % chr(type_code))
                 if kind == _K_BIND:
                     named = data[pos + 5] or data[pos + 6]
                 elif kind == _K_DESCRIBE:
@@ -803,7 +806,10 @@ class ClientSession(asyncio.Protocol):
                 else:
                     named = True
                 if named:
-                    replacement = self._pooled_extended(server, type_code, data, pos, end)
+                    try:
+                        replacement = self._pooled_extended(server, type_code, data, pos, end)
+                    except ValueError:  # a name without its terminator, or not text
+                        raise ProtocolError(_MALFORMED % chr(type_code)) from None
                     if replacement is not None:
                         if out is None:
                             out = []
@@ -880,11 +886,11 @@ class ClientSession(asyncio.Protocol):
         """Rename named prepared statements to proxy-global names; None keeps the message as it is."""
         body_start = pos + 5
         if type_code == _P:
-            name_end = data.index(b"\x00", body_start)
+            name_end = data.index(b"\x00", body_start, end)
             if name_end == body_start:
                 return None  # unnamed: its ParseComplete needs no matching (they are all alike)
             name = data[body_start:name_end].decode()
-            query_end = data.index(b"\x00", name_end + 1)
+            query_end = data.index(b"\x00", name_end + 1, end)
             query_text = data[name_end + 1 : query_end]
             param_types = data[query_end + 1 : end]
             global_name = statement_global_name(query_text, param_types, self.settings_key())
@@ -909,6 +915,8 @@ class ClientSession(asyncio.Protocol):
             return self._with_statement(server, statement.decode(),
                                         lambda g: codec.build_bind(portal, g.encode(), rest))
         if type_code in (_D, _C):
+            if data[end - 1] != 0:
+                raise ProtocolError(_MALFORMED % chr(type_code))
             kind = data[body_start]
             name = data[body_start + 1 : end - 1].decode()
             if kind != ord("S") or not name:
@@ -946,8 +954,10 @@ class ClientSession(asyncio.Protocol):
         return None
 
     def _guard_parse(self, data: bytes, pos: int, end: int) -> None:
-        name_end = data.index(b"\x00", pos + 5)
-        query_end = data.index(b"\x00", name_end + 1)
+        name_end = data.find(b"\x00", pos + 5, end)
+        query_end = data.find(b"\x00", name_end + 1, end) if name_end != -1 else -1
+        if query_end == -1:
+            raise ProtocolError(_MALFORMED % "P")
         if is_forgery_attempt(data[name_end + 1 : query_end].decode("utf-8", "replace")):
             raise ProxyError(sqlstate.INSUFFICIENT_PRIVILEGE, "a JWT session cannot change its claims or role")
 

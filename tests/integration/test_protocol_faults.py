@@ -145,6 +145,13 @@ AFTER_LOGIN = [
     pytest.param(b"Q" + struct.pack("!I", 2), id="length-below-4"),
     pytest.param(message(b"\x01"), id="unknown-type-0x01"),
     pytest.param(message(b"Z", b"I"), id="backend-only-type-Z"),
+    # Too short to hold the names the proxy renames in transaction mode, or holding no terminator for them
+    pytest.param(message(b"B"), id="bind-empty"),
+    pytest.param(message(b"D", b"S"), id="describe-without-name"),
+    pytest.param(message(b"C"), id="close-empty"),
+    pytest.param(message(b"P", b"x") + message(b"S"), id="parse-name-unterminated"),
+    pytest.param(message(b"B", b"\x00stmt") + message(b"S"), id="bind-statement-unterminated"),
+    pytest.param(message(b"D", b"Sname") + message(b"S"), id="describe-name-unterminated"),
 ]
 
 
