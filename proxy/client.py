@@ -550,8 +550,13 @@ class ClientSession(asyncio.Protocol):
                     return True
                 routes.append(route)
             elif type_code == _P:
-                name_end = data.index(b"\x00", pos + 5)
-                query_end = data.index(b"\x00", name_end + 1)
+                # a Parse without its terminators is routed as nothing here; the relay refuses it
+                name_end = data.find(b"\x00", pos + 5, end)
+                query_end = data.find(b"\x00", name_end + 1, end) if name_end != -1 else -1
+                if query_end == -1:
+                    first = False
+                    pos = end
+                    continue
                 try:
                     # SET/SHOW shardgate.role over the extended protocol reach PostgreSQL as a custom setting
                     route = routing.on_statement(data[name_end + 1 : query_end].decode("utf-8", "replace"))
@@ -564,13 +569,14 @@ class ClientSession(asyncio.Protocol):
                         self.write(reply)
                         return True
                 if name_end > pos + 5:
-                    self.statement_roles[data[pos + 5 : name_end].decode()] = route.role
+                    self.statement_roles[data[pos + 5 : name_end].decode("utf-8", "replace")] = route.role
                 routes.append(route)
             elif type_code == _B:
-                portal_end = data.index(b"\x00", pos + 5)
-                stmt_end = data.index(b"\x00", portal_end + 1)
+                portal_end = data.find(b"\x00", pos + 5, end)
+                stmt_end = data.find(b"\x00", portal_end + 1, end) if portal_end != -1 else -1
                 if stmt_end > portal_end + 1:
-                    known = self.statement_roles.get(data[portal_end + 1 : stmt_end].decode(), Role.PRIMARY)
+                    name = data[portal_end + 1 : stmt_end].decode("utf-8", "replace")
+                    known = self.statement_roles.get(name, Role.PRIMARY)
                     routes.append(Route(known, write=known is Role.PRIMARY, reason="prepared statement"))
             first = False
             pos = end

@@ -10,6 +10,7 @@ whatever a test pauses is resumed in `finally`.
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -22,7 +23,7 @@ import pytest
 from psycopg import errors as pg_errors
 
 from proxy.topology import PgServer, Topology
-from tests.harness import DirectProxy, ProxyFactory, ProxyProcess, database_entries
+from tests.harness import DirectProxy, ProxyFactory, ProxyProcess, RawClient, database_entries, error_fields
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -561,3 +562,29 @@ def test_statement_pool_mode_splits(split: Split, table: str) -> None:
     assert all(split.on_replica(spot) for spot in spots), f"{spots}{proxy_log(shardgate)}"
     assert {spot.port for spot in spots} == split.replica_ports
     assert port == (split.primary_port,)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param(b"x", id="parse-name-unterminated"),
+        pytest.param(b"\x00SELECT 1", id="parse-query-unterminated"),
+    ],
+)
+def test_malformed_parse_that_starts_a_routed_transaction_is_refused(split: Split, fault: bytes) -> None:
+    # The router reads the statement of a transaction's first Parse to choose primary or replica; a Parse
+    # whose strings are not terminated must not be read past its end or crash the proxy. It is refused
+    # (named) or answered by PostgreSQL (unnamed), and other clients go on.
+    routed = split.start()
+    client = RawClient(routed.host, routed.port)
+    try:
+        client.login()
+        client.send(b"P" + struct.pack("!I", len(fault) + 4) + fault)  # alone: no later message holds a NUL
+        replies = client.read_until_closed(timeout_s=3)
+        errors = [error_fields(body) for code, body in replies if code == b"E"]
+        assert [e["C"] for e in errors] == ["08P01"], replies
+    finally:
+        client.close()
+    with psycopg.connect(routed.dsn(connect_timeout=CONNECT_TIMEOUT_S), autocommit=True) as bystander:
+        assert bystander.execute("SELECT 41 + 1").fetchone() == (42,)
+    assert "Traceback" not in routed.stderr_text()
