@@ -67,10 +67,10 @@ def _kinds_table(by_type: dict[bytes, int]) -> list[int | None]:
 
 # Session mode: nothing is renamed and Query texts are not looked at; with a JWT session, Parse and Query are
 # checked for claim forgery. Transaction and statement modes look at both, and at names.
-_KINDS_SESSION = _kinds_table({b"QSF": _K_SYNC, b"PBDCEH": _K_UNSYNCED, b"dcfp": _K_PASS})
-_KINDS_SESSION_JWT = _kinds_table({b"SF": _K_SYNC, b"Q": _K_QUERY, b"BDCEH": _K_UNSYNCED, b"dcfp": _K_PASS,
+_KINDS_SESSION = _kinds_table({b"QSF": _K_SYNC, b"PBDCEH": _K_UNSYNCED, b"dcf": _K_PASS})
+_KINDS_SESSION_JWT = _kinds_table({b"SF": _K_SYNC, b"Q": _K_QUERY, b"BDCEH": _K_UNSYNCED, b"dcf": _K_PASS,
                                    b"P": _K_PARSE})
-_KINDS_POOLED = _kinds_table({b"SF": _K_SYNC, b"Q": _K_QUERY, b"EH": _K_UNSYNCED, b"dcfp": _K_PASS,
+_KINDS_POOLED = _kinds_table({b"SF": _K_SYNC, b"Q": _K_QUERY, b"EH": _K_UNSYNCED, b"dcf": _K_PASS,
                               b"B": _K_BIND, b"D": _K_DESCRIBE, b"P": _K_PARSE, b"C": _K_CLOSE})
 _MALFORMED = 'invalid frontend message format: "%s" message body does not hold its names'
 _HIGH_WATER_BYTES = 1 << 20

@@ -145,6 +145,8 @@ AFTER_LOGIN = [
     pytest.param(b"Q" + struct.pack("!I", 2), id="length-below-4"),
     pytest.param(message(b"\x01"), id="unknown-type-0x01"),
     pytest.param(message(b"Z", b"I"), id="backend-only-type-Z"),
+    # a password message outside authentication: PostgreSQL would end its own connection over it
+    pytest.param(message(b"p", b"secret\x00"), id="password-after-login"),
     # Too short to hold the names the proxy renames in transaction mode, or holding no terminator for them
     pytest.param(message(b"B"), id="bind-empty"),
     pytest.param(message(b"D", b"S"), id="describe-without-name"),
