@@ -550,33 +550,33 @@ class ClientSession(asyncio.Protocol):
                     return True
                 routes.append(route)
             elif type_code == _P:
-                # a Parse without its terminators is routed as nothing here; the relay refuses it
-                name_end = data.find(b"\x00", pos + 5, end)
-                query_end = data.find(b"\x00", name_end + 1, end) if name_end != -1 else -1
-                if query_end == -1:
+                try:
+                    name, query, _ = codec.split_parse(data[pos + 5 : end])
+                except ValueError:  # not terminated: routed as nothing here; the relay refuses it
                     first = False
                     pos = end
                     continue
                 try:
                     # SET/SHOW shardgate.role over the extended protocol reach PostgreSQL as a custom setting
-                    route = routing.on_statement(data[name_end + 1 : query_end].decode("utf-8", "replace"))
+                    route = routing.on_statement(query.decode("utf-8", "replace"))
                 except RoutingError:
                     route = Route(Role.ANY, write=False, reason="invalid session role")
-                if first and route.role_pending and name_end == pos + 5:
+                if first and route.role_pending and not name:
                     reply = _extended_begin_reply(data, end, size)
                     if reply is not None:
-                        self.deferred_begin = data[name_end + 1 : query_end]
+                        self.deferred_begin = query
                         self.write(reply)
                         return True
-                if name_end > pos + 5:
-                    self.statement_roles[data[pos + 5 : name_end].decode("utf-8", "replace")] = route.role
+                if name:
+                    self.statement_roles[name.decode("utf-8", "replace")] = route.role
                 routes.append(route)
             elif type_code == _B:
-                portal_end = data.find(b"\x00", pos + 5, end)
-                stmt_end = data.find(b"\x00", portal_end + 1, end) if portal_end != -1 else -1
-                if stmt_end > portal_end + 1:
-                    name = data[portal_end + 1 : stmt_end].decode("utf-8", "replace")
-                    known = self.statement_roles.get(name, Role.PRIMARY)
+                try:
+                    _, statement, _ = codec.split_bind(data[pos + 5 : end])
+                except ValueError:  # not terminated: the relay refuses it
+                    statement = b""
+                if statement:
+                    known = self.statement_roles.get(statement.decode("utf-8", "replace"), Role.PRIMARY)
                     routes.append(Route(known, write=known is Role.PRIMARY, reason="prepared statement"))
             first = False
             pos = end
@@ -892,13 +892,10 @@ class ClientSession(asyncio.Protocol):
         """Rename named prepared statements to proxy-global names; None keeps the message as it is."""
         body_start = pos + 5
         if type_code == _P:
-            name_end = data.index(b"\x00", body_start, end)
-            if name_end == body_start:
+            raw_name, query_text, param_types = codec.split_parse(data[body_start:end])
+            if not raw_name:
                 return None  # unnamed: its ParseComplete needs no matching (they are all alike)
-            name = data[body_start:name_end].decode()
-            query_end = data.index(b"\x00", name_end + 1, end)
-            query_text = data[name_end + 1 : query_end]
-            param_types = data[query_end + 1 : end]
+            name = raw_name.decode()
             global_name = statement_global_name(query_text, param_types, self.settings_key())
             parse_message = codec.build_parse(global_name, query_text, param_types)
             self.statements[name] = (global_name, parse_message)
@@ -960,11 +957,11 @@ class ClientSession(asyncio.Protocol):
         return None
 
     def _guard_parse(self, data: bytes, pos: int, end: int) -> None:
-        name_end = data.find(b"\x00", pos + 5, end)
-        query_end = data.find(b"\x00", name_end + 1, end) if name_end != -1 else -1
-        if query_end == -1:
-            raise ProtocolError(_MALFORMED % "P")
-        if is_forgery_attempt(data[name_end + 1 : query_end].decode("utf-8", "replace")):
+        try:
+            _, query, _ = codec.split_parse(data[pos + 5 : end])
+        except ValueError:
+            raise ProtocolError(_MALFORMED % "P") from None
+        if is_forgery_attempt(query.decode("utf-8", "replace")):
             raise ProxyError(sqlstate.INSUFFICIENT_PRIVILEGE, "a JWT session cannot change its claims or role")
 
     def _note_effects(self, effects: tuple[Effect, ...]) -> None:

@@ -274,15 +274,18 @@ def parse_error_fields(body: bytes | memoryview) -> dict[str, str]:
 # ---------------------------------------------------------------- Parse / Bind / Describe / Close
 
 
-def parse_parse(body: bytes) -> tuple[str, str, bytes]:
-    """Parse message body -> (statement name, query text, raw parameter-type section)."""
+def split_parse(body: bytes) -> tuple[bytes, bytes, bytes]:
+    """Parse body -> (statement name, query text, parameter-type section) as raw bytes; ValueError when
+    a string is not terminated."""
     name_end = body.index(b"\x00")
     query_end = body.index(b"\x00", name_end + 1)
-    return (
-        body[:name_end].decode(),
-        body[name_end + 1 : query_end].decode("utf-8", "replace"),
-        body[query_end + 1 :],
-    )
+    return body[:name_end], body[name_end + 1 : query_end], body[query_end + 1 :]
+
+
+def parse_parse(body: bytes) -> tuple[str, str, bytes]:
+    """Parse message body -> (statement name, query text, raw parameter-type section)."""
+    name, query, param_types = split_parse(body)
+    return name.decode(), query.decode("utf-8", "replace"), param_types
 
 
 def build_parse(name: str, query_text: bytes, param_types: bytes) -> bytes:
@@ -290,7 +293,8 @@ def build_parse(name: str, query_text: bytes, param_types: bytes) -> bytes:
 
 
 def split_bind(body: bytes) -> tuple[bytes, bytes, bytes]:
-    """Bind body -> (portal name, statement name, rest) as raw bytes."""
+    """Bind body -> (portal name, statement name, rest) as raw bytes; ValueError when a name is not
+    terminated."""
     portal_end = body.index(b"\x00")
     stmt_end = body.index(b"\x00", portal_end + 1)
     return body[:portal_end], body[portal_end + 1 : stmt_end], body[stmt_end + 1 :]

@@ -91,6 +91,7 @@ def test_parse_and_bind_rebuild() -> None:
     parse = codec.build_parse("s1", b"select $1", types)
     name, text, rest = codec.parse_parse(parse[5:])
     assert (name, text, rest) == ("s1", "select $1", types)
+    assert codec.split_parse(parse[5:]) == (b"s1", b"select $1", types)
     bind_rest = struct.pack("!hhih", 0, 1, 1, 0) + b"7"
     bind = codec.build_bind(b"portal", b"stmt", bind_rest)
     assert codec.split_bind(bind[5:]) == (b"portal", b"stmt", bind_rest)
@@ -100,3 +101,15 @@ def test_parse_and_bind_rebuild() -> None:
 def test_ready_for_query_and_keys() -> None:
     assert codec.ready_for_query(b"T") == b"Z\x00\x00\x00\x05T"
     assert codec.backend_key_data(1, 2) == b"K\x00\x00\x00\x0c\x00\x00\x00\x01\x00\x00\x00\x02"
+
+
+@pytest.mark.parametrize("body", [b"s1", b"s1\x00select 1", b""])
+def test_split_parse_refuses_unterminated_strings(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        codec.split_parse(body)
+
+
+@pytest.mark.parametrize("body", [b"portal", b"\x00stmt", b""])
+def test_split_bind_refuses_unterminated_names(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        codec.split_bind(body)
