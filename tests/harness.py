@@ -440,6 +440,12 @@ def build_pgx_client(out_dir: Path) -> Path:
 # -- a raw PostgreSQL frontend over a socket, for the exact bytes of faults ---------------------------
 
 RAW_READ_TIMEOUT_S = 5.0
+
+
+def message(type_code: bytes, body: bytes = b"") -> bytes:
+    """One frontend message: type byte, length (itself included), body."""
+    return type_code + struct.pack("!I", len(body) + 4) + body
+
 # trust on the proxy and on PostgreSQL: a raw client needs no authentication code.
 RAW_USER = "trustuser"
 
@@ -534,12 +540,12 @@ class RawClient:
 
     def query_status(self, sql: str) -> bytes:
         """Run a simple query; returns the transaction status of its ReadyForQuery (b"I", b"T", b"E")."""
-        self.send(b"Q" + struct.pack("!I", len(sql.encode()) + 5) + sql.encode() + b"\x00")
+        self.send(message(b"Q", sql.encode() + b"\x00"))
         return self.read_until_ready()[-1][1]
 
     def simple_query(self, sql: str) -> list[list[str | None]]:
         """Rows of a simple query as text; raises AssertionError on an ErrorResponse."""
-        self.send(b"Q" + struct.pack("!I", len(sql.encode()) + 5) + sql.encode() + b"\x00")
+        self.send(message(b"Q", sql.encode() + b"\x00"))
         rows = []
         for code, body in self.read_until_ready():
             if code == b"E":

@@ -36,6 +36,7 @@ from tests.harness import (
     default_users,
     error_fields,
     make_dsn,
+    message,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -462,18 +463,14 @@ def test_prepared_statement_parsed_under_its_clients_datestyle(
         assert one(b, "SHOW datestyle") == "ISO, MDY"
 
 
-def _frontend(type_code: bytes, body: bytes) -> bytes:
-    return type_code + struct.pack("!I", len(body) + 4) + body
-
-
 def _parse(name: str, sql: str) -> bytes:
-    return _frontend(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00" + struct.pack("!h", 0))
+    return message(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00" + struct.pack("!h", 0))
 
 
 def _bind_execute_sync(statement: str, value: str) -> bytes:
     bind = b"\x00" + statement.encode() + b"\x00" + struct.pack("!hhi", 0, 1, len(value)) + value.encode()
-    return (_frontend(b"B", bind + struct.pack("!h", 0)) + _frontend(b"E", b"\x00" + struct.pack("!i", 0))
-            + _frontend(b"S", b""))
+    return (message(b"B", bind + struct.pack("!h", 0)) + message(b"E", b"\x00" + struct.pack("!i", 0))
+            + message(b"S", b""))
 
 
 def _batch_view(messages: list[tuple[bytes, bytes]]) -> list[str]:
@@ -501,14 +498,14 @@ def test_pipelined_batches_keep_replies_to_renamed_statements_in_their_batch(
     client = RawClient(shared.host, shared.port)
     try:
         client.login()
-        client.send(_parse("doubled", "SELECT $1::int * 2") + _frontend(b"S", b""))
+        client.send(_parse("doubled", "SELECT $1::int * 2") + message(b"S", b""))
         assert _batch_view(client.read_until_ready()) == ["1", "Z"]
         pid = int(client.simple_query("SELECT pg_backend_pid()")[0][0] or 0)
         assert one(admin, "SELECT pg_terminate_backend(%s)", (pid,)) is True
         wait_until(lambda: pid not in server_backends(admin, "trustuser"), 10, "the server to go")
         time.sleep(0.2)  # the proxy sees its server closed before the next transaction
         client.send(
-            _parse("broken", "SELEC 1") + _frontend(b"S", b"")
+            _parse("broken", "SELEC 1") + message(b"S", b"")
             + _bind_execute_sync("doubled", "21")
             + _parse("seven", "SELECT $1::int + 7") + _bind_execute_sync("seven", "0")
             + _bind_execute_sync("doubled", "5")

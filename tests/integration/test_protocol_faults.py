@@ -26,6 +26,7 @@ from tests.harness import (
     RawClient,
     database_entries,
     error_fields,
+    message,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -34,10 +35,6 @@ PROTOCOL_V3 = 196608
 SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
 MAX_MESSAGE_BYTES = 4096
-def message(type_code: bytes, body: bytes = b"") -> bytes:
-    return type_code + struct.pack("!I", len(body) + 4) + body
-
-
 # -- fixtures -----------------------------------------------------------------------------------------
 
 
@@ -200,7 +197,7 @@ def test_whole_message_larger_than_max_message_bytes_in_one_write(
         client.login()
         assert client.simple_query("SELECT 7") == [["7"]]
         big = b"SELECT '" + b"x" * (2 * MAX_MESSAGE_BYTES) + b"'\x00"
-        client.send(b"Q" + struct.pack("!I", len(big) + 4) + big)
+        client.send(message(b"Q", big))
         fields = assert_protocol_violation(client)
         assert str(MAX_MESSAGE_BYTES) in fields["M"], fields
     finally:

@@ -10,7 +10,6 @@ whatever a test pauses is resumed in `finally`.
 from __future__ import annotations
 
 import asyncio
-import struct
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -23,7 +22,15 @@ import pytest
 from psycopg import errors as pg_errors
 
 from proxy.topology import PgServer, Topology
-from tests.harness import DirectProxy, ProxyFactory, ProxyProcess, RawClient, database_entries, error_fields
+from tests.harness import (
+    DirectProxy,
+    ProxyFactory,
+    ProxyProcess,
+    RawClient,
+    database_entries,
+    error_fields,
+    message,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -579,7 +586,7 @@ def test_malformed_parse_that_starts_a_routed_transaction_is_refused(split: Spli
     client = RawClient(routed.host, routed.port)
     try:
         client.login()
-        client.send(b"P" + struct.pack("!I", len(fault) + 4) + fault)  # alone: no later message holds a NUL
+        client.send(message(b"P", fault))  # alone: no later message holds a NUL
         replies = client.read_until_closed(timeout_s=3)
         errors = [error_fields(body) for code, body in replies if code == b"E"]
         assert [e["C"] for e in errors] == ["08P01"], replies
