@@ -199,6 +199,7 @@ class App:
     async def start(self) -> None:
         config = self.runtime.config
         host, port = split_address(config.general.listen)
+        log.info("event=starting address=%s:%s", host, port)
         # one probe round first, so servers with role = "auto" have a role before the first client
         probes = [c.probe_once() for c in self.runtime.clusters.values() if len(c.servers) > 1 or c.servers[0].config.role == "auto"]
         if probes:

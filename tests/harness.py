@@ -30,7 +30,8 @@ from proxy.topology import PgServer, Topology, free_port
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PGX_SOURCE_DIR = REPO_ROOT / "tests" / "clients" / "pgx"
 
-PROXY_START_TIMEOUT_S = 15.0
+# Generous: on a loaded machine a Python start with its imports and first health probe can take long.
+PROXY_START_TIMEOUT_S = 60.0
 PROXY_STOP_TIMEOUT_S = 10.0
 GO_BUILD_TIMEOUT_S = 300.0
 
@@ -435,6 +436,35 @@ def build_pgx_client(out_dir: Path) -> Path:
     if result.returncode != 0:
         raise RuntimeError(f"go build of {PGX_SOURCE_DIR} failed:\n{result.stderr}\n{GO_MISSING_MESSAGE}")
     return binary
+
+
+# -- replication -------------------------------------------------------------------------------------
+
+WAL_TIMEOUT_S = 60.0
+RECEIVED = "pg_last_wal_receive_lsn"
+REPLAYED = "pg_last_wal_replay_lsn"
+
+
+def written_lsn(primary: PgServer) -> str:
+    """A WAL position covering everything the primary has written so far, flushed so replicas can have it.
+
+    The insert position alone can sit past the flushed WAL for many seconds on an idle server with
+    asynchronous commit, and the flushed position can end inside a record a replica cannot replay yet.
+    So: the insert position, read in a transaction whose synchronous commit then flushes past it.
+    """
+    out = primary.psql("SET synchronous_commit = on; SELECT txid_current(); SELECT pg_current_wal_insert_lsn()")
+    return out.splitlines()[-1]
+
+
+def wait_wal(primary: PgServer, replicas: Iterable[PgServer], function: str = REPLAYED,
+             timeout_s: float = WAL_TIMEOUT_S) -> None:
+    """Wait until each replica's `function()` (RECEIVED or REPLAYED) reaches what the primary has written."""
+    target = written_lsn(primary)
+    deadline = time.monotonic() + timeout_s
+    for replica in replicas:
+        while replica.psql(f"SELECT {function}() >= '{target}'::pg_lsn") != "t":
+            assert time.monotonic() < deadline, f"{replica.name}: {function} did not reach {target}"
+            time.sleep(0.05)
 
 
 # -- a raw PostgreSQL frontend over a socket, for the exact bytes of faults ---------------------------

@@ -19,6 +19,7 @@ from config.model import DatabaseConfig, GeneralConfig
 from proxy.cluster import Cluster, ClusterServer
 from proxy.errors import ProxyError
 from proxy.topology import PgServer, Topology
+from tests.harness import RECEIVED, wait_wal
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -85,23 +86,6 @@ async def probe_until(cluster: Cluster, condition: Callable[[], bool], timeout_s
         if time.monotonic() - started > timeout_s:
             raise AssertionError(f"condition not met after {timeout_s}s: {cluster.stats()}")
         await asyncio.sleep(POLL_INTERVAL_S)
-
-
-def wait_replayed(primary: PgServer, replica: PgServer, timeout_s: float = 30.0) -> None:
-    """Wait until `replica` replayed everything the primary has written now."""
-    target = primary.psql("SELECT pg_current_wal_insert_lsn()")
-    deadline = time.monotonic() + timeout_s
-    while replica.psql(f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn") != "t":
-        assert time.monotonic() < deadline, f"{replica.name} did not replay up to {target}"
-        time.sleep(0.05)
-
-
-def wait_received(primary: PgServer, replica: PgServer, timeout_s: float = 30.0) -> None:
-    target = primary.psql("SELECT pg_current_wal_insert_lsn()")
-    deadline = time.monotonic() + timeout_s
-    while replica.psql(f"SELECT pg_last_wal_receive_lsn() >= '{target}'::pg_lsn") != "t":
-        assert time.monotonic() < deadline, f"{replica.name} did not receive up to {target}"
-        time.sleep(0.05)
 
 
 
@@ -264,7 +248,7 @@ def test_paused_replay_excludes_replica_until_resumed(pg: Topology) -> None:
     async def scenario() -> None:
         primary.psql(f"CREATE TABLE {table} (id int, filler text)", user="app", db="app")
         write_wal()
-        wait_replayed(primary, lagging)  # so a replayed transaction timestamp exists for the time lag
+        wait_wal(primary, [lagging])  # so a replayed transaction timestamp exists for the time lag
         await by_bytes.probe_once()
         await by_time.probe_once()
         assert read_ports(by_bytes) == {lagging.port, other.port}
@@ -272,7 +256,7 @@ def test_paused_replay_excludes_replica_until_resumed(pg: Topology) -> None:
         try:
             write_wal()
             written_at = clock()
-            wait_received(primary, lagging)
+            wait_wal(primary, [lagging], RECEIVED)
             await asyncio.sleep(0.3)  # the time lag is measured against the last replayed commit
             await by_bytes.probe_once()
             await by_time.probe_once()

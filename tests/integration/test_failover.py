@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from proxy.topology import PgServer, Topology, free_port
-from tests.harness import DirectProxy, ProxyFactory, ProxyProcess, database_entries
+from tests.harness import RECEIVED, DirectProxy, ProxyFactory, ProxyProcess, database_entries, wait_wal
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -93,22 +93,12 @@ def wait_streaming(primary: PgServer, replica: PgServer, timeout_s: float = STRE
         time.sleep(POLL_INTERVAL_S)
 
 
-def wait_lsn(primary: PgServer, replica: PgServer, function: str, timeout_s: float = STREAMING_TIMEOUT_S) -> None:
-    """Wait until the replica's `function()` (pg_last_wal_receive_lsn / _replay_lsn) reaches the primary's
-    current position."""
-    target = primary.psql("SELECT pg_current_wal_insert_lsn()")
-    deadline = time.monotonic() + timeout_s
-    while replica.psql(f"SELECT {function}() >= '{target}'::pg_lsn") != "t":
-        assert time.monotonic() < deadline, f"{replica.name}: {function} did not reach {target}"
-        time.sleep(0.05)
-
-
 def restore_replica(primary: PgServer, replica: PgServer) -> None:
     """Running, streaming and caught up again, as the other tests expect the shared topology."""
     if not replica.is_running():
         replica.start()
     wait_streaming(primary, replica)
-    wait_lsn(primary, replica, "pg_last_wal_replay_lsn")
+    wait_wal(primary, [replica])
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> float:
@@ -147,7 +137,9 @@ def shared_split(proxy: ProxyFactory, pg: Topology) -> Callable[..., ProxyProces
             "load_balancing": "round_robin",
             "healthcheck_interval_ms": HEALTHCHECK_INTERVAL_MS,
             "ban_timeout_s": BAN_TIMEOUT_S,
-            "server_connect_timeout_ms": 1000,
+            # Also the probe timeout: a short one fails healthy servers on a loaded machine. A stopped
+            # server refuses connections at once, so the tests do not wait for it.
+            "server_connect_timeout_ms": 5000,
         }
         settings.update(general)
         return real_proxy(proxy(databases=database_entries(primary, replicas), general=settings))
@@ -228,8 +220,7 @@ def test_paused_replay_excludes_replica_by_lag_bytes_until_resumed(
     primary.psql(f"CREATE TABLE {table} (id int, filler text)", user="app", db="app")
     paused = False
     try:
-        wait_lsn(primary, lagging, "pg_last_wal_replay_lsn")
-        wait_lsn(primary, other, "pg_last_wal_replay_lsn")
+        wait_wal(primary, [lagging, other])
         shardgate = shared_split(max_replica_lag_bytes=LAG_LIMIT_BYTES)
         with connect(shardgate) as conn:
             assert {where(conn).port for _ in range(4)} == {lagging.port, other.port}
@@ -241,7 +232,7 @@ def test_paused_replay_excludes_replica_by_lag_bytes_until_resumed(
                 " RETURNING inet_server_port()"
             ).fetchall()
             assert set(inserted) == {(primary.port,)}
-            wait_lsn(primary, lagging, "pg_last_wal_receive_lsn")
+            wait_wal(primary, [lagging], RECEIVED)
 
             def excluded() -> bool:
                 return all(where(conn).port == other.port for _ in range(4))
@@ -250,7 +241,7 @@ def test_paused_replay_excludes_replica_by_lag_bytes_until_resumed(
             spots, errors = reads(conn, 10)
             assert errors == [], f"{errors}{proxy_log(shardgate)}"
             assert {spot.port for spot in spots} == {other.port}, f"{spots}{proxy_log(shardgate)}"
-            wait_lsn(primary, other, "pg_last_wal_replay_lsn")
+            wait_wal(primary, [other])
             count = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
             assert count == (5000,), "a read went to the replica that has not replayed the insert"
             print(f"{lagging.name} excluded {took_s:.2f}s after the lag built up")
@@ -282,7 +273,7 @@ def test_refused_write_without_primary_keeps_the_session_usable(proxy: ProxyFact
     primary.psql(f"CREATE TABLE {table} (id serial PRIMARY KEY, note text)", user="app", db="app")
     try:
         for replica in replicas:
-            wait_lsn(primary, replica, "pg_last_wal_replay_lsn")
+            wait_wal(primary, [replica])
         dead_port = free_port()
         databases = [
             {"name": "app", "host": "127.0.0.1", "port": port, "database_name": "app", "role": "auto"}
@@ -419,7 +410,7 @@ def test_failover_writes_fail_fast_then_follow_the_promoted_replica(
     assert old is not None
     table = f"failover_{uuid.uuid4().hex[:12]}"
     old.psql(f"CREATE TABLE {table} (id serial PRIMARY KEY, note text)", user="app", db="app")
-    wait_lsn(old, new, "pg_last_wal_replay_lsn")
+    wait_wal(old, [new])
     databases = [
         {"name": "app", "host": server.host, "port": server.port, "database_name": "app", "role": "auto"}
         for server in (old, new)

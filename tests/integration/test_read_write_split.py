@@ -10,7 +10,6 @@ whatever a test pauses is resumed in `finally`.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from tests.harness import (
     database_entries,
     error_fields,
     message,
+    wait_wal,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -37,7 +37,6 @@ pytestmark = pytest.mark.timeout(120)
 Proxy = ProxyProcess | DirectProxy
 CONNECT_TIMEOUT_S = 10
 CLIENT_TIMEOUT_S = 60.0
-REPLAY_TIMEOUT_S = 30.0
 HEALTHCHECK_INTERVAL_MS = 200
 WHERE_SQL = "SELECT pg_is_in_recovery(), inet_server_port(), pg_backend_pid()"
 # A read the parser sends to the primary (set_config is on the volatile list) that a replica can run:
@@ -79,16 +78,6 @@ def connect(proxy_process: Proxy, **kwargs: Any) -> psycopg.Connection[Any]:
 
 async def aconnect(proxy_process: Proxy) -> asyncpg.Connection:
     return await asyncpg.connect(proxy_process.dsn(), ssl=False, timeout=CONNECT_TIMEOUT_S)
-
-
-def wait_replayed(primary: PgServer, replicas: list[PgServer], timeout_s: float = REPLAY_TIMEOUT_S) -> None:
-    """Wait until every replica replayed what the primary has written now (e.g. a CREATE TABLE)."""
-    target = primary.psql("SELECT pg_current_wal_insert_lsn()")
-    deadline = time.monotonic() + timeout_s
-    for replica in replicas:
-        while replica.psql(f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn") != "t":
-            assert time.monotonic() < deadline, f"{replica.name} did not replay up to {target}"
-            time.sleep(0.05)
 
 
 def proxy_log(proxy_process: Proxy) -> str:
@@ -154,7 +143,7 @@ def table(pg: Topology) -> Iterator[str]:
         db="app",
     )
     try:
-        wait_replayed(pg.primary, list(pg.replicas))
+        wait_wal(pg.primary, pg.replicas)
         yield name
     finally:
         pg.primary.psql(f"DROP TABLE IF EXISTS {name}; DROP SEQUENCE IF EXISTS {name}_seq", user="app", db="app")
