@@ -129,6 +129,7 @@ class ClientSession(asyncio.Protocol):
         self.statement_roles: dict[str, Role] = {}
         self.max_message_bytes = runtime.config.general.max_message_bytes
         self.effects_of = runtime.effects.effects
+        self.parsed_effects_of = runtime.effects.parsed_effects
         self._auth_method = ""
         self._scram: ScramServer | None = None
         self._md5_salt = b""
@@ -808,7 +809,18 @@ class ClientSession(asyncio.Protocol):
                 elif kind == _K_PARSE:
                     if self.jwt_guard:
                         self._guard_parse(data, pos, end)
-                    named = data[pos + 5] and self.pool_mode is not _SESSION
+                    if self.pool_mode is _SESSION:
+                        named = False
+                    elif data[pos + 5]:
+                        named = True
+                    else:  # unnamed: kept as it is, but a SET or set_config in it is tracked like a Query's
+                        named = False
+                        query_end = data.find(b"\x00", pos + 6, end)
+                        if query_end == -1:
+                            raise ProtocolError(_MALFORMED % "P")
+                        effects = self.parsed_effects_of(data[pos + 6 : query_end])
+                        if effects:
+                            self._note_effects(effects)
                 else:
                     named = True
                 if named:
@@ -902,7 +914,7 @@ class ClientSession(asyncio.Protocol):
             if self.routing is not None and name not in self.statement_roles:
                 text = query_text.decode("utf-8", "replace")
                 self.statement_roles[name] = self.rt.router.route_statement(text).role
-            effects = self.effects_of(query_text)
+            effects = self.parsed_effects_of(query_text)
             if effects:
                 self._note_effects(effects)
             if global_name in server.prepared:

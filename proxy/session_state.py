@@ -53,6 +53,10 @@ _DEALLOCATE = re.compile(r"deallocate\s+(?:prepare\s+)?(all|[\w\"]+)\s*$", re.IG
 _SET_CONFIG = re.compile(
     r"set_config\s*\(\s*'((?:[^']|'')*)'\s*,\s*'((?:[^']|'')*)'\s*,\s*false\s*\)", re.IGNORECASE
 )
+_SET_CONFIG_LOCAL = re.compile(
+    r"set_config\s*\(\s*'(?:[^']|'')*'\s*,\s*'(?:[^']|'')*'\s*,\s*true\s*\)", re.IGNORECASE
+)
+_SET_CONFIG_CALL = re.compile(r"set_config\s*\(", re.IGNORECASE)
 _PIN = re.compile(
     r"^\s*(?:listen\b|declare\b.*\bwith\s+hold\b|create\s+(?:global\s+|local\s+)?temp(?:orary)?\b)"
     r"|pg_advisory_lock(?:_shared)?\s*\(|pg_try_advisory_lock(?:_shared)?\s*\(",
@@ -139,6 +143,12 @@ def _statement_effects(statement: str) -> list[Effect]:
                for name, value in _SET_CONFIG.findall(statement)]
     if _PIN.search(statement):
         effects.append(Effect("pin", value=statement.split()[0].upper()))
+    elif _SET_CONFIG_CALL.search(statement):
+        # set_config whose name, value or is_local the text does not spell out (a bind parameter, a
+        # column): what it leaves on the session is unknown, so the client keeps its server
+        unread = len(_SET_CONFIG_CALL.findall(statement)) - len(effects) - len(_SET_CONFIG_LOCAL.findall(statement))
+        if unread > 0:
+            effects.append(Effect("pin", value="SET_CONFIG"))
     return effects
 
 
@@ -147,7 +157,19 @@ class EffectScanner:
 
     def __init__(self, cache_size: int = 2048) -> None:
         self._cache: OrderedDict[bytes, tuple[Effect, ...]] = OrderedDict()
+        self._parsed: dict[bytes, tuple[Effect, ...]] = {}
         self._cache_size = cache_size
+
+    def parsed_effects(self, sql: bytes) -> tuple[Effect, ...]:
+        """Effects of a Parse message's statement text. Such texts repeat (parameters are bound apart), so
+        every answer is kept, the empty ones too; the table starts over when full."""
+        found = self._parsed.get(sql)
+        if found is None:
+            found = self.effects(sql)
+            if len(self._parsed) >= self._cache_size:
+                self._parsed.clear()
+            self._parsed[sql] = found
+        return found
 
     def effects(self, sql: bytes) -> tuple[Effect, ...]:
         """Effects of a statement's UTF-8 text as it came off the wire (no decode unless it may matter)."""

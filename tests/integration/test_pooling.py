@@ -329,6 +329,31 @@ def test_set_config_session_scope_carried(
         assert one(a, "SELECT current_setting('shardgate.flag', true)") == "on-a", round_index
         assert one(a, "SELECT current_setting('shardgate.local_flag', true)") in (None, ""), round_index
 
+def test_set_config_in_an_unnamed_extended_statement_carried(
+    two_clients_one_server: tuple[psycopg.Connection[Any], psycopg.Connection[Any]],
+) -> None:
+    """A statement with parameters goes as an unnamed Parse/Bind/Execute (psycopg, JDBC, asyncpg without its
+    statement cache): its set_config is tracked as a Query's is."""
+    a, b = two_clients_one_server
+    row = one(a, "SELECT set_config('shardgate.flag', 'unnamed-a', false), %s::int", (7,))
+    assert row == ("unnamed-a", 7)
+    for round_index in range(3):
+        assert one(b, "SELECT current_setting('shardgate.flag', true)") in (None, ""), round_index
+        assert one(a, "SELECT current_setting('shardgate.flag', true)") == "unnamed-a", round_index
+
+
+def test_set_config_of_a_bound_value_pins_the_client(primary_proxy: Callable[..., ProxyProcess]) -> None:
+    """set_config(name, $1, false): the proxy cannot read the value, so the client keeps its server (pinned)
+    and the server is reset when the client leaves; the next client never sees the value."""
+    shared = primary_proxy("transaction", 1)
+    with connect(shared, application_name="client-b") as b:
+        with connect(shared, application_name="client-a") as a:
+            row = one(a, "SELECT set_config('search_path', %s, false), pg_backend_pid()", ("bound_by_a",))
+            assert row[0] == "bound_by_a"
+            for _ in range(3):
+                assert one(a, "SELECT current_setting('search_path'), pg_backend_pid()") == row
+        assert one(b, "SELECT current_setting('search_path'), pg_backend_pid()") == (DEFAULT_SEARCH_PATH, row[1])
+
 
 # -- startup parameters ---------------------------------------------------------------------------------
 

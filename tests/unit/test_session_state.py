@@ -27,6 +27,11 @@ from proxy.session_state import Effect, EffectScanner, SessionState, split_state
         ("DEALLOCATE ALL", [Effect("deallocate", "")]),
         ("SELECT set_config('app.user', 'it''s', false)", [Effect("set", "app.user", "'it''s'")]),
         ("SELECT set_config('app.user', 'x', true)", []),
+        # values the text does not spell out (bind parameters, columns): unknown effect, the client is pinned
+        ("SELECT set_config('search_path', $1, false)", [Effect("pin", value="SET_CONFIG")]),
+        ("select set_config(name, setting, false) from saved", [Effect("pin", value="SET_CONFIG")]),
+        ("SELECT set_config($1, $2, true)", [Effect("pin", value="SET_CONFIG")]),
+        ("SELECT set_config('a.b', 'c', false), set_config('d.e', 'f', true)", [Effect("set", "a.b", "'c'")]),
         ("LISTEN chan", [Effect("pin", value="LISTEN")]),
         ("select pg_advisory_lock(1)", [Effect("pin", value="SELECT")]),
         ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", [Effect("pin", value="DECLARE")]),
