@@ -47,6 +47,10 @@ _SET = re.compile(
     r"set\s+(?:(session)\s+|(local)\s+)?(?:(time\s+zone)|(names)|(schema)|([\w.\"]+)\s*(?:=|\bto\b))\s*(.*)",
     re.IGNORECASE | re.DOTALL,
 )
+# SET ROLE takes no `=` or TO; SET LOCAL ROLE lasts one transaction
+_SET_ROLE = re.compile(r"set\s+(?:session\s+|(local)\s+)?role\s+(.+?)\s*$", re.IGNORECASE | re.DOTALL)
+# other SET forms without `=` or TO that end with their transaction (anything else unknown pins)
+_SET_IN_TRANSACTION = re.compile(r"set\s+(?:local|transaction|constraints)\s", re.IGNORECASE)
 _RESET = re.compile(r"reset\s+(all|[\w.\"]+)\s*$", re.IGNORECASE)
 _PREPARE = re.compile(r"prepare\s+(?!transaction\b)([\w\"]+)", re.IGNORECASE)
 _DEALLOCATE = re.compile(r"deallocate\s+(?:prepare\s+)?(all|[\w\"]+)\s*$", re.IGNORECASE)
@@ -109,7 +113,9 @@ def _statement_effects(statement: str) -> list[Effect]:
     keyword = statement[:12].lower()
     if keyword.startswith("set"):
         match = _SET.match(statement)
-        if not match or match.group(2):  # SET LOCAL lasts one transaction: nothing to carry over
+        if not match:
+            return _other_set(statement)
+        if match.group(2):  # SET LOCAL lasts one transaction: nothing to carry over
             return []
         if match.group(6):
             name = _normalise_name(match.group(6))
@@ -150,6 +156,22 @@ def _statement_effects(statement: str) -> list[Effect]:
         if unread > 0:
             effects.append(Effect("pin", value="SET_CONFIG"))
     return effects
+
+
+def _other_set(statement: str) -> list[Effect]:
+    """SET forms without `=` or TO: ROLE is tracked like a setting; SET SESSION AUTHORIZATION, SESSION
+    CHARACTERISTICS, XML OPTION or anything else not known to end with the transaction pins the client."""
+    role = _SET_ROLE.match(statement)
+    if role:
+        if role.group(1):
+            return []
+        value = role.group(2)
+        if not value.startswith("'"):
+            value = quote_literal(_normalise_name(value))
+        return [Effect("set", "role", value)]
+    if _SET_IN_TRANSACTION.match(statement) or not statement[3:4].isspace():
+        return []
+    return [Effect("pin", value="SET")]
 
 
 class EffectScanner:

@@ -329,6 +329,28 @@ def test_set_config_session_scope_carried(
         assert one(a, "SELECT current_setting('shardgate.flag', true)") == "on-a", round_index
         assert one(a, "SELECT current_setting('shardgate.local_flag', true)") in (None, ""), round_index
 
+def test_set_role_isolated_between_clients_and_kept_across_transactions(
+    two_clients_one_server: tuple[psycopg.Connection[Any], psycopg.Connection[Any]], admin: psycopg.Connection[Any]
+) -> None:
+    """SET ROLE has no `=` or TO; it must not leak to the next client on the server (a privilege leak)."""
+    a, b = two_clients_one_server
+    role = unique_name("reader")
+    admin.execute(f'CREATE ROLE "{role}" NOLOGIN')
+    try:
+        admin.execute(f'GRANT "{role}" TO "{SERVER_USER}"')
+        a.execute(f'SET ROLE "{role}"')
+        for round_index in range(3):
+            assert one(b, "SELECT current_user") == SERVER_USER, round_index
+            assert one(a, "SELECT current_user") == role, round_index
+        a.execute("RESET ROLE")
+        assert one(a, "SELECT current_user") == SERVER_USER
+    finally:
+        a.execute("RESET ROLE")
+        a.close()
+        b.close()
+        admin.execute(f'DROP ROLE "{role}"')
+
+
 def test_set_config_in_an_unnamed_extended_statement_carried(
     two_clients_one_server: tuple[psycopg.Connection[Any], psycopg.Connection[Any]],
 ) -> None:
