@@ -807,20 +807,13 @@ class ClientSession(asyncio.Protocol):
                 elif kind == _K_DESCRIBE:
                     named = data[pos + 6]
                 elif kind == _K_PARSE:
-                    if self.jwt_guard:
-                        self._guard_parse(data, pos, end)
-                    if self.pool_mode is _SESSION:
-                        named = False
-                    elif data[pos + 5]:
-                        named = True
-                    else:  # unnamed: kept as it is, but a SET or set_config in it is tracked like a Query's
-                        named = False
-                        query_end = data.find(b"\x00", pos + 6, end)
-                        if query_end == -1:
-                            raise ProtocolError(_MALFORMED % "P")
-                        effects = self.parsed_effects_of(data[pos + 6 : query_end])
-                        if effects:
-                            self._note_effects(effects)
+                    named = data[pos + 5] and self.pool_mode is not _SESSION
+                    if not named:  # goes as it is, but its text is still read
+                        try:
+                            _, query, _ = codec.split_parse(data[pos + 5 : end])
+                        except ValueError:
+                            raise ProtocolError(_MALFORMED % "P") from None
+                        self._parse_text(query)
                 else:
                     named = True
                 if named:
@@ -907,6 +900,7 @@ class ClientSession(asyncio.Protocol):
             raw_name, query_text, param_types = codec.split_parse(data[body_start:end])
             if not raw_name:
                 return None  # unnamed: its ParseComplete needs no matching (they are all alike)
+            self._parse_text(query_text)
             name = raw_name.decode()
             global_name = statement_global_name(query_text, param_types, self.settings_key())
             parse_message = codec.build_parse(global_name, query_text, param_types)
@@ -914,9 +908,6 @@ class ClientSession(asyncio.Protocol):
             if self.routing is not None and name not in self.statement_roles:
                 text = query_text.decode("utf-8", "replace")
                 self.statement_roles[name] = self.rt.router.route_statement(text).role
-            effects = self.parsed_effects_of(query_text)
-            if effects:
-                self._note_effects(effects)
             if global_name in server.prepared:
                 server.expect_rewrite(EXPECT_CLOSE_AS_PARSE)
                 return NOOP_CLOSE
@@ -968,13 +959,15 @@ class ClientSession(asyncio.Protocol):
                     "request.jwt.* settings and the role come from the token")
         return None
 
-    def _guard_parse(self, data: bytes, pos: int, end: int) -> None:
-        try:
-            _, query, _ = codec.split_parse(data[pos + 5 : end])
-        except ValueError:
-            raise ProtocolError(_MALFORMED % "P") from None
-        if is_forgery_attempt(query.decode("utf-8", "replace")):
+    def _parse_text(self, query: bytes) -> None:
+        """A Parse's statement text: refused when a JWT session forges its claims; when pooled, a SET or
+        set_config in it is tracked like a Query's."""
+        if self.jwt_guard and is_forgery_attempt(query.decode("utf-8", "replace")):
             raise ProxyError(sqlstate.INSUFFICIENT_PRIVILEGE, "a JWT session cannot change its claims or role")
+        if self.pool_mode is not _SESSION:
+            effects = self.parsed_effects_of(query)
+            if effects:
+                self._note_effects(effects)
 
     def _note_effects(self, effects: tuple[Effect, ...]) -> None:
         if any(e.kind == "pin" for e in effects):

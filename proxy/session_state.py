@@ -54,11 +54,9 @@ _SET_IN_TRANSACTION = re.compile(r"set\s+(?:local|transaction|constraints)\s", r
 _RESET = re.compile(r"reset\s+(all|[\w.\"]+)\s*$", re.IGNORECASE)
 _PREPARE = re.compile(r"prepare\s+(?!transaction\b)([\w\"]+)", re.IGNORECASE)
 _DEALLOCATE = re.compile(r"deallocate\s+(?:prepare\s+)?(all|[\w\"]+)\s*$", re.IGNORECASE)
+# set_config with its name, value and is_local written out (is_local true lasts one transaction)
 _SET_CONFIG = re.compile(
-    r"set_config\s*\(\s*'((?:[^']|'')*)'\s*,\s*'((?:[^']|'')*)'\s*,\s*false\s*\)", re.IGNORECASE
-)
-_SET_CONFIG_LOCAL = re.compile(
-    r"set_config\s*\(\s*'(?:[^']|'')*'\s*,\s*'(?:[^']|'')*'\s*,\s*true\s*\)", re.IGNORECASE
+    r"set_config\s*\(\s*'((?:[^']|'')*)'\s*,\s*'((?:[^']|'')*)'\s*,\s*(false|true)\s*\)", re.IGNORECASE
 )
 _SET_CONFIG_CALL = re.compile(r"set_config\s*\(", re.IGNORECASE)
 _PIN = re.compile(
@@ -145,16 +143,15 @@ def _statement_effects(statement: str) -> list[Effect]:
     if keyword.startswith("prepare"):
         match = _PREPARE.match(statement)
         return [Effect("prepare", _normalise_name(match.group(1)), statement)] if match else []
+    written_out = _SET_CONFIG.findall(statement)
     effects = [Effect("set", name.replace("''", "'").lower(), quote_literal(value.replace("''", "'")))
-               for name, value in _SET_CONFIG.findall(statement)]
+               for name, value, is_local in written_out if is_local.lower() == "false"]
     if _PIN.search(statement):
         effects.append(Effect("pin", value=statement.split()[0].upper()))
-    elif _SET_CONFIG_CALL.search(statement):
+    elif len(_SET_CONFIG_CALL.findall(statement)) > len(written_out):
         # set_config whose name, value or is_local the text does not spell out (a bind parameter, a
         # column): what it leaves on the session is unknown, so the client keeps its server
-        unread = len(_SET_CONFIG_CALL.findall(statement)) - len(effects) - len(_SET_CONFIG_LOCAL.findall(statement))
-        if unread > 0:
-            effects.append(Effect("pin", value="SET_CONFIG"))
+        effects.append(Effect("pin", value="SET_CONFIG"))
     return effects
 
 
