@@ -107,6 +107,12 @@ class ClientSession(asyncio.Protocol):
         self.acquiring = False
         self.pinned = False
         self.parked = False  # `server` stays linked between transactions (see Pool)
+        # the parked server while its client is in the steady state (see `_lane`); else None
+        self.lane: ServerConnection | None = None
+        self.lane_ok = False  # transaction mode with no routing and no refusals (set at login)
+        # the last extended batch with one Bind taken by `_lane_batch`: the bytes before and after the Bind
+        self.lane_shape = (b"", b"")
+        self.lane_syncs = 0
         self.unsynced = False
         self.pending_effects: list[Effect] = []
         self.unanswered: list[bytes | memoryview] = []
@@ -150,6 +156,11 @@ class ClientSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
+            lane = self.lane
+            if lane is not None:
+                self.lane = None
+                if self._lane(lane, data):
+                    return
             if self.phase is READY:
                 if self.inbuf or self.acquiring:
                     self._ready_data(data)
@@ -172,6 +183,7 @@ class ClientSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = CLOSED
+        self.lane = None
         self.rt.clients.discard(self)
         if self.cancel_key is not None:
             self.rt.cancel_keys.pop(self.cancel_key, None)
@@ -208,6 +220,7 @@ class ClientSession(asyncio.Protocol):
             return
         self.write(codec.error_response(code, text, "FATAL"))
         self.phase = CLOSED
+        self.lane = None
         self.transport.close()
 
     # ------------------------------------------------------------ startup and authentication
@@ -349,6 +362,7 @@ class ClientSession(asyncio.Protocol):
             self.kinds = _KINDS_SESSION_JWT if self.jwt_guard else _KINDS_SESSION
         if self.pool_mode is not _SESSION and self.rt.splits_reads(cluster):
             self.routing = TransactionRouting(self.rt.router, self.rt.config.general.read_write_split)
+        self.lane_ok = self.pool_mode is _TRANSACTION and self.routing is None and not self.refusals
         pool = self.pool = self._login_pool()
         return pool
 
@@ -696,6 +710,7 @@ class ClientSession(asyncio.Protocol):
             return
         self.server = None
         self.parked = False
+        self.lane = None
         server.client = None
         server.pool.checkin(server, reset=self.pool_mode == _SESSION or (closing and self.pinned))
 
@@ -856,6 +871,90 @@ class ClientSession(asyncio.Protocol):
             self.unanswered.append(chunk)
         server.send(chunk)
 
+    def _lane(self, server: ServerConnection, data: bytes) -> bool:
+        """The steady state of a transaction pool: the client's server is parked with it and its session
+        matches. One whole Query, or a whole batch of unnamed extended messages ending in Sync, that changes
+        no session state is relayed as `_relay` and `_attach_now` would, in fewer steps. False leaves
+        anything else to them, the server still parked."""
+        size = len(data)
+        if data[0] == _Q:
+            if (size < 6 or size - 1 > self.max_message_bytes or codec.unpack_u32(data, 1)[0] != size - 1
+                    or self.effects_of(data[5:-1])):
+                return False
+            syncs = 1
+        else:
+            syncs = self._lane_batch(data, size)
+            if not syncs:
+                return False
+        self.parked = False
+        if not server.pool.unpark(server):  # due for a health check or too old: checked in
+            self.server = None
+            return False
+        server.relayed = server.saw_error = False
+        server.outstanding += syncs
+        self.unsynced = False
+        self.unanswered = [data]
+        self.retry_safe = True
+        server.transport.write(data)  # type: ignore[union-attr]  # a parked server is logged in
+        return True
+
+    def _lane_batch(self, data: bytes, size: int) -> int:
+        """Syncs in `data` if it is whole Parse/Bind/Describe/Execute/Flush/Sync messages ending in Sync, all
+        unnamed, none of them changing session state, within the size limit; else 0.
+
+        Applications repeat their batches with new parameters: a batch with one Bind whose messages before
+        and after it are the same bytes as in the last such batch only has its Bind looked at."""
+        if size > self.max_message_bytes:
+            return 0
+        head, tail = self.lane_shape
+        if head and data.startswith(head) and data.endswith(tail):
+            bind = len(head)
+            bind_end = size - len(tail)
+            if (bind_end - bind >= 7 and data[bind] == _B and not data[bind + 5] and not data[bind + 6]
+                    and codec.unpack_u32(data, bind + 1)[0] == bind_end - bind - 1):
+                return self.lane_syncs
+        header = codec.unpack_header
+        last = size - 5
+        pos = syncs = type_code = 0
+        bind = bind_end = -1
+        while pos <= last:
+            type_code, length = header(data, pos)
+            end = pos + 1 + length
+            if end > size or length < 4:
+                return 0
+            if type_code == _S:
+                syncs += 1
+            elif type_code in (_EXECUTE, _H):
+                pass
+            elif end - pos < 7:  # a body of under 2 bytes: malformed, left to `_relay`
+                return 0
+            elif type_code == _B:
+                if data[pos + 5] or data[pos + 6]:
+                    return 0
+                bind = pos if bind == -1 else -2
+                bind_end = end
+            elif type_code == _D:
+                if data[pos + 6]:
+                    return 0
+            elif type_code == _P:
+                if data[pos + 5]:
+                    return 0
+                try:
+                    _, query, _ = codec.split_parse(data[pos + 5 : end])
+                except ValueError:
+                    return 0
+                if self.parsed_effects_of(query):
+                    return 0
+            else:
+                return 0
+            pos = end
+        if pos != size or type_code != _S:
+            return 0
+        if bind >= 0:
+            self.lane_shape = (data[:bind], data[bind_end:])
+            self.lane_syncs = syncs
+        return syncs
+
     def _attach_now(self) -> ServerConnection | None:
         """Fast path: the server parked with us, or an idle one, whose session already matches; else
         start the slow path."""
@@ -1004,6 +1103,8 @@ class ClientSession(asyncio.Protocol):
             self._transaction_ended()
         if server.pool.park(server):
             self.parked = True
+            if self.lane_ok and server.session_state is self._snapshot and not self.inbuf:
+                self.lane = server
             return
         self.server = None
         server.pool.checkin(server)
@@ -1013,6 +1114,7 @@ class ClientSession(asyncio.Protocol):
         if server is self.server:
             self.server = None
             self.parked = False
+            self.lane = None
 
     def _settle_effects(self, server: ServerConnection, status: bytes) -> None:
         """Effects take hold once their transaction commits; an error or ROLLBACK drops them."""

@@ -364,6 +364,35 @@ def test_set_config_in_an_unnamed_extended_statement_carried(
         assert one(a, "SELECT current_setting('shardgate.flag', true)") == "unnamed-a", round_index
 
 
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_state_change_after_a_run_of_plain_statements_is_tracked(
+    primary_proxy: Callable[..., ProxyProcess], protocol: str
+) -> None:
+    """A client that keeps its parked server between plain statements (the relay's steady state) still has
+    a SET or set_config noticed when it comes, in either protocol and whether or not its batch repeats the
+    shape of the ones before."""
+    shared = primary_proxy("transaction", 1)
+    with connect(shared, application_name="client-a") as a:
+        for value in range(4):  # the same statement, new values: the steady state
+            if protocol == "simple":
+                assert one(a, f"SELECT {value}") == value
+            else:
+                assert one(a, "SELECT %s::int", (value,)) == value
+        if protocol == "simple":
+            a.execute("SET search_path = shardgate_steady")
+        else:
+            assert one(a, "SELECT set_config('search_path', 'shardgate_steady', false), %s::int", (1,)) == (
+                "shardgate_steady", 1)
+        with connect(shared, application_name="client-b") as b:
+            # pool of 1: B takes A's parked server; A's setting must not come with it
+            assert one(b, "SELECT current_setting('search_path')") == DEFAULT_SEARCH_PATH
+            for value in range(3):
+                assert one(a, "SELECT current_setting('search_path'), %s::int", (value,)) == (
+                    "shardgate_steady", value)
+                assert one(b, "SELECT current_setting('search_path'), %s::int", (value,)) == (
+                    DEFAULT_SEARCH_PATH, value)
+
+
 def test_set_config_of_a_bound_value_pins_the_client(primary_proxy: Callable[..., ProxyProcess]) -> None:
     """set_config(name, $1, false): the proxy cannot read the value, so the client keeps its server (pinned)
     and the server is reset when the client leaves; the next client never sees the value."""
