@@ -109,7 +109,7 @@ class ClientSession(asyncio.Protocol):
         self.parked = False  # `server` stays linked between transactions (see Pool)
         # the parked server while its client is in the steady state (see `_lane`); else None
         self.lane: ServerConnection | None = None
-        self.lane_ok = False  # transaction mode with no routing and no refusals (set at login)
+        self.lane_ok = False  # transaction mode with no read/write routing (set at login)
         # the last extended batch with one Bind taken by `_lane_batch`: the bytes before and after the Bind
         self.lane_shape = (b"", b"")
         self.lane_syncs = 0
@@ -362,7 +362,7 @@ class ClientSession(asyncio.Protocol):
             self.kinds = _KINDS_SESSION_JWT if self.jwt_guard else _KINDS_SESSION
         if self.pool_mode is not _SESSION and self.rt.splits_reads(cluster):
             self.routing = TransactionRouting(self.rt.router, self.rt.config.general.read_write_split)
-        self.lane_ok = self.pool_mode is _TRANSACTION and self.routing is None and not self.refusals
+        self.lane_ok = self.pool_mode is _TRANSACTION and self.routing is None
         pool = self.pool = self._login_pool()
         return pool
 
@@ -874,12 +874,13 @@ class ClientSession(asyncio.Protocol):
     def _lane(self, server: ServerConnection, data: bytes) -> bool:
         """The steady state of a transaction pool: the client's server is parked with it and its session
         matches. One whole Query, or a whole batch of unnamed extended messages ending in Sync, that changes
-        no session state is relayed as `_relay` and `_attach_now` would, in fewer steps. False leaves
-        anything else to them, the server still parked."""
+        no session state (and, in a JWT session, forges no claim) is relayed as `_relay` and `_attach_now`
+        would, in fewer steps. False leaves anything else to them, the server still parked."""
         size = len(data)
         if data[0] == _Q:
             if (size < 6 or size - 1 > self.max_message_bytes or codec.unpack_u32(data, 1)[0] != size - 1
-                    or self.effects_of(data[5:-1])):
+                    or self.effects_of(data[5:-1])
+                    or (self.refusals and self._refusal(data[5:-1]) is not None)):
                 return False
             syncs = 1
         else:
@@ -900,7 +901,7 @@ class ClientSession(asyncio.Protocol):
 
     def _lane_batch(self, data: bytes, size: int) -> int:
         """Syncs in `data` if it is whole Parse/Bind/Describe/Execute/Flush/Sync messages ending in Sync, all
-        unnamed, none of them changing session state, within the size limit; else 0.
+        unnamed, none of them changing session state or forging a claim, within the size limit; else 0.
 
         Applications repeat their batches with new parameters: a batch with one Bind whose messages before
         and after it are the same bytes as in the last such batch only has its Bind looked at."""
@@ -943,7 +944,8 @@ class ClientSession(asyncio.Protocol):
                     _, query, _ = codec.split_parse(data[pos + 5 : end])
                 except ValueError:
                     return 0
-                if self.parsed_effects_of(query):
+                if self.parsed_effects_of(query) or (
+                        self.jwt_guard and is_forgery_attempt(query.decode("utf-8", "replace"))):
                     return 0
             else:
                 return 0

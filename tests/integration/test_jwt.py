@@ -496,6 +496,8 @@ FORGERIES = [
     "SET SESSION AUTHORIZATION app",
     "SELECT 1; SET ROLE jwt_admin",
     "DO $$ BEGIN PERFORM set_config('request.jwt.claim.tenant_id', 't2', false); END $$",
+    # no SET or set_config in the statement's own text: only the forgery check sees it
+    "DO $$ BEGIN EXECUTE 'SET ROLE jwt_admin'; END $$",
 ]
 
 
@@ -533,15 +535,21 @@ def test_forgery_inside_a_transaction_aborts_it(jwt_proxy: ProxyProcess, pg: Top
         superuser(pg, f"DELETE FROM {TABLE} WHERE body = '{body}'")
 
 
+@pytest.mark.parametrize(("statement", "params"), [
+    ("SELECT set_config('request.jwt.claim.tenant_id', %s, false)", ["t2"]),
+    # no SET or set_config in the statement's own text: only the forgery check sees it (binary results make
+    # psycopg send even a statement without parameters as Parse/Bind/Execute)
+    ("DO $$ BEGIN EXECUTE 'SET ROLE jwt_admin'; END $$", []),
+])
 def test_forgery_over_the_extended_protocol_from_psycopg_closes_the_connection(
-    jwt_proxy: ProxyProcess,
+    jwt_proxy: ProxyProcess, statement: str, params: list[str]
 ) -> None:
     """A forging Parse cannot be answered in order with the messages after it: the proxy ends the
     connection with FATAL 42501 instead; the server goes back to the pool clean."""
     with connect_psycopg(jwt_proxy, make_token("t1")) as conn:
         assert who(conn)[1:] == (TENANT_ROLE, "t1", ["t1"])
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
-            conn.execute("SELECT set_config('request.jwt.claim.tenant_id', %s, false)", ["t2"])
+            conn.execute(statement, params, binary=True)
         assert refused.value.sqlstate == "42501"
         assert FORGERY_MESSAGE in str(refused.value)
         assert refused.value.diag.severity == "FATAL"
