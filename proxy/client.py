@@ -107,7 +107,7 @@ class ClientSession(asyncio.Protocol):
         self.acquiring = False
         self.pinned = False
         self.parked = False  # `server` stays linked between transactions (see Pool)
-        # the parked server while its client is in the steady state (see `_lane`); else None
+        # the client's server while the client is in the steady state (see `_lane`); else None
         self.lane: ServerConnection | None = None
         self.lane_ok = False  # transaction mode with no read/write routing (set at login)
         # the last extended batch with one Bind taken by `_lane_batch`: the bytes before and after the Bind
@@ -872,10 +872,11 @@ class ClientSession(asyncio.Protocol):
         server.send(chunk)
 
     def _lane(self, server: ServerConnection, data: bytes) -> bool:
-        """The steady state of a transaction pool: the client's server is parked with it and its session
-        matches. One whole Query, or a whole batch of unnamed extended messages ending in Sync, that changes
-        no session state (and, in a JWT session, forges no claim) is relayed as `_relay` and `_attach_now`
-        would, in fewer steps. False leaves anything else to them, the server still parked."""
+        """The steady state of a transaction pool: between transactions the client's server is parked with
+        it and its session matches; inside one the server is linked and has answered everything. One whole
+        Query, or a whole batch of unnamed extended messages ending in Sync, that changes no session state
+        (and, in a JWT session, forges no claim) is relayed as `_relay` and `_attach_now` would, in fewer
+        steps. False leaves anything else to them, the server as it was."""
         size = len(data)
         if data[0] == _Q:
             if (size < 6 or size - 1 > self.max_message_bytes or codec.unpack_u32(data, 1)[0] != size - 1
@@ -887,15 +888,18 @@ class ClientSession(asyncio.Protocol):
             syncs = self._lane_batch(data, size)
             if not syncs:
                 return False
-        self.parked = False
-        if not server.pool.unpark(server):  # due for a health check or too old: checked in
-            self.server = None
-            return False
-        server.relayed = server.saw_error = False
+        if self.parked:  # a new transaction
+            self.parked = False
+            if not server.pool.unpark(server):  # due for a health check or too old: checked in
+                self.server = None
+                return False
+            server.relayed = server.saw_error = False
+            self.unanswered = [data]
+            self.retry_safe = True
+        elif not server.relayed:  # inside a transaction nothing has answered yet
+            self.unanswered.append(data)
         server.outstanding += syncs
         self.unsynced = False
-        self.unanswered = [data]
-        self.retry_safe = True
         server.transport.write(data)  # type: ignore[union-attr]  # a parked server is logged in
         return True
 
@@ -1100,6 +1104,8 @@ class ClientSession(asyncio.Protocol):
                     sqlstate.FEATURE_NOT_SUPPORTED,
                     "transaction blocks are not allowed in statement pool mode", "FATAL"))
                 self._terminate()
+            elif self.lane_ok and not self.inbuf:  # inside a transaction: the server stays linked
+                self.lane = server
             return
         if self.routing is not None:
             self._transaction_ended()
@@ -1149,6 +1155,7 @@ class ClientSession(asyncio.Protocol):
         if server is not self.server:
             return
         self.server = None
+        self.lane = None
         if self.phase is not READY:
             return
         if self.retry_safe and not server.relayed and self.unanswered and not self.acquiring:
