@@ -896,11 +896,11 @@ class ClientSession(asyncio.Protocol):
             server.relayed = server.saw_error = False
             self.unanswered = [data]
             self.retry_safe = True
-        elif not server.relayed:  # inside a transaction nothing has answered yet
-            self.unanswered.append(data)
+        # else inside a transaction: the server has answered (its ReadyForQuery set the lane), so a loss from
+        # here on is not retried and nothing is kept for it
         server.outstanding += syncs
         self.unsynced = False
-        server.transport.write(data)  # type: ignore[union-attr]  # a parked server is logged in
+        server.transport.write(data)  # type: ignore[union-attr]  # a linked server is logged in
         return True
 
     def _lane_batch(self, data: bytes, size: int) -> int:
