@@ -110,9 +110,9 @@ class ClientSession(asyncio.Protocol):
         # the client's server while the client is in the steady state (see `_lane`); else None
         self.lane: ServerConnection | None = None
         self.lane_ok = False  # transaction mode with no read/write routing (set at login)
-        # the last extended batch with one Bind taken by `_lane_batch`: the bytes before and after the Bind
-        self.lane_shape = (b"", b"")
-        self.lane_syncs = 0
+        # the last extended batch with one Bind taken by `_lane_batch`: the bytes before and after the Bind,
+        # and its Syncs
+        self.lane_shape = (b"", b"", 0)
         self.unsynced = False
         self.pending_effects: list[Effect] = []
         self.unanswered: list[bytes | memoryview] = []
@@ -879,9 +879,10 @@ class ClientSession(asyncio.Protocol):
         steps. False leaves anything else to them, the server as it was."""
         size = len(data)
         if data[0] == _Q:
-            if (size < 6 or size - 1 > self.max_message_bytes or codec.unpack_u32(data, 1)[0] != size - 1
-                    or self.effects_of(data[5:-1])
-                    or (self.refusals and self._refusal(data[5:-1]) is not None)):
+            if size < 6 or size - 1 > self.max_message_bytes or codec.unpack_u32(data, 1)[0] != size - 1:
+                return False
+            sql = data[5:-1]
+            if self.effects_of(sql) or (self.refusals and self._refusal(sql) is not None):
                 return False
             syncs = 1
         else:
@@ -911,13 +912,13 @@ class ClientSession(asyncio.Protocol):
         and after it are the same bytes as in the last such batch only has its Bind looked at."""
         if size > self.max_message_bytes:
             return 0
-        head, tail = self.lane_shape
+        head, tail, shape_syncs = self.lane_shape
         if head and data.startswith(head) and data.endswith(tail):
             bind = len(head)
             bind_end = size - len(tail)
             if (bind_end - bind >= 7 and data[bind] == _B and not data[bind + 5] and not data[bind + 6]
                     and codec.unpack_u32(data, bind + 1)[0] == bind_end - bind - 1):
-                return self.lane_syncs
+                return shape_syncs
         header = codec.unpack_header
         last = size - 5
         pos = syncs = type_code = 0
@@ -948,8 +949,7 @@ class ClientSession(asyncio.Protocol):
                     _, query, _ = codec.split_parse(data[pos + 5 : end])
                 except ValueError:
                     return 0
-                if self.parsed_effects_of(query) or (
-                        self.jwt_guard and is_forgery_attempt(query.decode("utf-8", "replace"))):
+                if self.parsed_effects_of(query) or self._forges_claims(query):
                     return 0
             else:
                 return 0
@@ -957,8 +957,7 @@ class ClientSession(asyncio.Protocol):
         if pos != size or type_code != _S:
             return 0
         if bind >= 0:
-            self.lane_shape = (data[:bind], data[bind_end:])
-            self.lane_syncs = syncs
+            self.lane_shape = (data[:bind], data[bind_end:], syncs)
         return syncs
 
     def _attach_now(self) -> ServerConnection | None:
@@ -1059,15 +1058,19 @@ class ClientSession(asyncio.Protocol):
         if self.pool_mode is _STATEMENT and _opens_transaction(sql):
             return (sqlstate.FEATURE_NOT_SUPPORTED, "transaction blocks are not allowed in statement pool mode",
                     'run each statement on its own, or use pool_mode = "transaction"')
-        if self.jwt_guard and is_forgery_attempt(sql.decode("utf-8", "replace")):
+        if self._forges_claims(sql):
             return (sqlstate.INSUFFICIENT_PRIVILEGE, "a JWT session cannot change its claims or role",
                     "request.jwt.* settings and the role come from the token")
         return None
 
+    def _forges_claims(self, sql: bytes) -> bool:
+        """A JWT session's statement text that could change its claims or role."""
+        return self.jwt_guard and is_forgery_attempt(sql.decode("utf-8", "replace"))
+
     def _parse_text(self, query: bytes) -> None:
         """A Parse's statement text: refused when a JWT session forges its claims; when pooled, a SET or
         set_config in it is tracked like a Query's."""
-        if self.jwt_guard and is_forgery_attempt(query.decode("utf-8", "replace")):
+        if self._forges_claims(query):
             raise ProxyError(sqlstate.INSUFFICIENT_PRIVILEGE, "a JWT session cannot change its claims or role")
         if self.pool_mode is not _SESSION:
             effects = self.parsed_effects_of(query)
