@@ -30,6 +30,7 @@ NOOP_CLOSE = codec.message(b"C", b"Ssg_noop\x00")
 
 _Z, _E, _PARSE_DONE, _CLOSE_DONE, _PARAM, _COMPLETE = b"Z"[0], b"E"[0], b"1"[0], b"3"[0], b"S"[0], b"C"[0]
 _DATA_ROW = b"D"[0]
+_READY_HEADER = b"Z\x00\x00\x00\x05"
 
 
 def _types_table(types: tuple[int, ...]) -> list[bool]:
@@ -46,6 +47,9 @@ _WATCHED = {
     (True, True): _types_table((_Z, _E, _PARAM, _PARSE_DONE, _CLOSE_DONE, _COMPLETE)),
 }
 _ALL_TYPES = [True] * 256  # while proxy SQL runs: every response is the proxy's
+_PLAIN = _WATCHED[False, False]
+_NO_SHAPE = (b"\x00", b"", b"")  # no response starts with a zero byte: matches nothing
+_SHAPE_PATIENCE = 8  # misses before the relay learns a new response shape
 
 
 class ServerConnection(asyncio.Protocol):
@@ -79,7 +83,9 @@ class ServerConnection(asyncio.Protocol):
         self.broken = False
         self.rewrites = 0
         self.tags = False
-        self.watched = _WATCHED[False, False]
+        self.watched = _PLAIN
+        self.shape: tuple[bytes, bytes, bytes] | None = None
+        self.shape_misses = 0
         self.rows: list[list[str | None]] | None = None
         self._pending = b""
         self._skip = 0
@@ -205,6 +211,27 @@ class ServerConnection(asyncio.Protocol):
                     self.client.write(data)
                 return
             self._skip = 0
+        else:
+            # The same kind of statement gets the same kind of answer: when the bytes before and after its one
+            # DataRow are those of this server's last such answer, only that DataRow's length is read.
+            shape = self.shape
+            if shape is not None:
+                head, tail, status = shape
+                row = len(head)
+                tail_at = size - len(tail)
+                if (tail_at - row >= 5 and data[row] == _DATA_ROW and data.startswith(head)
+                        and data.endswith(tail) and codec.unpack_u32(data, row + 1)[0] == tail_at - row - 1):
+                    self.outstanding -= 1  # the tail ends in ReadyForQuery, as in the walk below
+                    self.txn_status = status
+                    client = self.client
+                    if client is not None:
+                        client.transport.write(data)  # type: ignore[union-attr]
+                        client.on_server_ready(self, status)
+                    self.saw_error = False
+                    return
+                self.shape_misses += 1
+                if self.shape_misses > _SHAPE_PATIENCE:
+                    self.shape = None
         # Messages are walked header by header; unwatched ones are forwarded in runs, untouched.
         run = 0
         header = codec.unpack_header
@@ -225,6 +252,8 @@ class ServerConnection(asyncio.Protocol):
                 self.outstanding -= 1
                 status = data[pos + 5 : pos + 6]
                 self.txn_status = status
+                if end == size and self.shape is None:
+                    self._learn_shape(data, size)
                 client = self.client
                 if client is not None:
                     # a linked client is connected: its transport is set
@@ -245,6 +274,30 @@ class ServerConnection(asyncio.Protocol):
         client = self.client
         if run < pos and client is not None and not self.swallow:
             client.write(data[run:pos] if run or pos < size else data)
+
+    def _learn_shape(self, data: bytes, size: int) -> None:
+        """Remember the shape of an answer that ends in its only ReadyForQuery and holds one DataRow and
+        nothing else the relay watches, for `data_received` to recognise the next one like it."""
+        self.shape = _NO_SHAPE
+        self.shape_misses = 0
+        if self.watched is not _PLAIN:
+            return
+        header = codec.unpack_header
+        pos = 0
+        row = row_end = -1
+        last = size - 6  # where the ReadyForQuery starts
+        while pos < last:
+            type_code, length = header(data, pos)
+            if _PLAIN[type_code] or length < 4:
+                return
+            if type_code == _DATA_ROW:
+                if row >= 0:
+                    return
+                row = pos
+                row_end = pos + 1 + length
+            pos += 1 + length
+        if pos == last and row >= 0 and data.startswith(_READY_HEADER, last):
+            self.shape = (data[:row], data[row_end:], data[last + 5 : last + 6])
 
     def _watched(self, data: bytes, type_code: int, pos: int, end: int, run: int) -> bool:
         """Handle one watched message; True when it was consumed here (the caller skips it)."""
@@ -342,6 +395,7 @@ class ServerConnection(asyncio.Protocol):
         """Send proxy SQL whose responses are swallowed; the linked client hears when it is done."""
         self.swallow = 1
         self.watched = _ALL_TYPES
+        self.shape = None
         self.swallow_error = None
         self.outstanding += 1
         self.send(codec.query(sql))
@@ -419,6 +473,7 @@ class ServerConnection(asyncio.Protocol):
 
     def _rewatch(self) -> None:
         self.watched = _ALL_TYPES if self.swallow else _WATCHED[self.rewrites > 0, self.tags]
+        self.shape = None  # learnt under the plain table only
 
     def reset_tracking(self) -> None:
         self.session_state = EMPTY_SERVER_STATE

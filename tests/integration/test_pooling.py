@@ -603,6 +603,47 @@ def test_pipelined_batches_keep_replies_to_renamed_statements_in_their_batch(
         client.close()
 
 
+# What PostgreSQL ends a one-row SELECT with: CommandComplete "SELECT 1", then ReadyForQuery (idle).
+ONE_ROW_REPLY_END = message(b"C", b"SELECT 1\x00") + message(b"Z", b"I")
+SERVER_SEND_BUFFER = 8192  # PostgreSQL sends a long reply in writes of its 8 KB output buffer
+
+
+def _bytea_round_trip(value: bytes) -> bytes:
+    """Parse/Bind/Execute/Sync of `SELECT $1::bytea`, the value and the result both in binary: its reply
+    is ParseComplete, BindComplete, one DataRow holding `value` byte for byte, CommandComplete, Ready."""
+    parse = message(b"P", b"\x00SELECT $1::bytea\x00" + struct.pack("!hI", 1, 17))
+    bind = message(b"B", b"\x00\x00" + struct.pack("!hhhi", 1, 1, 1, len(value)) + value
+                   + struct.pack("!hh", 1, 1))
+    return parse + bind + message(b"E", b"\x00" + struct.pack("!i", 0)) + message(b"S", b"")
+
+
+def test_a_row_holding_the_end_of_a_reply_is_not_taken_for_it(
+    primary_proxy: Callable[..., ProxyProcess],
+) -> None:
+    # After a few small replies of the same statement, a long row whose bytes spell the end of such a
+    # reply (CommandComplete, ReadyForQuery) exactly where the server's output buffer ends: a relay that
+    # took a read ending there for the whole reply would give the server back mid-row and lose the rest.
+    shared = primary_proxy("transaction", 1)
+    client = RawClient(shared.host, shared.port)
+    try:
+        client.login()
+        for index in range(3):
+            client.send(_bytea_round_trip(b"small %d" % index))
+            assert [code for code, _ in client.read_until_ready()] == [b"1", b"2", b"D", b"C", b"Z"]
+        value_at = 10 + 11  # ParseComplete, BindComplete; then the DataRow's header, column count, length
+        value = bytearray(b"x" * (40 * SERVER_SEND_BUFFER))
+        for boundary in range(SERVER_SEND_BUFFER, len(value), SERVER_SEND_BUFFER):
+            start = boundary - value_at - len(ONE_ROW_REPLY_END)
+            value[start : start + len(ONE_ROW_REPLY_END)] = ONE_ROW_REPLY_END
+        client.send(_bytea_round_trip(bytes(value)))
+        reply = client.read_until_ready()
+        assert [code for code, _ in reply] == [b"1", b"2", b"D", b"C", b"Z"]
+        assert reply[2][1] == struct.pack("!hi", 1, len(value)) + value
+        assert client.simple_query("SELECT 'after'") == [["after"]]
+    finally:
+        client.close()
+
+
 def test_prepared_statement_resolved_under_its_clients_search_path(
     primary_proxy: Callable[..., ProxyProcess], pg: Topology
 ) -> None:
