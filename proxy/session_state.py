@@ -276,20 +276,31 @@ def sync_sql(wanted: ServerState, current: ServerState) -> str:
     parts: list[str] = []
     wanted_settings, wanted_prepared = dict(wanted[0]), dict(wanted[1])
     current_settings, current_prepared = dict(current[0]), dict(current[1])
+    # The role decides which settings a SET may change (superuser-only ones, GRANT SET ON PARAMETER), as it
+    # did when the client ran them before its SET ROLE: the server's role goes first, the client's last.
+    # A JWT client's claims may switch the role too: the previous client's are cleared first, ours set last.
+    wanted_claims, current_claims = wanted[2], current[2]
+    if wanted_claims != current_claims and current_claims[1]:
+        parts.append(current_claims[1])
+    wanted_role = wanted_settings.pop("role", None)
+    current_role = current_settings.pop("role", None)
+    if current_role is not None and (current_role != wanted_role or current_settings != wanted_settings):
+        parts.append("RESET role")
+        current_role = None
     for name in current_settings:
         if name not in wanted_settings:
             parts.append(f"RESET {quote_ident(name)}")
     for name, value in wanted_settings.items():
         if current_settings.get(name) != value:
             parts.append(f"SET {quote_ident(name)} = {value}")
+    if wanted_role is not None and wanted_role != current_role:
+        parts.append(f"SET role = {wanted_role}")
     for name, text in current_prepared.items():
         if wanted_prepared.get(name) != text:
             parts.append(f"DEALLOCATE {quote_ident(name)}")
     for name, text in wanted_prepared.items():
         if current_prepared.get(name) != text:
             parts.append(text)
-    wanted_claims, current_claims = wanted[2], current[2]
     if wanted_claims != current_claims:
-        # a JWT client's claims replace the previous client's; anyone else gets them cleared
-        parts.append(wanted_claims[0] or current_claims[1])
+        parts.append(wanted_claims[0])
     return ";".join(part for part in parts if part)

@@ -393,6 +393,31 @@ def test_state_change_after_a_run_of_plain_statements_is_tracked(
                     DEFAULT_SEARCH_PATH, value)
 
 
+def test_a_role_taken_after_a_privileged_setting_is_replayed_after_it(
+    primary_proxy: Callable[..., ProxyProcess], admin: psycopg.Connection[Any]
+) -> None:
+    # The client changes a superuser-only parameter its login role was granted, then takes on a role that
+    # was not. On PostgreSQL both stay. Through a pool of one, each time it comes back from another client
+    # the proxy replays them, in an order the server accepts: the setting as the login role, then the role.
+    shared = primary_proxy("transaction", 1)
+    reader = unique_name("reader")
+    admin.execute(f"CREATE ROLE {reader}")
+    admin.execute(f"GRANT {reader} TO {SERVER_USER}")
+    admin.execute(f"GRANT SET ON PARAMETER track_functions TO {SERVER_USER}")
+    try:
+        with connect(shared) as a, connect(shared) as b:
+            a.execute("SET track_functions = 'pl'")
+            a.execute(f"SET ROLE {reader}")
+            for round_index in range(3):
+                assert one(a, "SELECT current_user::text, current_setting('track_functions')") == (
+                    reader, "pl"), round_index
+                assert one(b, "SELECT current_user::text, current_setting('track_functions')") == (
+                    SERVER_USER, "none"), round_index
+    finally:
+        admin.execute(f"REVOKE SET ON PARAMETER track_functions FROM {SERVER_USER}")
+        admin.execute(f"DROP ROLE {reader}")
+
+
 def test_set_config_of_a_bound_value_pins_the_client(primary_proxy: Callable[..., ProxyProcess]) -> None:
     """set_config(name, $1, false): the proxy cannot read the value, so the client keeps its server (pinned)
     and the server is reset when the client leaves; the next client never sees the value."""

@@ -104,6 +104,54 @@ def test_sync_sql_diff() -> None:
     assert sync_sql(client.snapshot(), client.snapshot()) == ""
 
 
+@pytest.mark.parametrize(
+    ("server_effects", "expected"),
+    [
+        # a server with the previous client's role: back to the login role before any SET, ours last
+        ([Effect("set", "track_functions", "'all'"), Effect("set", "role", "'other'")],
+         ["RESET role", "SET \"track_functions\" = 'pl'", "SET role = 'reader'"]),
+        # a fresh server: the client's role still comes after the setting it made before SET ROLE
+        ([], ["SET \"track_functions\" = 'pl'", "SET role = 'reader'"]),
+        # the same role but a setting to change: the change is made as the login role, the role put back
+        ([Effect("set", "track_functions", "'none'"), Effect("set", "role", "'reader'")],
+         ["RESET role", "SET \"track_functions\" = 'pl'", "SET role = 'reader'"]),
+        # only the role differs
+        ([Effect("set", "track_functions", "'pl'"), Effect("set", "role", "'other'")],
+         ["RESET role", "SET role = 'reader'"]),
+    ],
+)
+def test_sync_sql_sets_the_role_after_the_settings(server_effects: list[Effect], expected: list[str]) -> None:
+    # SET track_functions = 'pl'; SET ROLE reader: replayed role-first, the SET would run as `reader`,
+    # which may not change a superuser-only setting.
+    client = SessionState.from_startup({})
+    client.apply([Effect("set", "track_functions", "'pl'"), Effect("set", "role", "'reader'")])
+    server = SessionState.from_startup({})
+    server.apply(server_effects)
+    assert sync_sql(client.snapshot(), server.snapshot()).split(";") == expected
+
+
+def test_sync_sql_resets_the_role_first() -> None:
+    # the previous client's role must not be the one that resets the settings it leaves behind
+    server = SessionState.from_startup({})
+    server.apply([Effect("set", "track_functions", "'all'"), Effect("set", "role", "'reader'")])
+    assert sync_sql(SessionState.from_startup({}).snapshot(), server.snapshot()).split(";") == [
+        "RESET role", 'RESET "track_functions"']
+
+
+def test_sync_sql_clears_the_previous_jwt_role_before_the_settings() -> None:
+    # a server left by a JWT client (its claims switched the role) given to a password client, and back
+    jwt_claims = ("SELECT set_config('request.jwt.claims', '{}', false); SET ROLE jwt_reader",
+                  "SELECT set_config('request.jwt.claims', '', false); RESET ROLE")
+    jwt_client = SessionState.from_startup({})
+    jwt_client.claims = jwt_claims
+    password_client = SessionState.from_startup({})
+    password_client.apply([Effect("set", "track_functions", "'pl'")])
+    assert sync_sql(password_client.snapshot(), jwt_client.snapshot()).split(";") == [
+        "SELECT set_config('request.jwt.claims', '', false)", " RESET ROLE", "SET \"track_functions\" = 'pl'"]
+    assert sync_sql(jwt_client.snapshot(), password_client.snapshot()).split(";") == [
+        'RESET "track_functions"', "SELECT set_config('request.jwt.claims', '{}', false)", " SET ROLE jwt_reader"]
+
+
 def test_scanner_caches_by_text() -> None:
     scanner = EffectScanner(cache_size=2)
     first = scanner.effects(b"SET a.b = 1")
