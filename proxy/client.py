@@ -753,6 +753,7 @@ class ClientSession(asyncio.Protocol):
         header = codec.unpack_header
         kinds = self.kinds
         attached = server is not None and not self.parked
+        sent_from = 0  # where this data starts going to the server (answered locally before that)
         # A whole message in a buffer no larger than the limit is within it; a larger buffer checks each one.
         wide = size > limit
         last = size - 5  # the last position where a whole header fits
@@ -766,7 +767,7 @@ class ClientSession(asyncio.Protocol):
                     raise ProtocolError(_framing_problem(type_code, length, limit))
                 if end > size:
                     break
-                self._flush(server, data, run, pos, out)
+                self._flush(server, data, run, pos, out, sent_from)
                 self._terminate()
                 return size
             if not attached:
@@ -788,6 +789,7 @@ class ClientSession(asyncio.Protocol):
                     return size
                 server = linked
                 attached = True
+                sent_from = pos
             if kind <= _K_QUERY:  # Sync, FunctionCall or Query: answered with a ReadyForQuery
                 server.outstanding += 1
                 self.unsynced = False
@@ -850,11 +852,11 @@ class ClientSession(asyncio.Protocol):
                 self.unanswered.append(data)
             server.transport.write(data)  # type: ignore[union-attr]  # a linked server is logged in
         else:
-            self._flush(server, data, run, pos, out)
+            self._flush(server, data, run, pos, out, sent_from)
         return pos
 
     def _flush(self, server: ServerConnection | None, view: bytes, run: int, pos: int,
-               out: list[bytes | memoryview] | None) -> None:
+               out: list[bytes | memoryview] | None, sent_from: int) -> None:
         if server is None:
             return
         if out is None:
@@ -868,7 +870,8 @@ class ClientSession(asyncio.Protocol):
                 return
             chunk = b"".join(out)
         if not server.relayed:
-            self.unanswered.append(chunk)
+            # kept as the client sent it: a retry on another server renames and prepares it again there
+            self.unanswered.append(chunk if out is None else memoryview(view)[sent_from:pos])
         server.send(chunk)
 
     def _lane(self, server: ServerConnection, data: bytes) -> bool:

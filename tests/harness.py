@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -603,3 +604,76 @@ def data_row(body: bytes) -> list[str | None]:
             values.append(body[offset : offset + length].decode())
             offset += length
     return values
+
+
+# -- fault injection: a server connection that dies with a request unanswered --------------------------
+
+FORWARD_CHUNK_BYTES = 65536
+
+
+class CuttingForwarder:
+    """A TCP forwarder on loopback in front of a real server. Once armed with `cut_on(marker)`, the first
+    connection that carries `marker` toward the server is closed on both sides instead (the bytes are not
+    forwarded): to the proxy, its server died before answering. Every other byte passes untouched."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.host, self.port = self.listener.getsockname()[:2]
+        self.marker: bytes | None = None
+        self.cuts = 0
+        self.lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_on(self, marker: bytes) -> None:
+        with self.lock:
+            self.marker = marker
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection(self.upstream)
+            except OSError:
+                downstream.close()
+                continue
+            with self.lock:
+                self.sockets += [downstream, upstream]
+            pair = (downstream, upstream)
+            threading.Thread(target=self._pump, args=(downstream, upstream, pair, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, downstream, pair, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, pair: tuple[socket.socket, socket.socket],
+              toward_server: bool) -> None:
+        try:
+            while chunk := source.recv(FORWARD_CHUNK_BYTES):
+                if toward_server:
+                    with self.lock:
+                        cut = self.marker is not None and self.marker in chunk
+                        if cut:
+                            self.marker = None
+                            self.cuts += 1
+                    if cut:
+                        break
+                target.sendall(chunk)
+        except OSError:
+            pass
+        for sock in pair:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.close()
+                except OSError:
+                    pass

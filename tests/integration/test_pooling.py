@@ -27,6 +27,7 @@ from psycopg import errors as pg_errors
 
 from proxy.topology import Topology
 from tests.harness import (
+    CuttingForwarder,
     DirectProxy,
     ProxyFactory,
     ProxyProcess,
@@ -1020,6 +1021,30 @@ def test_terminated_servers_are_replaced(
         clients[2].execute("COMMIT")
         assert not new_pids & old_pids
         assert [one(client, "SELECT %s::int", (i,)) for i, client in enumerate(clients)] == [0, 1, 2]
+
+
+def test_a_server_lost_under_a_prepared_statement_is_replaced_transparently(
+    proxy: ProxyFactory, pg: Topology
+) -> None:
+    # The client's statement is prepared on its server; in a later transaction the server dies as that
+    # statement's Bind reaches it, before answering. The proxy retries on a new server, where the statement
+    # was never prepared: the retry prepares it there, as for any server that lacks it.
+    assert pg.primary is not None
+    forwarder = CuttingForwarder(pg.primary.host, pg.primary.port)
+    try:
+        entries = database_entries(pg.primary)
+        entries[0].update(host=forwarder.host, port=forwarder.port)
+        shared = real_proxy(proxy(pool_mode="transaction", pool_size=2, databases=entries))
+        with connect(shared) as client:
+            for value in ("first", "second"):
+                assert client.execute("SELECT %s::text", (value,), prepare=True).fetchone() == (value,)
+            marker = unique_name("cut")
+            forwarder.cut_on(marker.encode())
+            assert client.execute("SELECT %s::text", (marker,), prepare=True).fetchone() == (marker,)
+            assert forwarder.cuts == 1
+            assert client.execute("SELECT %s::text", ("after",), prepare=True).fetchone() == ("after",)
+    finally:
+        forwarder.close()
 
 
 def test_server_lifetime(primary_proxy: Callable[..., ProxyProcess], admin: psycopg.Connection[Any]) -> None:
