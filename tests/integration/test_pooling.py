@@ -1023,26 +1023,32 @@ def test_terminated_servers_are_replaced(
         assert [one(client, "SELECT %s::int", (i,)) for i, client in enumerate(clients)] == [0, 1, 2]
 
 
-def test_a_server_lost_under_a_prepared_statement_is_replaced_transparently(
-    proxy: ProxyFactory, pg: Topology
+@pytest.mark.parametrize("statement", ["named", "unnamed", "simple"])
+def test_a_server_lost_before_answering_is_replaced_transparently(
+    proxy: ProxyFactory, pg: Topology, statement: str
 ) -> None:
-    # The client's statement is prepared on its server; in a later transaction the server dies as that
-    # statement's Bind reaches it, before answering. The proxy retries on a new server, where the statement
-    # was never prepared: the retry prepares it there, as for any server that lacks it.
+    # A client in its steady state (its server parked with it); in its next transaction the server dies as
+    # the statement reaches it, before answering. The proxy retries on a new server. A named statement was
+    # prepared on the old server only: the retry prepares it on the new one, as for any server that lacks it.
     assert pg.primary is not None
     forwarder = CuttingForwarder(pg.primary.host, pg.primary.port)
     try:
         entries = database_entries(pg.primary)
         entries[0].update(host=forwarder.host, port=forwarder.port)
         shared = real_proxy(proxy(pool_mode="transaction", pool_size=2, databases=entries))
-        with connect(shared) as client:
+        cursor_factory = psycopg.ClientCursor if statement == "simple" else psycopg.Cursor
+        with connect(shared, cursor_factory=cursor_factory) as client:
+
+            def echo(value: str) -> Any:
+                return client.execute("SELECT %s::text", (value,), prepare=statement == "named").fetchone()
+
             for value in ("first", "second"):
-                assert client.execute("SELECT %s::text", (value,), prepare=True).fetchone() == (value,)
+                assert echo(value) == (value,)
             marker = unique_name("cut")
             forwarder.cut_on(marker.encode())
-            assert client.execute("SELECT %s::text", (marker,), prepare=True).fetchone() == (marker,)
+            assert echo(marker) == (marker,)
             assert forwarder.cuts == 1
-            assert client.execute("SELECT %s::text", ("after",), prepare=True).fetchone() == ("after",)
+            assert echo("after") == ("after",)
     finally:
         forwarder.close()
 
