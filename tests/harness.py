@@ -642,7 +642,7 @@ class CuttingForwarder:
                 downstream.close()
                 continue
             with self.lock:
-                self.sockets += [downstream, upstream]
+                self.sockets += [downstream, upstream]  # closed by `close` (or by a pump, at its end)
             pair = (downstream, upstream)
             threading.Thread(target=self._pump, args=(downstream, upstream, pair, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, downstream, pair, False), daemon=True).start()
@@ -670,10 +670,18 @@ class CuttingForwarder:
             sock.close()
 
     def close(self) -> None:
+        """Stop accepting and end every connection (shutdown wakes the pumps blocked in recv; a bare close
+        from another thread would leave the connection open until they return)."""
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        except OSError:
+            pass
         self.listener.close()
         with self.lock:
-            for sock in self.sockets:
-                try:
-                    sock.close()
-                except OSError:
-                    pass
+            sockets, self.sockets = self.sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
