@@ -111,8 +111,9 @@ class ClientSession(asyncio.Protocol):
         self.lane: ServerConnection | None = None
         self.lane_ok = False  # transaction mode with no read/write routing (set at login)
         # the last extended batch with one Bind taken by `_lane_batch`: the bytes before and after the Bind,
-        # and its Syncs
-        self.lane_shape = (b"", b"", 0)
+        # its Syncs, and for a Bind of a named statement how it is renamed (see `_NamedBind`)
+        self.lane_shape: tuple[bytes, bytes, int, _NamedBind | None] | None = None
+        self.lane_send = b""  # a batch `_lane_batch` renamed, to send instead of the client's
         self.unsynced = False
         self.pending_effects: list[Effect] = []
         self.unanswered: list[bytes | memoryview] = []
@@ -889,9 +890,13 @@ class ClientSession(asyncio.Protocol):
                 return False
             syncs = 1
         else:
-            syncs = self._lane_batch(data, size)
+            syncs = self._lane_batch(server, data, size)
             if not syncs:
                 return False
+        send = data
+        if syncs < 0:  # renamed
+            syncs = -syncs
+            send = self.lane_send
         if self.parked:  # a new transaction
             self.parked = False
             if not server.pool.unpark(server):  # due for a health check or too old: checked in
@@ -904,28 +909,37 @@ class ClientSession(asyncio.Protocol):
         # here on is not retried and nothing is kept for it
         server.outstanding += syncs
         self.unsynced = False
-        server.transport.write(data)  # type: ignore[union-attr]  # a linked server is logged in
+        server.transport.write(send)  # type: ignore[union-attr]  # a linked server is logged in
         return True
 
-    def _lane_batch(self, data: bytes, size: int) -> int:
+    def _lane_batch(self, server: ServerConnection, data: bytes, size: int) -> int:
         """Syncs in `data` if it is whole Parse/Bind/Describe/Execute/Flush/Sync messages ending in Sync, all
         unnamed, none of them changing session state or forging a claim, within the size limit; else 0.
+        One Bind may name a statement `server` has prepared: then the batch, renamed as `_pooled_extended`
+        would, is left in `lane_send` and the Syncs are returned negated.
 
         Applications repeat their batches with new parameters: a batch with one Bind whose messages before
         and after it are the same bytes as in the last such batch only has its Bind looked at."""
         if size > self.max_message_bytes:
             return 0
-        head, tail, shape_syncs = self.lane_shape
-        if head and data.startswith(head) and data.endswith(tail):
+        shape = self.lane_shape
+        if shape is not None and data.startswith(shape[0]) and data.endswith(shape[1]):
+            head, tail, shape_syncs, named = shape
             bind = len(head)
             bind_end = size - len(tail)
-            if (bind_end - bind >= 7 and data[bind] == _B and not data[bind + 5] and not data[bind + 6]
+            if (bind_end - bind >= 7 and data[bind] == _B
                     and codec.unpack_u32(data, bind + 1)[0] == bind_end - bind - 1):
-                return shape_syncs
+                if named is None:
+                    if not data[bind + 5] and not data[bind + 6]:
+                        return shape_syncs
+                elif data.startswith(named.client_prefix, bind + 5) and named.usable(self, server):
+                    self.lane_send = named.renamed(data, bind, bind_end)
+                    return -shape_syncs
         header = codec.unpack_header
         last = size - 5
         pos = syncs = type_code = 0
         bind = bind_end = -1
+        named = None
         while pos <= last:
             type_code, length = header(data, pos)
             end = pos + 1 + length
@@ -938,7 +952,15 @@ class ClientSession(asyncio.Protocol):
             elif end - pos < 7:  # a body of under 2 bytes: malformed, left to `_relay`
                 return 0
             elif type_code == _B:
-                if data[pos + 5] or data[pos + 6]:
+                if data[pos + 5]:
+                    return 0
+                if data[pos + 6]:  # a named statement: taken if it is the only Bind and `server` has it
+                    if bind != -1:
+                        return 0
+                    named = _NamedBind.of(self, server, data, pos, end)
+                    if named is None:
+                        return 0
+                elif named is not None:
                     return 0
                 bind = pos if bind == -1 else -2
                 bind_end = end
@@ -960,7 +982,10 @@ class ClientSession(asyncio.Protocol):
         if pos != size or type_code != _S:
             return 0
         if bind >= 0:
-            self.lane_shape = (data[:bind], data[bind_end:], syncs)
+            self.lane_shape = (data[:bind], data[bind_end:], syncs, named)
+        if named is not None:
+            self.lane_send = named.renamed(data, bind, bind_end)
+            return -syncs
         return syncs
 
     def _attach_now(self) -> ServerConnection | None:
@@ -1181,6 +1206,48 @@ class ClientSession(asyncio.Protocol):
         if server is None or (server.outstanding == 0 and not self.unsynced):
             return
         self.rt.send_cancel(server.address, server.process_id, server.secret_key)
+
+
+class _NamedBind:
+    """How the lane renames a Bind of the client's named statement to the proxy-global name its server has
+    it under: the Bind's body starts with `client_prefix` (unnamed portal, client's name) and is sent
+    starting with `server_prefix` instead."""
+
+    __slots__ = ("client_prefix", "known", "name", "server_prefix")
+
+    def __init__(self, name: str, known: tuple[str, bytes], client_prefix: bytes) -> None:
+        self.name = name
+        self.known = known  # the client's `statements` entry the renaming was made from
+        self.client_prefix = client_prefix
+        self.server_prefix = b"\x00" + known[0].encode() + b"\x00"
+
+    @classmethod
+    def of(cls, client: ClientSession, server: ServerConnection, data: bytes, pos: int,
+           end: int) -> _NamedBind | None:
+        """The renaming of the Bind at `pos` (unnamed portal, named statement), or None when the statement
+        is unknown, not prepared on `server`, or its name malformed (all left to the general path)."""
+        name_end = data.find(b"\x00", pos + 6, end)
+        if name_end == -1:
+            return None
+        try:
+            name = data[pos + 6 : name_end].decode()
+        except UnicodeDecodeError:
+            return None
+        known = client.statements.get(name)
+        if known is None or known[0] not in server.prepared:
+            return None
+        return cls(name, known, data[pos + 5 : name_end + 1])
+
+    def usable(self, client: ClientSession, server: ServerConnection) -> bool:
+        """Still the client's statement of that name (not closed and parsed again), prepared on `server`."""
+        return client.statements.get(self.name) is self.known and self.known[0] in server.prepared
+
+    def renamed(self, data: bytes, bind: int, bind_end: int) -> bytes:
+        """`data` with its Bind at `bind` naming the server's statement."""
+        body_start = bind + 5 + len(self.client_prefix)
+        length = 4 + len(self.server_prefix) + bind_end - body_start
+        return b"".join((data[:bind], b"B", codec.pack_u32(length), self.server_prefix,
+                         memoryview(data)[body_start:bind_end], data[bind_end:]))
 
 
 def _extended_begin_reply(data: bytes, pos: int, size: int) -> bytes | None:

@@ -18,6 +18,7 @@ _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 _I16 = struct.Struct("!h")
 unpack_u32 = _U32.unpack_from
+pack_u32 = _U32.pack
 unpack_i32 = _I32.unpack_from
 unpack_i16 = _I16.unpack_from
 unpack_header = struct.Struct("!BI").unpack_from  # (message type byte, length) of the message at an offset

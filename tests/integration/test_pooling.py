@@ -670,6 +670,45 @@ def test_a_row_holding_the_end_of_a_reply_is_not_taken_for_it(
         client.close()
 
 
+def test_a_named_statement_prepared_on_another_server_is_prepared_on_the_clients_new_one(
+    primary_proxy: Callable[..., ProxyProcess],
+) -> None:
+    # A prepares a statement on server X and reuses it there. B and C arrive on a full pool of two: C takes
+    # X, parked with A. A's next plain statement takes Y, parked with B, and A is settled on Y. A's prepared
+    # statement must then be prepared on Y before its Bind, as on any server that lacks it.
+    shared = primary_proxy("transaction", 2)
+    sql = "SELECT pg_backend_pid(), %s::int"
+    with connect(shared) as a, connect(shared) as b, connect(shared) as c:
+        first_pid = a.execute(sql, (1,), prepare=True).fetchone()[0]  # type: ignore[index]
+        assert a.execute(sql, (2,), prepare=True).fetchone() == (first_pid, 2)
+        second_pid = one(b, "SELECT pg_backend_pid()")
+        assert one(c, "SELECT pg_backend_pid()") == first_pid  # X, taken from A
+        assert one(a, "SELECT pg_backend_pid()") == second_pid  # Y, taken from B
+        for value in range(3, 6):
+            assert a.execute(sql, (value,), prepare=True).fetchone() == (second_pid, value)
+
+
+def test_a_named_statement_closed_and_parsed_again_binds_the_new_text(
+    primary_proxy: Callable[..., ProxyProcess],
+) -> None:
+    # The same statement name, closed and parsed again with another text, between runs of Binds that
+    # repeat byte for byte: the Binds after it run the new text.
+    shared = primary_proxy("transaction", 1)
+    client = RawClient(shared.host, shared.port)
+    try:
+        client.login()
+        for text, expected in (("SELECT $1::int + 100", "107"), ("SELECT $1::int + 200", "207")):
+            client.send(_parse("reused", text) + message(b"S", b""))
+            assert _batch_view(client.read_until_ready()) == ["1", "Z"]
+            for _ in range(3):
+                client.send(_bind_execute_sync("reused", "7"))
+                assert _batch_view(client.read_until_ready()) == ["2", f"D['{expected}']", "C", "Z"]
+            client.send(message(b"C", b"Sreused\x00") + message(b"S", b""))
+            assert _batch_view(client.read_until_ready()) == ["3", "Z"]
+    finally:
+        client.close()
+
+
 def test_prepared_statement_resolved_under_its_clients_search_path(
     primary_proxy: Callable[..., ProxyProcess], pg: Topology
 ) -> None:
