@@ -65,7 +65,7 @@ def setups(directory: Path) -> list[tuple[str, JwtConfig, Any]]:
     result: list[tuple[str, JwtConfig, Any]] = [
         ("HS256", base_cfg(algorithms=("HS256",), secret=SECRET), SECRET)
     ]
-    private_keys = {
+    private_keys: dict[str, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey] = {
         "RS256": rsa.generate_private_key(public_exponent=65537, key_size=2048),
         "ES256": ec.generate_private_key(ec.SECP256R1()),
         "EdDSA": ed25519.Ed25519PrivateKey.generate(),

@@ -133,10 +133,11 @@ def test_probe_corrects_wrong_fixed_roles(pg: Topology) -> None:
 
 
 def test_stopped_replica_is_banned_and_readmitted_after_ban_timeout(pg: Topology) -> None:
-    assert pg.primary is not None
+    primary = pg.primary
+    assert primary is not None
     victim, other = pg.replicas[0], pg.replicas[1]
     clock = Clock()
-    cluster = make_cluster([pg.primary, victim, other], ["primary", "replica", "replica"], clock,
+    cluster = make_cluster([primary, victim, other], ["primary", "replica", "replica"], clock,
                            read_write_split="exclude_primary")
 
     async def scenario() -> None:
@@ -150,7 +151,7 @@ def test_stopped_replica_is_banned_and_readmitted_after_ban_timeout(pg: Topology
             assert server.banned(clock())
             assert server.last_error
             assert read_ports(cluster) == {other.port}
-            assert cluster.primary() is at(cluster, pg.primary)  # the primary is untouched
+            assert cluster.primary() is at(cluster, primary)  # the primary is untouched
         finally:
             victim.start()
         # Back up, but the ban holds until ban_timeout_s after the last failed probe.
@@ -171,14 +172,15 @@ def test_stopped_replica_is_banned_and_readmitted_after_ban_timeout(pg: Topology
 
 def test_lost_monitor_connection_is_reopened(pg: Topology) -> None:
     """A monitor connection killed by the server is replaced on the next probe, without a ban."""
-    assert pg.primary is not None
-    cluster = make_cluster([pg.primary], ["primary"])
+    primary = pg.primary
+    assert primary is not None
+    cluster = make_cluster([primary], ["primary"])
 
     async def scenario() -> None:
         await cluster.probe_once()
         first = cluster.servers[0].monitor
         assert first is not None
-        terminated = pg.primary.psql(
+        terminated = primary.psql(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             f"WHERE pid = {first.process_id} AND application_name = 'shardgate-monitor'")
         assert terminated == "t"

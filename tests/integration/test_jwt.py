@@ -421,9 +421,9 @@ def test_tenants_concurrently_through_one_server(jwt_proxy: ProxyProcess) -> Non
         return rounds
 
     async def main() -> list[int]:
-        return await asyncio.gather(
+        return list(await asyncio.gather(
             psycopg_tenant("t1"), psycopg_tenant("t2"), asyncpg_tenant("t1"), asyncpg_tenant("t2")
-        )
+        ))
 
     assert run_async(main()) == [rounds] * 4
 
