@@ -16,7 +16,7 @@ from auth.identity import Identity
 from auth.scram import ScramServer
 from config.model import UserConfig
 from proxy.cluster import Cluster, ClusterServer
-from proxy.errors import ProxyError, ServerError
+from proxy.errors import ProxyError, ServerError, ServerLostError
 from proxy.protocol import codec, sqlstate
 from proxy.protocol.codec import ProtocolError
 from proxy.server import (
@@ -368,23 +368,32 @@ class ClientSession(asyncio.Protocol):
         return pool
 
     async def _login(self, pool: Pool) -> None:
-        """Slow path of a login: a server is needed (session mode, or startup settings not seen before)."""
-        try:
-            if self.pool_mode is _SESSION:
-                server = await pool.checkout()
-                self._link(server)
-                await self._sync_state(server)
-                params = _parameter_block(server.params)
-                cancel_key = (server.process_id, server.secret_key)
-            else:
-                params = await self._canonical_params(pool)
-                cancel_key = (secrets.randbits(31), secrets.randbits(31) - (1 << 30))
-        except ProxyError as exc:
-            self.fatal(exc.sqlstate, exc.message)
+        """Slow path of a login: a server is needed (session mode, or startup settings not seen before). A
+        server lost while the client's startup settings are set on it is replaced once."""
+        for attempt in range(2):
+            try:
+                if self.pool_mode is _SESSION:
+                    server = await pool.checkout()
+                    self._link(server)
+                    await self._sync_state(server)
+                    params = _parameter_block(server.params)
+                    cancel_key = (server.process_id, server.secret_key)
+                else:
+                    params = await self._canonical_params(pool)
+                    cancel_key = (secrets.randbits(31), secrets.randbits(31) - (1 << 30))
+            except ServerLostError as exc:
+                if attempt == 0 and self.phase is not CLOSED:
+                    log.info("event=server_lost_at_login_retry peer=%s", self.peer)
+                    continue
+                self.fatal(exc.sqlstate, exc.message)
+                return
+            except ProxyError as exc:
+                self.fatal(exc.sqlstate, exc.message)
+                return
+            except asyncio.CancelledError:
+                return
+            self._finish_login(params, cancel_key)
             return
-        except asyncio.CancelledError:
-            return
-        self._finish_login(params, cancel_key)
 
     def _finish_login(self, params: bytes, cancel_key: tuple[int, int]) -> None:
         """AuthenticationOk, ParameterStatus, BackendKeyData and ReadyForQuery in one write."""
@@ -476,28 +485,39 @@ class ClientSession(asyncio.Protocol):
             done.set_result(None)
 
     async def _acquire(self) -> None:
-        """Slow path: wait for a server, restore session state, then relay what the client sent meanwhile."""
-        try:
-            server = self.server or await self._checkout_routed()
-        except asyncio.CancelledError:
-            return
-        except ProxyError as exc:  # pool timeout, server unreachable or refusing, no primary: nothing sent yet
-            self.acquiring = False
-            self._reject_waiting(exc)
-            return
-        if self.phase is CLOSED:
-            server.pool.checkin(server)
-            return
-        try:
-            self._link(server)
-            await self._sync_state(server, self._take_deferred_begin())
-        except asyncio.CancelledError:
-            return
-        except ProxyError as exc:  # the session state could not be restored: its server is unusable for it
-            self.acquiring = False
-            self.fatal(exc.sqlstate, exc.message)
-            self._release(closing=True)
-            return
+        """Slow path: wait for a server, restore session state, then relay what the client sent meanwhile. A
+        server lost while the session is restored on it is replaced once (nothing of the client's was sent)."""
+        then: str | None = None  # the held-back BEGIN, taken once for both attempts
+        for attempt in range(2):
+            try:
+                server = self.server or await self._checkout_routed()
+            except asyncio.CancelledError:
+                return
+            except ProxyError as exc:  # pool timeout, server unreachable or refusing, no primary: nothing sent
+                if then:
+                    self.deferred_begin = then.encode()  # answered as part of the transaction it opened
+                self.acquiring = False
+                self._reject_waiting(exc)
+                return
+            if self.phase is CLOSED:
+                server.pool.checkin(server)
+                return
+            if then is None:
+                then = self._take_deferred_begin()
+            try:
+                self._link(server)
+                await self._sync_state(server, then)
+            except asyncio.CancelledError:
+                return
+            except ProxyError as exc:  # the session state could not be restored: its server is unusable for it
+                if isinstance(exc, ServerLostError) and attempt == 0 and self.phase is not CLOSED:
+                    log.info("event=server_lost_at_restore_retry peer=%s", self.peer)
+                    continue
+                self.acquiring = False
+                self.fatal(exc.sqlstate, exc.message)
+                self._release(closing=True)
+                return
+            break
         self.acquiring = False
         data, self.waiting = self.waiting, b""
         if data:
@@ -1187,6 +1207,11 @@ class ClientSession(asyncio.Protocol):
             return
         self.server = None
         self.lane = None
+        done = self._preamble_done
+        if done is not None and not done.done():  # restoring the session on it: nothing of the client's sent
+            done.set_exception(ServerLostError(sqlstate.CONNECTION_FAILURE,
+                                               "server connection lost while setting up the session"))
+            return  # the login or `_acquire` awaiting it replaces the server
         if self.phase is not READY:
             return
         if self.retry_safe and not server.relayed and self.unanswered and not self.acquiring:

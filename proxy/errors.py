@@ -18,3 +18,8 @@ class PoolError(ProxyError):
 
 class ServerError(ProxyError):
     """A server connection failed or answered something the proxy could not use."""
+
+
+class ServerLostError(ServerError):
+    """The server connection closed while the proxy was restoring a session on it: nothing of the client's
+    was sent, so another server may be tried."""

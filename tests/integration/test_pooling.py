@@ -1092,6 +1092,50 @@ def test_a_server_lost_before_answering_is_replaced_transparently(
         forwarder.close()
 
 
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
+def test_a_server_lost_while_a_login_sets_it_up_is_replaced(
+    proxy: ProxyFactory, pg: Topology, pool_mode: str
+) -> None:
+    # A login with startup settings the proxy has not seen needs a server to set them on; that server dies
+    # as the settings reach it. The login goes on with another server instead of hanging.
+    assert pg.primary is not None
+    forwarder = CuttingForwarder(pg.primary.host, pg.primary.port)
+    try:
+        entries = database_entries(pg.primary)
+        entries[0].update(host=forwarder.host, port=forwarder.port)
+        shared = real_proxy(proxy(pool_mode=pool_mode, pool_size=2, databases=entries))
+        marker = unique_name("login")
+        forwarder.cut_on(marker.encode())
+        with connect(shared, application_name=marker) as client:
+            assert one(client, "SELECT current_setting('application_name')") == marker
+        assert forwarder.cuts == 1
+    finally:
+        forwarder.close()
+
+
+def test_a_server_lost_while_a_clients_session_is_restored_on_it_is_replaced(
+    proxy: ProxyFactory, pg: Topology
+) -> None:
+    # A's setting must be replayed on the server A gets back from B; that server dies as the replay reaches
+    # it. A's statement runs on another server, with the setting, instead of A being disconnected.
+    assert pg.primary is not None
+    forwarder = CuttingForwarder(pg.primary.host, pg.primary.port)
+    try:
+        entries = database_entries(pg.primary)
+        entries[0].update(host=forwarder.host, port=forwarder.port)
+        shared = real_proxy(proxy(pool_mode="transaction", pool_size=1, databases=entries))
+        marker = unique_name("restore")
+        with connect(shared) as a, connect(shared) as b:
+            a.execute(f"SET application_name = '{marker}'")
+            assert one(b, "SELECT current_setting('application_name')") != marker  # B took the server
+            forwarder.cut_on(marker.encode())
+            assert one(a, "SELECT current_setting('application_name')") == marker
+            assert forwarder.cuts == 1
+            assert one(b, "SELECT 1") == 1
+    finally:
+        forwarder.close()
+
+
 def test_server_lifetime(primary_proxy: Callable[..., ProxyProcess], admin: psycopg.Connection[Any]) -> None:
     pool_size = 2
     shared = primary_proxy("transaction", pool_size, server_lifetime_s=1)
