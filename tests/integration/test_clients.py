@@ -122,6 +122,28 @@ def test_psql_script_with_copy_in_and_out(
     assert copied_out == expected
 
 
+@pytest.mark.parametrize("pool_mode", POOL_MODES)
+def test_psql_large_objects_over_function_calls(
+    pool_mode: str, proxy_for: Callable[[str], Proxy], tmp_path: Path
+) -> None:
+    # psql's \lo_import and \lo_export go through libpq's large-object API, which speaks the protocol's
+    # FunctionCall message (lo_open, loread, lowrite, lo_close) inside a transaction psql opens.
+    payload = bytes(range(256)) * 2000 + os.urandom(4096)  # over libpq's 8 KB chunk, binary throughout
+    source, copy = tmp_path / "in.bin", tmp_path / "out.bin"
+    source.write_bytes(payload)
+    script = tmp_path / "lo.sql"
+    script.write_text(
+        f"\\lo_import '{source}'\n"
+        "SELECT octet_length(lo_get(:LASTOID));\n"
+        f"\\lo_export :LASTOID '{copy}'\n"
+        "\\lo_unlink :LASTOID\n"
+    )
+    result = _psql(proxy_for(pool_mode).dsn(), "-f", str(script))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(len(payload))]
+    assert copy.read_bytes() == payload
+
+
 # -- pgx ----------------------------------------------------------------------------------------------
 
 # What tests/clients/pgx/main.go adds up: simple query, extended query (+ len("pgx!")), a prepared

@@ -873,6 +873,39 @@ def test_listen_pins_client_in_transaction_mode(primary_proxy: Callable[..., Pro
         assert received == [(channel, "first"), (channel, "second")]
 
 
+# A statement whose effect lives in the server session beyond its transaction, and a later statement that
+# only works on that same session.
+PINNING = [
+    pytest.param("SELECT pg_advisory_lock(424242)", "SELECT pg_advisory_unlock(424242)", True,
+                 id="advisory-lock"),
+    pytest.param("DECLARE {name} CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 3) AS g",
+                 "SELECT count(*) FROM pg_cursors WHERE name = '{name}' AND is_holdable", 1, id="with-hold"),
+    pytest.param("CREATE TEMP TABLE {name} AS SELECT 7 AS x", "SELECT x FROM {name}", 7, id="temp-table"),
+]
+
+
+@pytest.mark.parametrize(("pinner", "check", "expected"), PINNING)
+def test_session_features_pin_the_client_in_transaction_mode(
+    primary_proxy: Callable[..., ProxyProcess], pinner: str, check: str, expected: Any
+) -> None:
+    # A pinned client's server is not lent out even when another client needs one: with a pool of two, one
+    # server pinned and the other in a transaction, a third client waits and times out instead of taking
+    # the pinned server (which an unpinned, parked client would lose to it).
+    shared = primary_proxy("transaction", 2, checkout_timeout_ms=500)
+    name = unique_name("pinned")
+    with connect(shared) as pinned, connect(shared) as holder, connect(shared) as waiter:
+        pinned.execute(pinner.format(name=name))
+        pid = one(pinned, "SELECT pg_backend_pid()")
+        holder.execute("BEGIN")
+        assert one(holder, "SELECT pg_backend_pid()") != pid
+        with pytest.raises(pg_errors.TooManyConnections):
+            waiter.execute("SELECT 1")
+        holder.execute("COMMIT")
+        assert one(waiter, "SELECT pg_backend_pid()") != pid
+        assert one(pinned, "SELECT pg_backend_pid()") == pid
+        assert one(pinned, check.format(name=name)) == expected
+
+
 # -- statement mode ---------------------------------------------------------------------------------------
 
 
