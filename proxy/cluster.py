@@ -30,8 +30,12 @@ PROBE_SQL = (
     "ELSE EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()) * 1000 END"
 )
 MONITOR_APPLICATION_NAME = "shardgate-monitor"
-# A lost monitor connection triggers an early probe, but never more often than this.
+# A lost monitor connection, or a write refused for want of a primary, triggers an early probe, but never
+# more often than this.
 MIN_PROBE_GAP_S = 0.2
+# While no primary is reachable the servers are probed at least this often, so that writes resume soon after
+# the primary comes back (a restart) or a replica is promoted.
+NO_PRIMARY_PROBE_INTERVAL_S = 1.0
 
 
 def parse_lsn(text: str) -> int:
@@ -129,7 +133,15 @@ class Cluster:
     # ------------------------------------------------------------ picking a server
 
     def primary(self) -> ClusterServer:
-        """The one reachable primary; ProxyError 08006 when there is none or more than one."""
+        """The one reachable primary; ProxyError 08006 when there is none or more than one. A refusal asks
+        the probe loop for an early probe, so a primary that is back is seen before the next interval."""
+        try:
+            return self._the_primary()
+        except ProxyError:
+            self.wake.set()
+            raise
+
+    def _the_primary(self) -> ClusterServer:
         claimants = [server for server in self.servers if server.role == PRIMARY and server.healthy]
         if len(claimants) > 1:
             if not self._split_brain:
@@ -168,6 +180,8 @@ class Cluster:
             try:
                 return self.primary()
             except ProxyError as exc:
+                if not self.replicas():
+                    raise
                 raise ProxyError(sqlstate.CONNECTION_FAILURE,
                                  f"no server can serve reads for database {self.name} shard {self.shard}: "
                                  f"no replica is available and in sync, and {exc.message}")
@@ -214,7 +228,11 @@ class Cluster:
     # ------------------------------------------------------------ bans
 
     def ban(self, server: ClusterServer, reason: str) -> None:
-        """No routes to `server` for ban_timeout_s from now; logged when the ban starts, not when extended."""
+        """No routes to `server` for ban_timeout_s from now; logged when the ban starts, not when extended.
+        A server in the primary role is never banned: writes have nowhere else to go, and it must take them
+        again as soon as it answers."""
+        if server.role == PRIMARY:
+            return
         now = self._now()
         already = server.banned(now)
         server.banned_until = max(server.banned_until, now + self.general.ban_timeout_s)
@@ -246,7 +264,8 @@ class Cluster:
                     log.warning("event=server_unhealthy database=%s shard=%d server=%s error=%r",
                                 self.name, self.shard, server.name, result)
                 server.healthy = False
-                self.ban(server, f"health check failed: {result}")
+                if server.role == REPLICA:  # a primary is only marked down: it is back at its next good probe
+                    self.ban(server, f"health check failed: {result}")
                 continue
             if not server.healthy:
                 log.info("event=server_healthy database=%s shard=%d server=%s", self.name, self.shard,
@@ -267,7 +286,7 @@ class Cluster:
                     primary_lsns.append(result.lsn)
             else:
                 server.lag_ms = result.lag_ms
-            if server.banned_until and not server.banned(now):
+            if server.banned_until and (role == PRIMARY or not server.banned(now)):
                 server.banned_until = 0.0
                 log.info("event=server_unbanned database=%s shard=%d server=%s", self.name, self.shard,
                          server.name)
@@ -282,7 +301,7 @@ class Cluster:
                     server.caught_up_at = started
         # Log split brain / no primary when it starts, even with no write traffic to notice it.
         try:
-            self.primary()
+            self._the_primary()
         except ProxyError:
             pass
 
@@ -340,8 +359,9 @@ class Cluster:
                 except Exception:
                     log.exception("event=probe_failed database=%s shard=%d", self.name, self.shard)
                 elapsed_s = time.monotonic() - started
+                wait_s = min(interval_s, NO_PRIMARY_PROBE_INTERVAL_S) if self._no_primary else interval_s
                 try:
-                    await asyncio.wait_for(self.wake.wait(), max(interval_s - elapsed_s, 0))
+                    await asyncio.wait_for(self.wake.wait(), max(wait_s - elapsed_s, 0))
                 except TimeoutError:
                     continue
                 # Woken by a lost monitor connection: probe soon, but not in a tight loop.

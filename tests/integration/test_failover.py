@@ -484,3 +484,56 @@ def test_failover_writes_fail_fast_then_follow_the_promoted_replica(
     print(f"writes followed the promoted server {seen['failover_s']:.2f}s after promotion;"
           f" {len(outage)} writes refused during the outage, slowest {slowest:.2f}s,"
           f" {sum(attempt.closed for attempt in outage)} of them closed the session (FATAL)")
+
+
+# -- a restarted primary (private topology) -----------------------------------------------------------
+
+# Writes must go through again this soon after a restarted primary accepts connections (the probes run
+# every 5 s by default and a failed one used to hold the primary out for ban_timeout_s).
+RESTART_DEADLINE_S = 3.0
+PROBE_SEES_OUTAGE_S = 15.0
+
+
+@pytest.mark.parametrize("with_replica", [False, True], ids=["primary-only", "primary-and-replica"])
+def test_restarted_primary_takes_writes_again_at_once(
+    proxy: ProxyFactory, throwaway_topology: Topology, with_replica: bool
+) -> None:
+    primary, replica = throwaway_topology.primary, throwaway_topology.replicas[0]
+    assert primary is not None
+    table = f"restart_{uuid.uuid4().hex[:12]}"
+    primary.psql(f"CREATE TABLE {table} (id serial PRIMARY KEY, note text)", user="app", db="app")
+    shardgate = real_proxy(proxy(
+        databases=database_entries(primary, [replica] if with_replica else []),
+        general={"ban_timeout_s": 30, "server_connect_timeout_ms": 1000},  # probes every 5 s (default)
+    ))
+
+    async def scenario() -> tuple[WriteAttempt, list[WriteAttempt], WriteAttempt, WriteAttempt]:
+        held = await aconnect(shardgate)
+        try:
+            before = await attempt_write(shardgate, table, held)
+            await asyncio.to_thread(primary.stop, "fast")
+            during = [await attempt_write(shardgate, table), await attempt_write(shardgate, table, held)]
+            # The primary stays down until a probe has seen it down.
+            seen_down_by = time.monotonic() + PROBE_SEES_OUTAGE_S
+            while "event=server_unhealthy" not in shardgate.stderr_text():
+                assert time.monotonic() < seen_down_by, f"no probe saw the primary down{proxy_log(shardgate)}"
+                await asyncio.sleep(POLL_INTERVAL_S)
+            await asyncio.to_thread(primary.start)
+            restarted_at = time.monotonic()
+            while (after := await attempt_write(shardgate, table)).port is None:
+                if time.monotonic() - restarted_at > RESTART_DEADLINE_S:
+                    break
+                await asyncio.sleep(POLL_INTERVAL_S)
+            held_after = await attempt_write(shardgate, table, held)
+            return before, during, after, held_after
+        finally:
+            await held.close()
+
+    before, during, after, held_after = run_async(scenario())
+    log = proxy_log(shardgate)
+    assert before.port == primary.port, before
+    assert all(attempt.port is None and attempt.sqlstate == "08006" for attempt in during), f"{during}{log}"
+    assert not during[1].closed, f"the held session was closed by a refused write: {during[1]}"
+    assert after.port == primary.port, f"no write within {RESTART_DEADLINE_S}s of the restart: {after}{log}"
+    assert held_after.port == primary.port, f"the held session did not recover: {held_after}{log}"
+    assert shardgate.is_running()

@@ -78,16 +78,25 @@ def test_primary_with_zero_primaries(clock: Clock) -> None:
     assert caught.value.message == "no primary is reachable for database app shard 0"
 
 
-def test_primary_unhealthy_or_banned_is_not_reachable(clock: Clock) -> None:
+def test_primary_unhealthy_is_not_reachable_and_a_ban_does_not_hold_it(clock: Clock) -> None:
     cluster = make_cluster(clock)
     primary = cluster.servers[0]
     primary.healthy = False
     with pytest.raises(ProxyError, match="no primary is reachable"):
         cluster.primary()
     primary.healthy = True
-    cluster.ban(primary, "connect failed")
-    with pytest.raises(ProxyError, match="no primary is reachable"):
+    cluster.ban(primary, "connect failed")  # writes have nowhere else to go
+    assert not primary.banned(clock())
+    assert cluster.primary() is primary
+
+
+def test_refused_write_asks_for_an_early_probe(clock: Clock) -> None:
+    cluster = make_cluster(clock)
+    cluster.servers[0].healthy = False
+    assert not cluster.wake.is_set()
+    with pytest.raises(ProxyError):
         cluster.primary()
+    assert cluster.wake.is_set()
 
 
 def test_primary_in_recovery_is_not_primary(clock: Clock) -> None:
@@ -328,6 +337,31 @@ def test_failed_probe_bans_and_success_lifts_the_ban_only_after_timeout(clock: C
     clock.now += 8
     cluster._apply(clock(), [ProbeResult(False, 10, 0.0), ProbeResult(True, 10, 0.0)])
     assert replica.available(clock()) and replica.banned_until == 0.0
+
+
+def test_failed_probe_of_the_primary_does_not_ban_it(clock: Clock) -> None:
+    # A restarted primary takes writes at its first good probe, not after ban_timeout_s.
+    cluster = make_cluster(clock, ("primary", "replica"), ban_timeout_s=30.0)
+    primary = cluster.servers[0]
+    cluster._apply(clock(), ["57P03 the database system is shutting down", ProbeResult(True, 10, 0.0)])
+    assert not primary.healthy and not primary.banned(clock())
+    with pytest.raises(ProxyError, match="no primary is reachable"):
+        cluster.primary()
+    clock.now += 1
+    cluster._apply(clock(), [ProbeResult(False, 10, 0.0), ProbeResult(True, 10, 0.0)])
+    assert cluster.primary() is primary
+
+
+def test_banned_replica_promoted_takes_writes_at_once(clock: Clock) -> None:
+    cluster = make_cluster(clock, ("auto", "auto"), ban_timeout_s=30.0)
+    cluster._apply(clock(), [ProbeResult(False, 10, 0.0), ProbeResult(True, 10, 0.0)])
+    replica = cluster.servers[1]
+    cluster._apply(clock(), [ProbeResult(False, 10, 0.0), "08006 cannot connect"])
+    assert replica.banned(clock())
+    clock.now += 1
+    cluster._apply(clock(), ["08006 cannot connect", ProbeResult(False, 20, 0.0)])
+    assert replica.role == "primary" and not replica.banned(clock())
+    assert cluster.primary() is replica
 
 
 def test_no_primary_in_a_probe_keeps_previous_lag(clock: Clock) -> None:
