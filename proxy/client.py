@@ -248,6 +248,12 @@ class ClientSession(asyncio.Protocol):
             self.transport.close()
             return
         params = packet.parameters
+        # Protocol 3.x with x > 0, or `_pq_.` protocol options: answered as PostgreSQL 15 does, with the
+        # version served (3.0) and the options it does not know, then on with 3.0.
+        protocol_options = [name for name in params if name.startswith("_pq_.")]
+        if packet.protocol & 0xFFFF or protocol_options:
+            self.transport.write(codec.negotiate_protocol_version(0, protocol_options))
+            params = {name: value for name, value in params.items() if not name.startswith("_pq_.")}
         user_name = params.get("user", "")
         if not user_name:
             raise ProtocolError("no PostgreSQL user name specified in startup packet", sqlstate.INVALID_AUTHORIZATION)
@@ -321,6 +327,8 @@ class ClientSession(asyncio.Protocol):
                 if len(body) < offset + 4:
                     raise ProtocolError("malformed SASL initial response")
                 data_length = codec.unpack_i32(body, offset)[0]
+                if data_length > len(body) - offset - 4:
+                    raise ProtocolError("malformed SASL initial response: data longer than the message")
                 data = body[offset + 4 : offset + 4 + data_length] if data_length >= 0 else b""
                 self.write(codec.auth_sasl_continue(scram.handle_first(mechanism, data)))
                 self._scram_started = True

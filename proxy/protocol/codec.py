@@ -189,6 +189,12 @@ SYNC = message(b"S")
 TERMINATE = message(b"X")
 
 
+def negotiate_protocol_version(newest_minor: int, unrecognized_options: Iterable[str]) -> bytes:
+    """NegotiateProtocolVersion: the newest 3.x minor version served, and the `_pq_.` options not known."""
+    names = list(unrecognized_options)
+    return message(b"v", _I32.pack(newest_minor) + _I32.pack(len(names)) + b"".join(cstr(n) for n in names))
+
+
 def auth_md5(salt: bytes) -> bytes:
     return authentication(5, salt)
 

@@ -240,6 +240,55 @@ def test_psycopg_sslmode_prefer_falls_back_to_plain(faulty: ProxyProcess) -> Non
         assert conn.execute("SELECT 'plain'").fetchone() == ("plain",)
 
 
+# -- protocol version negotiation --------------------------------------------------------------------
+
+
+def _startup(protocol: int, parameters: dict[str, str]) -> bytes:
+    body = struct.pack("!i", protocol) + b"".join(
+        key.encode() + b"\x00" + value.encode() + b"\x00" for key, value in parameters.items()
+    ) + b"\x00"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+@pytest.mark.parametrize(("minor", "options"), [(2, {"_pq_.compression": "on"}), (1, {}), (0, {"_pq_.x": "1"})])
+def test_newer_protocol_and_its_options_are_negotiated_down_to_3_0(
+    faulty: ProxyProcess, minor: int, options: dict[str, str]
+) -> None:
+    # As PostgreSQL 15 answers a 3.x request (x > 0) or `_pq_.` options: NegotiateProtocolVersion naming
+    # 3.0 and the options it does not know, then the login goes on in 3.0 without them.
+    client = RawClient(faulty.host, faulty.port)
+    try:
+        client.send(_startup(PROTOCOL_V3 | minor, {"user": RAW_USER, "database": "app", **options}))
+        first = client.read_message()
+        assert first is not None and first[0] == b"v", first
+        newest_minor, count = struct.unpack_from("!ii", first[1])
+        names = first[1][8:].split(b"\x00")[:count]
+        assert (newest_minor, [name.decode() for name in names]) == (0, list(options))
+        messages = client.read_until_ready()
+        assert not [body for code, body in messages if code == b"E"], messages
+        assert client.simple_query("SELECT 6 * 7") == [["42"]]
+        for name in options:
+            assert client.simple_query(f"SELECT current_setting('{name}', true)") == [[None]]
+    finally:
+        client.close()
+
+
+def test_sasl_initial_response_longer_than_its_message(
+    faulty: ProxyProcess, bystander: psycopg.Connection[Any]
+) -> None:
+    client = RawClient(faulty.host, faulty.port)
+    try:
+        client.send(_startup(PROTOCOL_V3, {"user": "app", "database": "app"}))
+        request = client.read_message()
+        assert request is not None and request[0] == b"R", request  # AuthenticationSASL
+        claimed = b"n,,n=,r=0123456789ab"
+        client.send(message(b"p", b"SCRAM-SHA-256\x00" + struct.pack("!i", 500) + claimed))
+        assert "SASL" in assert_protocol_violation(client)["M"]
+    finally:
+        client.close()
+    assert_unharmed(faulty, bystander)
+
+
 # -- failed logins -----------------------------------------------------------------------------------
 
 WRONG_SECRET = "wrong-secret-7f3a9c"
