@@ -8,6 +8,7 @@ import logging
 import secrets
 import socket
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
 from auth.claims import is_forgery_attempt
@@ -172,15 +173,29 @@ class ClientSession(asyncio.Protocol):
             elif self.phase is not CLOSED:
                 self.inbuf += data
                 self._startup_data()
-        except ProtocolError as exc:
+        except Exception as exc:
+            self._fault(exc)
+
+    def _fault(self, exc: Exception) -> None:
+        """What the client sent could not be handled: FATAL with the error's SQLSTATE, this client only."""
+        if isinstance(exc, ProtocolError | AuthError | ProxyError):
             self.fatal(exc.sqlstate, exc.message)
-        except AuthError as exc:
-            self.fatal(exc.sqlstate, exc.message)
-        except ProxyError as exc:
-            self.fatal(exc.sqlstate, exc.message)
-        except Exception:
-            log.exception("event=client_internal_error peer=%s", self.peer)
-            self.fatal(sqlstate.INTERNAL_ERROR, "internal error in proxy")
+            return
+        log.error("event=client_internal_error peer=%s", self.peer, exc_info=exc)
+        self.fatal(sqlstate.INTERNAL_ERROR, "internal error in proxy")
+
+    def _start_task(self, coroutine: Coroutine[object, object, None]) -> None:
+        """Run a slow path (a login needing a server, a checkout) as this client's task; an error escaping
+        it (a malformed message among those that waited for it, say) closes the client as in
+        `data_received` instead of being lost with the task and leaving the client hanging."""
+        task = self._task = asyncio.get_running_loop().create_task(coroutine)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            exc = task.exception()
+            if isinstance(exc, Exception):
+                self._fault(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = CLOSED
@@ -353,7 +368,7 @@ class ClientSession(asyncio.Protocol):
             if params is not None:  # the usual case: no server needed to log in
                 self._finish_login(params, (secrets.randbits(31), secrets.randbits(31) - (1 << 30)))
                 return
-        self._task = asyncio.get_running_loop().create_task(self._login(pool))
+        self._start_task(self._login(pool))
 
     def _choose_login_pool(self) -> Pool:
         user = self.user
@@ -741,6 +756,10 @@ class ClientSession(asyncio.Protocol):
         self.parked = False
         self.lane = None
         server.client = None
+        if self.unsynced:
+            # extended-protocol messages with no Sync after them: the server may hold their results for the
+            # next Sync, or be skipping everything up to one after an error. Nobody else gets it.
+            server.broken = True
         server.pool.checkin(server, reset=self.pool_mode == _SESSION or (closing and self.pinned))
 
     def _release(self, *, closing: bool = False) -> None:
@@ -1049,7 +1068,7 @@ class ClientSession(asyncio.Protocol):
             if state is wanted and not self.deferred_begin:
                 return server
         self.acquiring = True
-        self._task = asyncio.get_running_loop().create_task(self._acquire())
+        self._start_task(self._acquire())
         return None
 
     def _pooled_extended(self, server: ServerConnection, type_code: int, data: bytes, pos: int,
@@ -1229,7 +1248,7 @@ class ClientSession(asyncio.Protocol):
             self.pending_effects = []
             self.waiting = replay + self.waiting
             self.acquiring = True
-            self._task = asyncio.get_running_loop().create_task(self._acquire())
+            self._start_task(self._acquire())
             return
         self.fatal(sqlstate.CONNECTION_FAILURE, "server connection lost")
 

@@ -855,6 +855,71 @@ def test_disconnect_mid_transaction_rolls_back(
         drop_table(pg, table)
 
 
+def _parse_bind_execute(sql: str) -> bytes:
+    return (message(b"P", b"\x00" + sql.encode() + b"\x00\x00\x00") + message(b"B", b"\x00" * 8)
+            + message(b"E", b"\x00\x00\x00\x00\x00"))
+
+
+LEFT_BEFORE_SYNC = [
+    # the server keeps the results for the next Sync: the next client would read them as its own
+    pytest.param(lambda secret: _parse_bind_execute(f"SELECT '{secret}'"), id="results-held-for-sync"),
+    # an Execute too short to name its portal: the server errors and skips everything up to a Sync,
+    # the next client's query included
+    pytest.param(lambda secret: message(b"E") + _parse_bind_execute(f"SELECT '{secret}'"), id="skipping-to-sync"),
+]
+
+
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
+@pytest.mark.parametrize("batch", LEFT_BEFORE_SYNC)
+def test_a_server_left_before_its_sync_is_not_lent_as_it_is(
+    primary_proxy: Callable[..., ProxyProcess], pool_mode: str, batch: Callable[[str], bytes]
+) -> None:
+    shared = primary_proxy(pool_mode, 1)
+    secret = unique_name("unsynced")
+    leaver = RawClient(shared.host, shared.port)
+    try:
+        leaver.login()
+        leaver.send(batch(secret))
+        time.sleep(0.2)  # the server has it
+    finally:
+        leaver.close()
+    follower = RawClient(shared.host, shared.port)
+    try:
+        follower.login()
+        assert follower.simple_query("SELECT 'mine'") == [["mine"]]
+        assert follower.simple_query("SELECT 2") == [["2"]]
+    finally:
+        follower.close()
+
+
+@pytest.mark.parametrize("fault", [
+    pytest.param(message(b"D", b"S"), id="describe-without-name"),
+    pytest.param(message(b"\x01"), id="unknown-type"),
+])
+def test_a_malformed_message_that_waited_for_a_server_closes_its_client(
+    primary_proxy: Callable[..., ProxyProcess], fault: bytes
+) -> None:
+    # The message is read only once a server is free, in the task that waited for it: the client still
+    # gets FATAL 08P01 and is closed, and the pool goes on.
+    shared = primary_proxy("transaction", 1)
+    holder, waiter = RawClient(shared.host, shared.port), RawClient(shared.host, shared.port)
+    try:
+        holder.login()
+        assert holder.query_status("BEGIN") == b"T"  # the only server
+        waiter.login()
+        waiter.send(message(b"Q", b"SELECT 1\x00") + fault)
+        time.sleep(0.2)
+        assert holder.query_status("COMMIT") == b"I"
+        replies = waiter.read_until_closed()
+        assert waiter.closed_by_peer, replies
+        assert [error_fields(body)["C"] for code, body in replies if code == b"E"] == ["08P01"], replies
+        assert holder.simple_query("SELECT 'after'") == [["after"]]
+    finally:
+        holder.close()
+        waiter.close()
+    assert "Traceback" not in shared.stderr_text()
+
+
 def test_listen_pins_client_in_transaction_mode(primary_proxy: Callable[..., ProxyProcess]) -> None:
     shared = primary_proxy("transaction", 2)
     channel = unique_name("pinchan")
