@@ -1160,78 +1160,75 @@ def test_terminated_servers_are_replaced(
         assert [one(client, "SELECT %s::int", (i,)) for i, client in enumerate(clients)] == [0, 1, 2]
 
 
+CutProxy = Callable[[str, int], tuple[ProxyProcess, CuttingForwarder]]
+
+
+@pytest.fixture
+def cut_proxy(proxy: ProxyFactory, pg: Topology) -> Iterator[CutProxy]:
+    """cut_proxy(pool_mode, pool_size): a proxy that reaches the primary through a CuttingForwarder."""
+    assert pg.primary is not None
+    primary = pg.primary
+    forwarders: list[CuttingForwarder] = []
+
+    def start(pool_mode: str, pool_size: int) -> tuple[ProxyProcess, CuttingForwarder]:
+        forwarder = CuttingForwarder(primary.host, primary.port)
+        forwarders.append(forwarder)
+        entries = database_entries(primary)
+        entries[0].update(host=forwarder.host, port=forwarder.port)
+        return real_proxy(proxy(pool_mode=pool_mode, pool_size=pool_size, databases=entries)), forwarder
+
+    try:
+        yield start
+    finally:
+        for forwarder in forwarders:
+            forwarder.close()
+
+
 @pytest.mark.parametrize("statement", ["named", "unnamed", "simple"])
-def test_a_server_lost_before_answering_is_replaced_transparently(
-    proxy: ProxyFactory, pg: Topology, statement: str
-) -> None:
+def test_a_server_lost_before_answering_is_replaced_transparently(cut_proxy: CutProxy, statement: str) -> None:
     # A client in its steady state (its server parked with it); in its next transaction the server dies as
     # the statement reaches it, before answering. The proxy retries on a new server. A named statement was
     # prepared on the old server only: the retry prepares it on the new one, as for any server that lacks it.
-    assert pg.primary is not None
-    forwarder = CuttingForwarder(pg.primary.host, pg.primary.port)
-    try:
-        entries = database_entries(pg.primary)
-        entries[0].update(host=forwarder.host, port=forwarder.port)
-        shared = real_proxy(proxy(pool_mode="transaction", pool_size=2, databases=entries))
-        cursor_factory = psycopg.ClientCursor if statement == "simple" else psycopg.Cursor
-        with connect(shared, cursor_factory=cursor_factory) as client:
+    shared, forwarder = cut_proxy("transaction", 2)
+    cursor_factory = psycopg.ClientCursor if statement == "simple" else psycopg.Cursor
+    with connect(shared, cursor_factory=cursor_factory) as client:
 
-            def echo(value: str) -> Any:
-                return client.execute("SELECT %s::text", (value,), prepare=statement == "named").fetchone()
+        def echo(value: str) -> Any:
+            return client.execute("SELECT %s::text", (value,), prepare=statement == "named").fetchone()
 
-            for value in ("first", "second"):
-                assert echo(value) == (value,)
-            marker = unique_name("cut")
-            forwarder.cut_on(marker.encode())
-            assert echo(marker) == (marker,)
-            assert forwarder.cuts == 1
-            assert echo("after") == ("after",)
-    finally:
-        forwarder.close()
+        for value in ("first", "second"):
+            assert echo(value) == (value,)
+        marker = unique_name("cut")
+        forwarder.cut_on(marker.encode())
+        assert echo(marker) == (marker,)
+        assert forwarder.cuts == 1
+        assert echo("after") == ("after",)
 
 
 @pytest.mark.parametrize("pool_mode", ["transaction", "session"])
-def test_a_server_lost_while_a_login_sets_it_up_is_replaced(
-    proxy: ProxyFactory, pg: Topology, pool_mode: str
-) -> None:
+def test_a_server_lost_while_a_login_sets_it_up_is_replaced(cut_proxy: CutProxy, pool_mode: str) -> None:
     # A login with startup settings the proxy has not seen needs a server to set them on; that server dies
     # as the settings reach it. The login goes on with another server instead of hanging.
-    assert pg.primary is not None
-    forwarder = CuttingForwarder(pg.primary.host, pg.primary.port)
-    try:
-        entries = database_entries(pg.primary)
-        entries[0].update(host=forwarder.host, port=forwarder.port)
-        shared = real_proxy(proxy(pool_mode=pool_mode, pool_size=2, databases=entries))
-        marker = unique_name("login")
-        forwarder.cut_on(marker.encode())
-        with connect(shared, application_name=marker) as client:
-            assert one(client, "SELECT current_setting('application_name')") == marker
-        assert forwarder.cuts == 1
-    finally:
-        forwarder.close()
+    shared, forwarder = cut_proxy(pool_mode, 2)
+    marker = unique_name("login")
+    forwarder.cut_on(marker.encode())
+    with connect(shared, application_name=marker) as client:
+        assert one(client, "SELECT current_setting('application_name')") == marker
+    assert forwarder.cuts == 1
 
 
-def test_a_server_lost_while_a_clients_session_is_restored_on_it_is_replaced(
-    proxy: ProxyFactory, pg: Topology
-) -> None:
+def test_a_server_lost_while_a_clients_session_is_restored_on_it_is_replaced(cut_proxy: CutProxy) -> None:
     # A's setting must be replayed on the server A gets back from B; that server dies as the replay reaches
     # it. A's statement runs on another server, with the setting, instead of A being disconnected.
-    assert pg.primary is not None
-    forwarder = CuttingForwarder(pg.primary.host, pg.primary.port)
-    try:
-        entries = database_entries(pg.primary)
-        entries[0].update(host=forwarder.host, port=forwarder.port)
-        shared = real_proxy(proxy(pool_mode="transaction", pool_size=1, databases=entries))
-        marker = unique_name("restore")
-        with connect(shared) as a, connect(shared) as b:
-            a.execute(f"SET application_name = '{marker}'")
-            assert one(b, "SELECT current_setting('application_name')") != marker  # B took the server
-            forwarder.cut_on(marker.encode())
-            assert one(a, "SELECT current_setting('application_name')") == marker
-            assert forwarder.cuts == 1
-            assert one(b, "SELECT 1") == 1
-    finally:
-        forwarder.close()
+    shared, forwarder = cut_proxy("transaction", 1)
+    marker = unique_name("restore")
+    with connect(shared) as a, connect(shared) as b:
+        a.execute(f"SET application_name = '{marker}'")
+        assert one(b, "SELECT current_setting('application_name')") != marker  # B took the server
+        forwarder.cut_on(marker.encode())
+        assert one(a, "SELECT current_setting('application_name')") == marker
+        assert forwarder.cuts == 1
+        assert one(b, "SELECT 1") == 1
 
 
 def test_server_lifetime(primary_proxy: Callable[..., ProxyProcess], admin: psycopg.Connection[Any]) -> None:
