@@ -1241,7 +1241,8 @@ class ClientSession(asyncio.Protocol):
             return  # the login or `_acquire` awaiting it replaces the server
         if self.phase is not READY:
             return
-        if self.retry_safe and not server.relayed and self.unanswered and not self.acquiring:
+        if (self.retry_safe and not server.relayed and self.unanswered and not self.acquiring
+                and self._unanswered_only_reads()):
             log.info("event=server_lost_retry peer=%s server=%s:%s", self.peer, *server.address)
             replay = b"".join(bytes(chunk) for chunk in self.unanswered)
             self.unanswered = []
@@ -1251,6 +1252,35 @@ class ClientSession(asyncio.Protocol):
             self._start_task(self._acquire())
             return
         self.fatal(sqlstate.CONNECTION_FAILURE, "server connection lost")
+
+    def _unanswered_only_reads(self) -> bool:
+        """Whether what a lost server left unanswered only reads. The server may have run it, and committed
+        it, before it died: only a read may run again elsewhere without the client seeing it twice."""
+        data = b"".join(bytes(chunk) for chunk in self.unanswered)
+        route = self.rt.router.route_statement
+        pos = 0
+        try:
+            while len(data) - pos >= 5:
+                type_code = data[pos]
+                end = pos + 1 + codec.unpack_u32(data, pos + 1)[0]
+                if type_code == _Q:
+                    text = data[pos + 5 : end - 1]
+                elif type_code == _P:
+                    text = codec.split_parse(data[pos + 5 : end])[1]
+                elif type_code == _B:
+                    statement = codec.split_bind(data[pos + 5 : end])[1]
+                    known = self.statements.get(statement.decode()) if statement else None
+                    text = codec.split_parse(known[1][5:])[1] if known is not None else b""
+                elif type_code == _F:
+                    return False  # a function called by OID: no text to judge
+                else:
+                    text = b""
+                if text and route(text.decode("utf-8", "replace")).write:
+                    return False
+                pos = end
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return True
 
     def cancel_running(self) -> None:
         """A CancelRequest named this client: pass it to the server running its query, if any."""

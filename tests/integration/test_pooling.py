@@ -1205,6 +1205,28 @@ def test_a_server_lost_before_answering_is_replaced_transparently(cut_proxy: Cut
         assert echo("after") == ("after",)
 
 
+def test_a_write_lost_before_its_answer_is_not_run_again(cut_proxy: CutProxy, pg: Topology) -> None:
+    # The server may have committed a write and died before answering: running it again on another server
+    # could make it twice. The client gets 08006 instead, as from PostgreSQL itself.
+    shared, forwarder = cut_proxy("transaction", 2)
+    table = unique_name("lostwrite")
+    assert pg.primary is not None
+    pg.primary.psql(f"CREATE TABLE {table} (note text)", user="app", db="app")
+    try:
+        with connect(shared) as client:
+            assert one(client, "SELECT 1") == 1
+            marker = unique_name("write")
+            forwarder.cut_on(marker.encode())
+            with pytest.raises(psycopg.OperationalError) as raised:
+                client.execute(f"INSERT INTO {table} VALUES (%s)", (marker,))
+            assert raised.value.sqlstate == "08006"
+        assert forwarder.cuts == 1
+        with connect(shared) as after:
+            assert one(after, f"SELECT count(*) FROM {table}") == 0
+    finally:
+        drop_table(pg, table)
+
+
 @pytest.mark.parametrize("pool_mode", ["transaction", "session"])
 def test_a_server_lost_while_a_login_sets_it_up_is_replaced(cut_proxy: CutProxy, pool_mode: str) -> None:
     # A login with startup settings the proxy has not seen needs a server to set them on; that server dies
