@@ -1278,7 +1278,7 @@ class ClientSession(asyncio.Protocol):
                 if text and route(text.decode("utf-8", "replace")).write:
                     return False
                 pos = end
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RoutingError):  # not framed, named or routed as expected: not known to read
             return False
         return True
 
