@@ -229,9 +229,9 @@ class Cluster:
 
     def ban(self, server: ClusterServer, reason: str) -> None:
         """No routes to `server` for ban_timeout_s from now; logged when the ban starts, not when extended.
-        A server in the primary role is never banned: writes have nowhere else to go, and it must take them
-        again as soon as it answers."""
-        if server.role == PRIMARY:
+        Only replicas are banned: a primary (or a server whose role no probe has told yet) is the only place
+        writes can go, and it must take them again as soon as it answers."""
+        if server.role != REPLICA:
             return
         now = self._now()
         already = server.banned(now)
@@ -264,8 +264,7 @@ class Cluster:
                     log.warning("event=server_unhealthy database=%s shard=%d server=%s error=%r",
                                 self.name, self.shard, server.name, result)
                 server.healthy = False
-                if server.role == REPLICA:  # a primary is only marked down: it is back at its next good probe
-                    self.ban(server, f"health check failed: {result}")
+                self.ban(server, f"health check failed: {result}")
                 continue
             if not server.healthy:
                 log.info("event=server_healthy database=%s shard=%d server=%s", self.name, self.shard,
