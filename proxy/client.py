@@ -1241,10 +1241,10 @@ class ClientSession(asyncio.Protocol):
             return  # the login or `_acquire` awaiting it replaces the server
         if self.phase is not READY:
             return
-        if (self.retry_safe and not server.relayed and self.unanswered and not self.acquiring
-                and self._unanswered_only_reads()):
+        retry = self.retry_safe and not server.relayed and not self.acquiring
+        replay = b"".join(bytes(chunk) for chunk in self.unanswered) if retry else b""
+        if replay and self._only_reads(replay):
             log.info("event=server_lost_retry peer=%s server=%s:%s", self.peer, *server.address)
-            replay = b"".join(bytes(chunk) for chunk in self.unanswered)
             self.unanswered = []
             self.pending_effects = []
             self.waiting = replay + self.waiting
@@ -1253,10 +1253,9 @@ class ClientSession(asyncio.Protocol):
             return
         self.fatal(sqlstate.CONNECTION_FAILURE, "server connection lost")
 
-    def _unanswered_only_reads(self) -> bool:
-        """Whether what a lost server left unanswered only reads. The server may have run it, and committed
-        it, before it died: only a read may run again elsewhere without the client seeing it twice."""
-        data = b"".join(bytes(chunk) for chunk in self.unanswered)
+    def _only_reads(self, data: bytes) -> bool:
+        """Whether `data`, what a lost server left unanswered, only reads. The server may have run it, and
+        committed it, before it died: only a read may run again elsewhere without the client seeing it twice."""
         route = self.rt.router.route_statement
         pos = 0
         try:
