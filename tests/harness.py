@@ -495,11 +495,12 @@ class RawClient:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def send_startup(self, user: str = RAW_USER, database: str = "app") -> None:
-        body = struct.pack("!i", PROTOCOL_V3)
+    def send_startup(self, user: str = RAW_USER, database: str = "app", protocol: int = PROTOCOL_V3,
+                     extra: dict[str, str] | None = None) -> None:
+        body = struct.pack("!i", protocol)
         body += b"".join(
             key.encode() + b"\x00" + value.encode() + b"\x00"
-            for key, value in (("user", user), ("database", database))
+            for key, value in {"user": user, "database": database, **(extra or {})}.items()
         )
         body += b"\x00"
         self.send(struct.pack("!i", len(body) + 4) + body)

@@ -243,13 +243,6 @@ def test_psycopg_sslmode_prefer_falls_back_to_plain(faulty: ProxyProcess) -> Non
 # -- protocol version negotiation --------------------------------------------------------------------
 
 
-def _startup(protocol: int, parameters: dict[str, str]) -> bytes:
-    body = struct.pack("!i", protocol) + b"".join(
-        key.encode() + b"\x00" + value.encode() + b"\x00" for key, value in parameters.items()
-    ) + b"\x00"
-    return struct.pack("!i", len(body) + 4) + body
-
-
 @pytest.mark.parametrize(("minor", "options"), [(2, {"_pq_.compression": "on"}), (1, {}), (0, {"_pq_.x": "1"})])
 def test_newer_protocol_and_its_options_are_negotiated_down_to_3_0(
     faulty: ProxyProcess, minor: int, options: dict[str, str]
@@ -258,7 +251,7 @@ def test_newer_protocol_and_its_options_are_negotiated_down_to_3_0(
     # 3.0 and the options it does not know, then the login goes on in 3.0 without them.
     client = RawClient(faulty.host, faulty.port)
     try:
-        client.send(_startup(PROTOCOL_V3 | minor, {"user": RAW_USER, "database": "app", **options}))
+        client.send_startup(protocol=PROTOCOL_V3 | minor, extra=options)
         first = client.read_message()
         assert first is not None and first[0] == b"v", first
         newest_minor, count = struct.unpack_from("!ii", first[1])
@@ -278,7 +271,7 @@ def test_sasl_initial_response_longer_than_its_message(
 ) -> None:
     client = RawClient(faulty.host, faulty.port)
     try:
-        client.send(_startup(PROTOCOL_V3, {"user": "app", "database": "app"}))
+        client.send_startup("app")
         request = client.read_message()
         assert request is not None and request[0] == b"R", request  # AuthenticationSASL
         claimed = b"n,,n=,r=0123456789ab"
