@@ -221,6 +221,9 @@ def test_thousand_clients_share_ten_servers(primary_proxy: Callable[..., ProxyPr
     ]
     assert len(samples) >= 5, f"only {len(samples)} samples of pg_stat_activity in {elapsed_s:.1f}s"
     assert 1 <= max(samples) <= POOL_SIZE, f"server connections seen over time: max {max(samples)}"
+    # The samples can miss a short burst; the proxy's own count of server logins cannot.
+    created = _metric_total(shared, "shardgate_pool_servers_created_total")
+    assert 1 <= created <= POOL_SIZE, f"{created:.0f} server connections opened for a pool of {POOL_SIZE}"
 
 
 # -- session state in transaction mode ----------------------------------------------------------------
@@ -1275,12 +1278,21 @@ def test_server_lifetime(primary_proxy: Callable[..., ProxyProcess], admin: psyc
 # -- parked servers (a client keeps its server between transactions while nobody waits) ---------------
 
 
+def _metrics_text(proxy_process: ProxyProcess) -> str:
+    with urllib.request.urlopen(proxy_process.admin_url + "/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def _metric_total(proxy_process: ProxyProcess, name: str) -> float:
+    """A labelled metric from /metrics, summed over its labels."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in _metrics_text(proxy_process).splitlines()
+               if line.startswith(name + "{"))
+
+
 def _pool_servers(proxy_process: ProxyProcess) -> dict[str, float]:
     """shardgate_pool_servers by state, summed over pools, from /metrics."""
-    with urllib.request.urlopen(proxy_process.admin_url + "/metrics", timeout=10) as response:
-        text = response.read().decode()
     totals: dict[str, float] = {}
-    for line in text.splitlines():
+    for line in _metrics_text(proxy_process).splitlines():
         if line.startswith("shardgate_pool_servers{"):
             state = line.split('state="', 1)[1].split('"', 1)[0]
             totals[state] = totals.get(state, 0.0) + float(line.rsplit(" ", 1)[1])
