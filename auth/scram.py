@@ -9,6 +9,7 @@ import secrets
 from dataclasses import dataclass
 
 from auth.errors import AuthError
+from config.passwords import is_md5_hash
 
 MECHANISM = "SCRAM-SHA-256"
 DEFAULT_ITERATIONS = 4096
@@ -166,11 +167,3 @@ def md5_response(user: str, secret: str, salt: bytes) -> str:
     """The md5 password message for a plain password or a stored `md5...` hash."""
     inner = secret[3:] if is_md5_hash(secret) else hashlib.md5((secret + user).encode()).hexdigest()
     return "md5" + hashlib.md5(inner.encode() + salt).hexdigest()
-
-
-def is_md5_hash(secret: str) -> bool:
-    return len(secret) == 35 and secret.startswith("md5") and all(c in "0123456789abcdef" for c in secret[3:])
-
-
-def is_scram_verifier(secret: str) -> bool:
-    return secret.startswith(MECHANISM + "$")

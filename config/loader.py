@@ -13,7 +13,6 @@ import tomllib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from auth.scram import is_md5_hash
 from config.model import (
     AUTH_METHODS,
     LOAD_BALANCING,
@@ -26,6 +25,7 @@ from config.model import (
     JwtConfig,
     UserConfig,
 )
+from config.passwords import is_md5_hash
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
@@ -312,7 +312,23 @@ def _parse_databases(data: dict[str, Any], problems: list[str]) -> list[Database
             else:
                 primaries[key] = index
         databases.append(section.build())
+    _check_shard_numbers(databases, problems)
     return databases
+
+
+def _check_shard_numbers(databases: list[DatabaseConfig | None], problems: list[str]) -> None:
+    """The shards of a database are numbered 0 to N-1: a gap would leave a shard number with no server."""
+    shards: dict[str, dict[int, int]] = {}
+    for index, database in enumerate(databases):
+        if database is not None:
+            shards.setdefault(database.name, {}).setdefault(database.shard, index)
+    for name, found in shards.items():
+        for shard in sorted(found):
+            if shard and shard - 1 not in found:
+                problems.append(
+                    f'databases[{found[shard]}].shard: database "{name}" has shard {shard} but no shard {shard - 1}'
+                    f" (shards are numbered from 0 without gaps)"
+                )
 
 
 def _parse_jwt(table: dict[str, Any], problems: list[str]) -> JwtConfig | None:

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from proxy.app import Runtime
+    from proxy.runtime import Runtime
 
 log = logging.getLogger("shardgate.admin")
 
@@ -69,7 +69,7 @@ class RuntimeCollector:
                 lag_s.add_metric(labels, float(row["lag_ms"]) / 1000)  # type: ignore[arg-type]
         yield from (up, lag_bytes, lag_s)
 
-        jwt = rt.jwt
+        jwt = rt.auth.jwt
         if jwt is not None:
             cache = jwt.cache
             for name, value, text in (

@@ -8,11 +8,12 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from config.model import Config, DatabaseConfig, GeneralConfig
 from proxy.errors import ProxyError
 from proxy.protocol import sqlstate
-from proxy.server import ServerConnection
+from proxy.server import ServerConnection, ServerPool
 
 log = logging.getLogger("shardgate.cluster")
 
@@ -314,8 +315,9 @@ class Cluster:
             if connection is None or connection.broken:
                 self._drop_monitor(server)
                 user, password = self.credentials
-                connection = ServerConnection(_MonitorLink(self, server), server.address, user, password,
-                                              server.config.server_database)
+                # a monitor connection is never lent: of its "pool" only on_server_lost is ever called
+                link = cast(ServerPool, _MonitorLink(self, server))
+                connection = ServerConnection(link, server.address, user, password, server.config.server_database)
                 try:
                     await connection.connect({"application_name": MONITOR_APPLICATION_NAME}, timeout_s)
                 except BaseException:

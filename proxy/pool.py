@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import PoolError, ProxyError, ServerError
-from proxy.protocol import sqlstate
-from proxy.server import ServerConnection
+from proxy.protocol import codec, sqlstate
+from proxy.server import ServerConnection, ServerOwner
+from proxy.session_state import Effect, ServerState, server_state_after, sync_sql
 
 log = logging.getLogger("shardgate.pool")
 
@@ -52,7 +53,7 @@ class Pool:
         self.idle: deque[ServerConnection] = deque()
         self.active: set[ServerConnection] = set()
         # parked server -> its client; insertion-ordered, so the longest parked is taken first
-        self.parked: dict[ServerConnection, Any] = {}
+        self.parked: dict[ServerConnection, ServerOwner] = {}
         self.connecting = 0
         self.waiters: deque[asyncio.Future[ServerConnection | None]] = deque()
         self.base_params: dict[str, str] = {}
@@ -191,21 +192,21 @@ class Pool:
 
     # ------------------------------------------------------------ parking
 
-    def park(self, server: ServerConnection) -> bool:
+    def park(self, server: ServerConnection, owner: ServerOwner) -> bool:
         """The linked client finished a transaction (its server is idle): True when the server may stay
         with it, False when the client must check it in (somebody waits, or the pool is closing). A
-        parked server relays nothing: like an idle one, it has no client until unparked."""
+        parked server relays nothing: like an idle one, it has no sink until unparked."""
         if self.waiters or self.closed:
             return False
         server.last_used = _monotonic()
-        self.parked[server] = server.client
-        server.client = None
+        self.parked[server] = owner
+        server.sink = None
         return True
 
     def unpark(self, server: ServerConnection) -> bool:
         """The parked server's client starts a transaction: True when it may use the server as it is;
         False when the server is due for a health check or past its lifetime (it is checked in instead)."""
-        server.client = self.parked.pop(server)
+        server.sink = self.parked.pop(server)
         now = _monotonic()
         # _due_for_test and _expired, inlined: this runs once per transaction
         if now - server.last_used > self.untested_reuse_s or now > server.retire_at:
@@ -221,9 +222,7 @@ class Pool:
         return server
 
     def _unlink_parked(self, server: ServerConnection) -> None:
-        client = self.parked.pop(server)
-        if client is not None:
-            client.on_server_taken(server)
+        self.parked.pop(server).on_server_taken(server)
 
     def release_parked(self, older_than_s: float) -> None:
         """Janitor: servers parked for longer than `older_than_s` go back to the idle list."""
@@ -232,6 +231,45 @@ class Pool:
             self._unlink_parked(server)
             self.checkin(server)
 
+    # ------------------------------------------------------------ server session state (only here)
+
+    async def restore(self, server: ServerConnection, wanted: ServerState, then: str = "") -> None:
+        """Make `server`'s session state `wanted` (plus `then`, a held-back BEGIN) in one round trip whose
+        answers nobody sees. Raises ServerLostError if the server dies meanwhile, ProxyError (fatal) if
+        the state cannot be set on it (it is then unusable)."""
+        current = server.session_state
+        if current == wanted and not then:
+            server.session_state = wanted  # the same object: compared by identity next time
+            return
+        sql = ";".join(part for part in (sync_sql(wanted, current), then) if part)
+        failed = await server.execute_internal(sql, None)
+        if failed is not None:
+            fields = codec.parse_error_fields(failed[5:])
+            server.broken = True
+            raise ProxyError(fields.get("C", sqlstate.INTERNAL_ERROR),
+                             fields.get("M", "could not restore session state"), fatal=True)
+        server.session_state = wanted
+        server.relayed = False
+
+    @staticmethod
+    def adopt(server: ServerConnection, wanted: ServerState) -> None:
+        """`server` already has a state equal to `wanted`: keep `wanted` itself, so the next comparison is
+        by identity."""
+        server.session_state = wanted
+
+    @staticmethod
+    def settle(server: ServerConnection, effects: list[Effect]) -> None:
+        """A transaction that changed session state committed on `server`: record what it has now."""
+        server.session_state = server_state_after(server.session_state, effects)
+        if any(e.kind == "discard_all" or (e.kind == "deallocate" and not e.name) for e in effects):
+            server.prepared.clear()
+
+    @staticmethod
+    def mark_prepared(server: ServerConnection, global_name: str) -> None:
+        """A Parse of `global_name` is on its way to `server`: later Binds need not prepare it again (an
+        error in its batch takes it back, see ServerConnection._batch_failed)."""
+        server.prepared.add(global_name)
+
     # ------------------------------------------------------------ checkin
 
     def checkin(self, server: ServerConnection, *, reset: bool = False) -> None:
@@ -239,7 +277,7 @@ class Pool:
         self.active.discard(server)
         if self.parked:
             self.parked.pop(server, None)
-        server.client = None
+        server.sink = server.out = None
         now = time.monotonic()
         if server.broken or self.closed or not server.idle_clean or self._expired(server, now):
             server.close()

@@ -59,8 +59,8 @@ def make_replicas_synchronous(topology: Topology) -> None:
 
 
 def quickstart(port: int, base_dir: str | None, pool_mode: str) -> int:
-    from proxy.__main__ import install_event_loop, setup_logging
     from proxy.app import serve
+    from proxy.process import install_event_loop, setup_logging
     from proxy.topology import Topology, TopologyError
 
     workdir = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="shardgate-quickstart-"))

@@ -1,4 +1,4 @@
-"""One PostgreSQL server connection: login, then relay of its responses to the client it serves."""
+"""One PostgreSQL server connection: login, then relay of its responses to the sink its owner gave it."""
 
 from __future__ import annotations
 
@@ -6,16 +6,54 @@ import asyncio
 import socket
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 from auth.errors import AuthError
 from auth.scram import MECHANISM, ScramClient, md5_response
-from proxy.errors import ServerError
+from proxy.errors import ServerError, ServerLostError
 from proxy.protocol import codec, sqlstate
 from proxy.session_state import EMPTY_SERVER_STATE, ServerState
 
-if TYPE_CHECKING:
-    from proxy.client import ClientSession
+
+class Writer(Protocol):
+    """Where a sink's bytes go: a client's transport, or a fan-out leg feeding a merger."""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> None: ...
+
+
+class ServerSink(Protocol):
+    """What a checked-out server reports to: its responses go to `out`, these events to the sink.
+
+    The single-server sink is the client session itself with `out` its transport (zero copy); a fan-out
+    sink is one leg of a fan-out executor, with `out` feeding the merger."""
+
+    def on_server_ready(self, server: ServerConnection, status: bytes) -> None: ...
+
+    def on_server_lost(self, server: ServerConnection) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class ServerOwner(ServerSink, Protocol):
+    """A sink a server may stay parked with between transactions: told when the pool takes it back."""
+
+    def on_server_taken(self, server: ServerConnection) -> None: ...
+
+
+class ServerPool(Protocol):
+    """The pool a server belongs to, as the server and the sessions holding it see it (proxy.pool.Pool)."""
+
+    def checkin(self, server: ServerConnection, *, reset: bool = False) -> None: ...
+
+    def park(self, server: ServerConnection, owner: ServerOwner) -> bool: ...
+
+    def unpark(self, server: ServerConnection) -> bool: ...
+
+    async def restore(self, server: ServerConnection, wanted: ServerState, then: str = "") -> None: ...
+
+    def on_server_lost(self, server: ServerConnection) -> None: ...
 
 # Response accounting for statements the proxy renamed, injected or answered itself (transaction mode). Each
 # expected reply is (kind, statement name, batch): batch counts the Syncs still unanswered before the
@@ -53,9 +91,10 @@ _SHAPE_PATIENCE = 8  # misses before the relay learns a new response shape
 
 
 class ServerConnection(asyncio.Protocol):
-    """A server socket. Only the pool changes `state`; the linked client receives its responses."""
+    """A server socket. Only the pool changes `state`, `session_state` and `prepared`; while checked out,
+    responses go to `out` and events to `sink` (both None while idle or parked)."""
 
-    def __init__(self, pool: Any, address: tuple[str, int], user: str, password: str, database: str) -> None:
+    def __init__(self, pool: ServerPool, address: tuple[str, int], user: str, password: str, database: str) -> None:
         self.pool = pool
         self.address = address
         self.user = user
@@ -66,7 +105,8 @@ class ServerConnection(asyncio.Protocol):
         self.params: dict[str, str] = {}
         self.process_id = 0
         self.secret_key = 0
-        self.client: ClientSession | None = None
+        self.sink: ServerSink | None = None
+        self.out: Writer | None = None
         self.created_at = time.monotonic()
         self.last_used = self.created_at
         self.retire_at = float("inf")  # server_lifetime_s after its login (set by the pool)
@@ -207,8 +247,8 @@ class ServerConnection(asyncio.Protocol):
         if pos:
             if pos >= size:
                 self._skip = pos - size
-                if self.client is not None and not self.swallow:
-                    self.client.write(data)
+                if self.sink is not None and not self.swallow:
+                    self.out.write(data)  # type: ignore[union-attr]  # set with the sink
                 return
             self._skip = 0
         else:
@@ -223,10 +263,10 @@ class ServerConnection(asyncio.Protocol):
                         and data.endswith(tail) and codec.unpack_u32(data, row + 1)[0] == tail_at - row - 1):
                     self.outstanding -= 1  # the tail ends in ReadyForQuery, as in the walk below
                     self.txn_status = status
-                    client = self.client
-                    if client is not None:
-                        client.transport.write(data)  # type: ignore[union-attr]
-                        client.on_server_ready(self, status)
+                    sink = self.sink
+                    if sink is not None:
+                        self.out.write(data)  # type: ignore[union-attr]  # set with the sink
+                        sink.on_server_ready(self, status)
                     self.saw_error = False
                     return
                 self.shape_misses += 1
@@ -254,12 +294,11 @@ class ServerConnection(asyncio.Protocol):
                 self.txn_status = status
                 if end == size and self.shape is None:
                     self._learn_shape(data, size)
-                client = self.client
-                if client is not None:
-                    # a linked client is connected: its transport is set
-                    client.transport.write(  # type: ignore[union-attr]
+                sink = self.sink
+                if sink is not None:
+                    self.out.write(  # type: ignore[union-attr]  # set with the sink
                         data if run == 0 and end == size else data[run:end])
-                    client.on_server_ready(self, status)
+                    sink.on_server_ready(self, status)
                 self.saw_error = False
                 run = end
             elif self._watched(data, type_code, pos, end, run):
@@ -271,9 +310,8 @@ class ServerConnection(asyncio.Protocol):
             pos = size
         elif pos < size:
             self._pending = data[pos:]
-        client = self.client
-        if run < pos and client is not None and not self.swallow:
-            client.write(data[run:pos] if run or pos < size else data)
+        if run < pos and self.sink is not None and not self.swallow:
+            self.out.write(data[run:pos] if run or pos < size else data)  # type: ignore[union-attr]
 
     def _learn_shape(self, data: bytes, size: int) -> None:
         """Remember the shape of an answer that ends in its only ReadyForQuery and holds one DataRow and
@@ -316,9 +354,7 @@ class ServerConnection(asyncio.Protocol):
                 self.txn_status = data[pos + 5 : pos + 6]
                 if not self.swallow:
                     self._rewatch()
-                    if self.client is not None:
-                        self.client.on_preamble_done(self)
-                    elif self._drain is not None and not self._drain.done():
+                    if self._drain is not None and not self._drain.done():
                         self._drain.set_result(None)
             return True
         if type_code == _COMPLETE:
@@ -347,8 +383,8 @@ class ServerConnection(asyncio.Protocol):
             self._rewrite_done()
             if kind == EXPECT_CLOSE_AS_PARSE:
                 self._flush_run(data, run, pos)
-                if self.client is not None:
-                    self.client.write(codec.PARSE_COMPLETE)
+                if self.sink is not None:
+                    self.out.write(codec.PARSE_COMPLETE)  # type: ignore[union-attr]
                 return True
         return False
 
@@ -384,15 +420,15 @@ class ServerConnection(asyncio.Protocol):
         self.params[raw_name.decode()] = raw_value.rstrip(b"\x00").decode()
 
     def _flush_run(self, data: bytes, run: int, pos: int) -> None:
-        if run < pos and self.client is not None:
-            self.client.write(data[run:pos])
+        if run < pos and self.sink is not None:
+            self.out.write(data[run:pos])  # type: ignore[union-attr]
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
         assert self.transport is not None
         self.transport.write(data)
 
     def run_preamble(self, sql: str) -> None:
-        """Send proxy SQL whose responses are swallowed; the linked client hears when it is done."""
+        """Send proxy SQL whose responses are swallowed (`execute_internal` waits for them)."""
         self.swallow = 1
         self.watched = _ALL_TYPES
         self.shape = None
@@ -400,8 +436,9 @@ class ServerConnection(asyncio.Protocol):
         self.outstanding += 1
         self.send(codec.query(sql))
 
-    async def execute_internal(self, sql: str, timeout_s: float) -> bytes | None:
-        """Run proxy SQL on an unlinked server; returns the ErrorResponse bytes if it failed."""
+    async def execute_internal(self, sql: str, timeout_s: float | None) -> bytes | None:
+        """Run proxy SQL, its responses swallowed; returns the ErrorResponse bytes if it failed. Raises
+        ServerLostError if the connection closes first."""
         self._drain = asyncio.get_running_loop().create_future()
         self.run_preamble(sql)
         try:
@@ -426,12 +463,12 @@ class ServerConnection(asyncio.Protocol):
         return rows
 
     def pause_writing(self) -> None:
-        if self.client is not None:
-            self.client.pause_reading()
+        if self.sink is not None:
+            self.sink.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.client is not None:
-            self.client.resume_reading()
+        if self.sink is not None:
+            self.sink.resume_reading()
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -446,11 +483,14 @@ class ServerConnection(asyncio.Protocol):
         if self._login is not None:
             self._fail_login(ServerError(sqlstate.CONNECTION_FAILURE, "server closed the connection during login"))
             return
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(ServerError(sqlstate.CONNECTION_FAILURE, "server closed the connection"))
-        client = self.client
-        if client is not None:
-            client.on_server_lost(self)
+        drain = self._drain
+        if drain is not None and not drain.done():
+            # proxy SQL was running (a health check, a reset, a session restore): whoever awaits it
+            # handles the loss; nothing of a client's was sent
+            drain.set_exception(ServerLostError(sqlstate.CONNECTION_FAILURE,
+                                                "server connection lost while setting up the session"))
+        elif self.sink is not None:
+            self.sink.on_server_lost(self)
         self.pool.on_server_lost(self)
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from proxy.protocol.sqltext import quote_ident, quote_literal
 from routing.classify import split_statements as routing_split_statements
 
 # Cheap test run once per Query, a few C-level calls on the bytes off the wire; only a hit pays for the
@@ -75,14 +76,6 @@ class Effect:
     kind: str
     name: str = ""
     value: str = ""
-
-
-def quote_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _normalise_name(name: str) -> str:

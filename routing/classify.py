@@ -124,6 +124,38 @@ def _comment_hint(body: str) -> Role | None:
     return _HINT_ROLES.get(text[len(_HINT_PREFIX) :].strip())
 
 
+_SHARD_HINT_RE = re.compile(r"shardgate:\s*shard\s*=\s*(all|[0-9]+(?:\s*,\s*[0-9]+)*)\s*", re.IGNORECASE)
+ALL_SHARDS: tuple[int, ...] = ()
+
+
+def shard_hint(sql: str) -> tuple[int, ...] | None:
+    """The shards a leading `/* shardgate: shard=N */` (or `shard=1,2`, `shard=all`) comment names:
+    ALL_SHARDS for all, None without such a comment."""
+    pos = 0
+    length = len(sql)
+    while pos < length:
+        space = _SPACE_RE.match(sql, pos)
+        if space is not None:
+            pos = space.end()
+        if sql.startswith("/*", pos):
+            end = _block_comment_end(sql, pos)
+            body = sql[pos + 2 : max(pos + 2, end - 2)]
+        elif sql.startswith("--", pos):
+            newline = sql.find("\n", pos + 2)
+            end = length if newline < 0 else newline + 1
+            body = sql[pos + 2 : end]
+        else:
+            return None
+        match = _SHARD_HINT_RE.fullmatch(body.strip())
+        if match is not None:
+            value = match.group(1).lower()
+            if value == "all":
+                return ALL_SHARDS
+            return tuple(sorted({int(part) for part in value.split(",")}))
+        pos = end
+    return None
+
+
 def _skip_trivia(sql: str, pos: int, hints: list[Role] | None = None) -> int:
     """Skip whitespace and comments from `pos`; collect shardgate hints when `hints` is given."""
     length = len(sql)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from routing.analyze import Analysis, analyze, volatile_function_set
-from routing.classify import Classification, StatementKind, classify, split_statements
+from routing.classify import Classification, StatementKind, classify, shard_hint, split_statements
 from routing.errors import RoutingError
 from routing.route import Role, Route
 
@@ -200,6 +200,13 @@ class Router:
         self._hits = self._misses = 0
 
     def _decide_uncached(self, sql: str) -> Decision:
+        decision = self._decide_text(sql)
+        if "shardgate:" in sql.lower() and (shards := shard_hint(sql)) is not None:
+            # `shards` None means every shard (see Route)
+            decision = replace(decision, route=replace(decision.route, shards=shards or None))
+        return decision
+
+    def _decide_text(self, sql: str) -> Decision:
         if ";" in sql:
             pieces = split_statements(sql)
             if len(pieces) > 1:

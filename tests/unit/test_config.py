@@ -665,3 +665,26 @@ def test_unreadable_files(tmp_path: Path) -> None:
     binary = tmp_path / "binary.toml"
     binary.write_bytes(b'name = "\xff"\n')
     assert check(str(binary)) == [f"{binary}: not valid UTF-8 (byte offset 8)"]
+
+
+def test_shard_numbers_without_gaps() -> None:
+    from config.loader import ConfigError, parse
+
+    text = """
+[[users]]
+name = "app"
+password = "x"
+
+[[databases]]
+name = "app"
+shard = 0
+
+[[databases]]
+name = "app"
+shard = 2
+port = 5433
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse(tomllib.loads(text))
+    assert any(p.startswith("databases[1].shard:") and "no shard 1" in p for p in caught.value.problems)
+    assert len(parse(tomllib.loads(text.replace("shard = 2", "shard = 1"))).databases) == 2

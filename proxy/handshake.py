@@ -1,0 +1,153 @@
+"""A client's startup packet and authentication exchange, up to a verified identity."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from enum import Enum
+
+from auth.errors import AuthError
+from auth.identity import Identity
+from auth.scram import ScramServer
+from config.model import UserConfig
+from proxy.errors import ProxyError
+from proxy.protocol import codec, sqlstate
+from proxy.protocol.codec import ProtocolError
+from proxy.runtime import Runtime
+
+_STARTUP_ONLY = frozenset(("user", "database", "options", "replication"))
+
+
+class HandshakeState(Enum):
+    STARTUP = "startup"  # waiting for the startup packet (after any SSL/GSS request)
+    AUTH = "auth"  # a password, an md5 hash, SCRAM messages or a JWT expected
+    DONE = "done"  # `identity` is set
+    CANCELLED = "cancelled"  # the connection was a CancelRequest, already forwarded: close it
+
+
+class Handshake:
+    """Fed what a client sends before it is logged in; `state` says where the exchange stands. Raises
+    ProtocolError, AuthError or ProxyError (each with its SQLSTATE) for anything it refuses."""
+
+    def __init__(self, runtime: Runtime, write: Callable[[bytes], None]) -> None:
+        self.rt = runtime
+        self.write = write
+        self.state = HandshakeState.STARTUP
+        self.user: UserConfig | None = None
+        self.database = ""
+        self.settings: dict[str, str] = {}
+        self.identity: Identity | None = None
+        self._method = ""
+        self._scram: ScramServer | None = None
+        self._md5_salt = b""
+        self._scram_started = False
+
+    def feed(self, buffer: bytearray) -> None:
+        """Consume what `buffer` holds of the exchange; what follows it stays in `buffer`."""
+        if self.state is HandshakeState.STARTUP:
+            packet = codec.read_startup_packet(buffer)
+            while packet is not None:
+                self._startup_packet(packet, buffer)
+                if self.state is not HandshakeState.STARTUP:
+                    break
+                packet = codec.read_startup_packet(buffer)
+        if self.state is HandshakeState.AUTH:
+            self._auth_data(buffer)
+
+    def _startup_packet(self, packet: codec.StartupPacket, buffer: bytearray) -> None:
+        if isinstance(packet, codec.SSLRequest | codec.GSSENCRequest):
+            if buffer:
+                raise ProtocolError("unexpected data after SSL/GSS encryption request")
+            self.write(codec.SSL_REFUSED)
+            return
+        if isinstance(packet, codec.CancelRequest):
+            self.state = HandshakeState.CANCELLED
+            self.rt.forward_cancel(packet.process_id, packet.secret_key)
+            return
+        params = packet.parameters
+        # Protocol 3.x with x > 0, or `_pq_.` protocol options: answered as PostgreSQL 15 does, with the
+        # version served (3.0) and the options it does not know, then on with 3.0.
+        protocol_options = [name for name in params if name.startswith("_pq_.")]
+        if packet.protocol & 0xFFFF or protocol_options:
+            self.write(codec.negotiate_protocol_version(0, protocol_options))
+            params = {name: value for name, value in params.items() if not name.startswith("_pq_.")}
+        user_name = params.get("user", "")
+        if not user_name:
+            raise ProtocolError("no PostgreSQL user name specified in startup packet", sqlstate.INVALID_AUTHORIZATION)
+        if "replication" in params and params["replication"].lower() not in ("false", "off", "no", "0"):
+            raise ProtocolError("replication connections are not supported by shardgate", sqlstate.FEATURE_NOT_SUPPORTED)
+        if len(self.rt.clients) > self.rt.config.general.max_client_connections:
+            raise ProxyError(sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
+        if self.rt.shutting_down:
+            raise ProxyError(sqlstate.CANNOT_CONNECT_NOW, "the proxy is shutting down")
+        self.database = params.get("database") or user_name
+        settings = {k.lower(): v for k, v in params.items() if k.lower() not in _STARTUP_ONLY}
+        settings.update(codec.parse_options(params.get("options", "")))
+        self.settings = settings
+        user = self.rt.config.user(user_name)
+        if user is None:
+            raise AuthError(sqlstate.INVALID_AUTHORIZATION, f'role "{user_name}" does not exist')
+        self.user = user
+        self.state = HandshakeState.AUTH
+        self._begin_auth(user)
+
+    def _begin_auth(self, user: UserConfig) -> None:
+        method = self._method = user.auth
+        if method == "trust":
+            self._authenticated(Identity(user.name, self.database))
+        elif method in ("plain", "jwt"):
+            self.write(codec.AUTH_CLEARTEXT)
+        elif method == "md5":
+            self._md5_salt = secrets.token_bytes(4)
+            self.write(codec.auth_md5(self._md5_salt))
+        else:
+            self._scram = ScramServer(self.rt.auth.verifier_for(user))
+            self.write(codec.auth_sasl(["SCRAM-SHA-256"]))
+
+    def _auth_data(self, buffer: bytearray) -> None:
+        while self.state is HandshakeState.AUTH and len(buffer) >= 5:
+            type_code = buffer[0]
+            length = codec.unpack_u32(buffer, 1)[0]
+            if type_code != ord("p") or length < 4 or length > 65536:
+                raise ProtocolError("expected password response")
+            if len(buffer) < length + 1:
+                return
+            body = bytes(buffer[5 : length + 1])
+            del buffer[: length + 1]
+            self._auth_message(body)
+
+    def _auth_message(self, body: bytes) -> None:
+        user = self.user
+        assert user is not None
+        method = self._method
+        auth = self.rt.auth
+        failed = AuthError(sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{user.name}"')
+        if method in ("md5", "plain", "jwt"):
+            given = body.rstrip(b"\x00").decode("utf-8", "replace")
+            if method == "jwt":
+                self._authenticated(auth.authenticate_jwt(user, self.database, given))
+                return
+            ok = auth.check_md5(user, given, self._md5_salt) if method == "md5" else auth.check_plain(user, given)
+            if not ok:
+                raise failed
+            self._authenticated(Identity(user.name, self.database))
+            return
+        scram = self._scram
+        assert scram is not None
+        if not self._scram_started:
+            mechanism, offset = codec.read_cstring(body, 0)
+            if len(body) < offset + 4:
+                raise ProtocolError("malformed SASL initial response")
+            data_length = codec.unpack_i32(body, offset)[0]
+            if data_length > len(body) - offset - 4:
+                raise ProtocolError("malformed SASL initial response: data longer than the message")
+            data = body[offset + 4 : offset + 4 + data_length] if data_length >= 0 else b""
+            self.write(codec.auth_sasl_continue(scram.handle_first(mechanism, data)))
+            self._scram_started = True
+        else:
+            self.write(codec.auth_sasl_final(scram.handle_final(body)))
+            self._authenticated(Identity(user.name, self.database))
+
+    def _authenticated(self, identity: Identity) -> None:
+        self.identity = identity
+        self.state = HandshakeState.DONE

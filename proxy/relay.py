@@ -1,0 +1,487 @@
+"""Client -> server: frames a logged-in client's messages and sends them to its server, renaming and checking
+what the pool mode needs; the steady-state lane is the short form of the same walk."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from proxy.errors import ProxyError
+from proxy.guard import Guard, raising_query
+from proxy.pool import Pool
+from proxy.protocol import codec, sqlstate
+from proxy.protocol.codec import ProtocolError
+from proxy.server import ServerConnection
+from proxy.session_state import Effect, ServerState
+from proxy.splitter import ReadWriteSplit
+from proxy.statements import NamedBind, PreparedStatements
+
+SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
+MODES = {SESSION: SESSION, TRANSACTION: TRANSACTION, STATEMENT: STATEMENT}
+
+_Q, _P, _B, _D, _C, _S, _X, _F, _H, _EXECUTE = (ord(c) for c in "QPBDCSXFHE")  # message types
+# What the relay does with each frontend message type, indexed by type byte. None: not a frontend message;
+# 0: Terminate. The numbers order the relay's tests: answered with a ReadyForQuery first, then plain, then the
+# messages that may name a prepared statement or portal.
+_K_SYNC, _K_QUERY, _K_UNSYNCED, _K_PASS, _K_BIND, _K_DESCRIBE, _K_PARSE, _K_CLOSE = range(1, 9)
+
+
+def _kinds_table(by_type: dict[bytes, int]) -> list[int | None]:
+    table: list[int | None] = [None] * 256
+    table[ord("X")] = 0
+    for types, kind in by_type.items():
+        for type_code in types:
+            table[type_code] = kind
+    return table
+
+
+# Session mode: nothing is renamed and Query texts are not looked at; with a JWT session, Parse and Query are
+# checked for claim forgery. Transaction and statement modes look at both, and at names.
+KINDS_SESSION = _kinds_table({b"QSF": _K_SYNC, b"PBDCEH": _K_UNSYNCED, b"dcf": _K_PASS})
+KINDS_SESSION_JWT = _kinds_table({b"SF": _K_SYNC, b"Q": _K_QUERY, b"BDCEH": _K_UNSYNCED, b"dcf": _K_PASS,
+                                  b"P": _K_PARSE})
+KINDS_POOLED = _kinds_table({b"SF": _K_SYNC, b"Q": _K_QUERY, b"EH": _K_UNSYNCED, b"dcf": _K_PASS,
+                             b"B": _K_BIND, b"D": _K_DESCRIBE, b"P": _K_PARSE, b"C": _K_CLOSE})
+_MALFORMED = 'invalid frontend message format: "%s" message body does not hold its names'
+_HIGH_WATER_BYTES = 1 << 20
+_ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
+
+
+class Relay(asyncio.Protocol):
+    """The relay half of a client session (see proxy.client.ClientSession, which sets these fields up and
+    decides where a transaction's server comes from in `_attach_now`)."""
+
+    transport: asyncio.Transport | None
+    inbuf: bytearray
+    waiting: bytes  # what arrived while the session waits for a server (or a fan-out runs)
+    acquiring: bool
+    pool_mode: str
+    pool: Pool | None
+    server: ServerConnection | None  # the home server: every statement not fanned out goes to it
+    parked: bool  # `server` stays linked between transactions (see Pool)
+    lane: ServerConnection | None  # the client's server while in the steady state (see `_lane`)
+    lane_ok: bool  # transaction mode with no routing (set at login)
+    # the last extended batch with one Bind taken by `_lane_batch`: the bytes before and after the Bind,
+    # its Syncs, and for a Bind of a named statement how it is renamed
+    lane_shape: tuple[bytes, bytes, int, NamedBind | None] | None
+    lane_send: bytes  # a batch `_lane_batch` renamed, to send instead of the client's
+    unsynced: bool
+    pending_effects: list[Effect]
+    unanswered: list[bytes | memoryview]
+    retry_safe: bool
+    pinned: bool
+    kinds: list[int | None]
+    max_message_bytes: int
+    guard: Guard
+    refusals: bool
+    statements: PreparedStatements
+    split: ReadWriteSplit | None
+    sharded: bool  # the database has several shards: every statement is looked at for its shards
+    discarding: bool
+    local_failed: bool
+    effects_of: Callable[[bytes], tuple[Effect, ...]]  # the runtime's EffectScanner.effects
+    parsed_effects_of: Callable[[bytes], tuple[Effect, ...]]  # and its parsed_effects
+    _snapshot: ServerState | None
+
+    # ------------------------------------------------------------ hooks the session provides
+
+    def _attach_now(self) -> ServerConnection | None:
+        raise NotImplementedError
+
+    def _fan_out_from(self, data: bytes, pos: int, server: ServerConnection | None) -> bool:
+        raise NotImplementedError
+
+    def settings_key(self) -> bytes:
+        raise NotImplementedError
+
+    def _more_waiting(self) -> None:
+        """More client data arrived while the session waits (a fan-out may be waiting for its Sync)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
+
+    def pause_reading(self) -> None:
+        raise NotImplementedError
+
+    def _terminate(self) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ buffering
+
+    def _ready_data(self, data: bytes) -> None:
+        if self.inbuf:
+            self.inbuf += data
+            data = bytes(self.inbuf)
+            self.inbuf.clear()
+        if self.acquiring:
+            self.waiting += data
+            if len(self.waiting) > _HIGH_WATER_BYTES:
+                self.pause_reading()
+            self._more_waiting()
+            return
+        consumed = self._relay(data)
+        if consumed < len(data):
+            self._keep(data, consumed)
+
+    def _keep(self, data: bytes, consumed: int) -> None:
+        """What `_relay` did not take: an incomplete message, or what waits for a server."""
+        rest = data[consumed:]
+        if self.acquiring:
+            self.waiting += rest
+        else:
+            self.inbuf += rest
+
+    # ------------------------------------------------------------ the general walk
+
+    def _relay(self, data: bytes) -> int:
+        """Frame and forward complete messages; returns how many bytes were consumed."""
+        size = len(data)
+        pos = 0
+        run = 0
+        out: list[bytes | memoryview] | None = None
+        limit = self.max_message_bytes
+        server: ServerConnection = self.server  # type: ignore[assignment]  # None until `attached`
+        header = codec.unpack_header
+        kinds = self.kinds
+        attached = server is not None and not self.parked
+        sent_from = 0  # where this data starts going to the server (answered locally before that)
+        # A whole message in a buffer no larger than the limit is within it; a larger buffer checks each one.
+        wide = size > limit
+        last = size - 5  # the last position where a whole header fits
+        while pos <= last:
+            type_code, length = header(data, pos)
+            end = pos + 1 + length
+            kind = kinds[type_code]
+            # incomplete, malformed, too large or Terminate: off the usual path
+            if end > size or length < 4 or not kind or (wide and length > limit):
+                if kind is None or length < 4 or length > limit:
+                    raise ProtocolError(_framing_problem(type_code, length, limit))
+                if end > size:
+                    break
+                self._flush(server, data, run, pos, out, sent_from)
+                self._terminate()
+                return size
+            if (self.sharded and (kind in (_K_QUERY, _K_PARSE, _K_BIND))
+                    and self._fan_out_from(data, pos, server if attached else None)):
+                # the statement goes to several shards: what came before it goes to the home server
+                self._flush(server if attached else None, data, run, pos, out, sent_from)
+                return size
+            if not attached:
+                if server is None and (self.discarding or self.local_failed):
+                    self._answer_without_server(type_code, data, pos, end)
+                    pos = run = end
+                    continue
+                split = self.split
+                if split is not None:
+                    reply = split.start(data, pos, size)
+                    if reply is not None:  # answered by the proxy itself
+                        self.write(reply)
+                        pos = run = end
+                        continue
+                try:
+                    linked = self._attach_now()
+                except ProxyError as exc:
+                    self.waiting += data[pos:]
+                    self._reject_waiting(exc)
+                    return size
+                if linked is None:
+                    self.waiting += data[pos:]
+                    return size
+                server = linked
+                attached = True
+                sent_from = pos
+            if kind <= _K_QUERY:  # Sync, FunctionCall or Query: answered with a ReadyForQuery
+                server.outstanding += 1
+                self.unsynced = False
+                if kind == _K_QUERY:
+                    sql = data[pos + 5 : end - 1]
+                    refusal = self.guard.refusal(sql) if self.refusals else None
+                    if refusal is not None:
+                        # the server raises the error itself: it aborts an open transaction as PostgreSQL
+                        # would, and its reply keeps its place among pipelined responses
+                        if out is None:
+                            out = []
+                        if run < pos:
+                            out.append(memoryview(data)[run:pos])
+                        out.append(raising_query(refusal))
+                        pos = run = end
+                        continue
+                    if self.pool_mode is not SESSION:
+                        effects = self.effects_of(sql)
+                        if effects:
+                            self._note_effects(effects)
+            elif kind == _K_UNSYNCED:
+                self.unsynced = True
+            elif kind != _K_PASS:
+                # Parse, Bind, Describe or Close (Parse alone in session mode): names are renamed when pooled.
+                # Parse's name starts at +5, Bind's portal at +5 and its statement at +6 when the portal is
+                # unnamed, Describe's name at +6; a Close is always looked at.
+                self.unsynced = True
+                if end - pos < 7:  # a body of under 2 bytes holds none of these messages
+                    raise ProtocolError(_MALFORMED % chr(type_code))
+                if kind == _K_BIND:
+                    named = data[pos + 5] or data[pos + 6]
+                elif kind == _K_DESCRIBE:
+                    named = data[pos + 6]
+                elif kind == _K_PARSE:
+                    named = data[pos + 5] and self.pool_mode is not SESSION
+                    if not named:  # goes as it is, but its text is still read
+                        try:
+                            _, query, _ = codec.split_parse(data[pos + 5 : end])
+                        except ValueError:
+                            raise ProtocolError(_MALFORMED % "P") from None
+                        self._parse_text(query)
+                else:
+                    named = True
+                if named:
+                    try:
+                        replacement = self._pooled_extended(server, type_code, data, pos, end)
+                    except ValueError:  # a name without its terminator, or not text
+                        raise ProtocolError(_MALFORMED % chr(type_code)) from None
+                    if replacement is not None:
+                        if out is None:
+                            out = []
+                        if run < pos:
+                            out.append(memoryview(data)[run:pos])
+                        out.append(replacement)
+                        run = end
+            pos = end
+        if out is None and run == 0 and pos == size and server is not None:
+            # the usual case, whole messages passed as they came
+            if not server.relayed:
+                self.unanswered.append(data)
+            server.transport.write(data)  # type: ignore[union-attr]  # a linked server is logged in
+        else:
+            self._flush(server, data, run, pos, out, sent_from)
+        return pos
+
+    def _flush(self, server: ServerConnection | None, view: bytes, run: int, pos: int,
+               out: list[bytes | memoryview] | None, sent_from: int) -> None:
+        if server is None:
+            return
+        if out is None:
+            if run >= pos:
+                return
+            chunk: bytes | memoryview = view if run == 0 and pos == len(view) else memoryview(view)[run:pos]
+        else:
+            if run < pos:
+                out.append(memoryview(view)[run:pos])
+            if not out:
+                return
+            chunk = b"".join(out)
+        if not server.relayed:
+            # kept as the client sent it: a retry on another server renames and prepares it again there
+            self.unanswered.append(chunk if out is None else memoryview(view)[sent_from:pos])
+        server.send(chunk)
+
+    def _pooled_extended(self, server: ServerConnection, type_code: int, data: bytes, pos: int,
+                         end: int) -> bytes | None:
+        """Rename named prepared statements to proxy-global names; None keeps the message as it is."""
+        if type_code == _P:
+            raw_name, query_text, param_types = codec.split_parse(data[pos + 5 : end])
+            if not raw_name:
+                return None  # unnamed: its ParseComplete needs no matching (they are all alike)
+            self._parse_text(query_text)
+            name = raw_name.decode()
+            if self.split is not None:
+                self.split.note_prepared(name, query_text)
+            return self.statements.parse(server, name, query_text, param_types, self.settings_key())
+        return self.statements.rename(server, type_code, data, pos, end)
+
+    def _parse_text(self, query: bytes) -> None:
+        """A Parse's statement text: refused when a JWT session forges its claims; when pooled, a SET or
+        set_config in it is tracked like a Query's."""
+        if self.guard.forges_claims(query):
+            raise ProxyError(sqlstate.INSUFFICIENT_PRIVILEGE, "a JWT session cannot change its claims or role")
+        if self.pool_mode is not SESSION:
+            effects = self.parsed_effects_of(query)
+            if effects:
+                self._note_effects(effects)
+
+    def _note_effects(self, effects: tuple[Effect, ...]) -> None:
+        if any(e.kind == "pin" for e in effects):
+            self.pinned = True
+        self.pending_effects.extend(effects)
+        if self.server is not None:
+            self.server.track_tags(True)
+
+    # ------------------------------------------------------------ answered without a server
+
+    def _answer_without_server(self, type_code: int, data: bytes, pos: int, end: int) -> None:
+        """After an error the proxy answered itself: skip to Sync, or end a transaction that never reached a
+        server (COMMIT/ROLLBACK answered ROLLBACK, anything else 25P02), as PostgreSQL would."""
+        if self.discarding:
+            if type_code == _S:
+                self.discarding = False
+                self.write(codec.ready_for_query(b"E" if self.local_failed else b"I"))
+            return
+        if type_code == _Q:
+            head = data[pos + 5 : pos + 25].lstrip()[:8].lower()
+            if head.startswith((b"rollback", b"abort", b"commit", b"end")):
+                self.local_failed = False
+                self.write(codec.command_complete("ROLLBACK") + codec.ready_for_query(b"I"))
+            else:
+                self.write(codec.error_response("25P02", _ABORTED) + codec.ready_for_query(b"E"))
+        elif type_code == _S:
+            self.write(codec.ready_for_query(b"E"))
+        else:
+            self.discarding = True
+            self.write(codec.error_response("25P02", _ABORTED))
+
+    def _reject_waiting(self, exc: ProxyError) -> None:
+        """No server for what the client sent: answer it as PostgreSQL answers an error, the session stays usable.
+
+        Each Query gets the error and ReadyForQuery; an extended-protocol group gets the error once and its
+        ReadyForQuery at its Sync (a group still missing its Sync is discarded up to it, as the server would).
+        """
+        data, self.waiting = self.waiting, b""
+        deferred = False
+        if self.split is not None:
+            self.split.routing.on_transaction_end()
+            deferred = bool(self.split.deferred_begin)
+            self.split.deferred_begin = b""
+        status = b"E" if deferred else b"I"
+        self.local_failed = deferred
+        error = codec.error_response(exc.sqlstate, exc.message)
+        replies: list[bytes] = []
+        errored = self.discarding
+        pos = 0
+        while pos + 5 <= len(data):
+            type_code = data[pos]
+            if type_code in (_Q, _F):
+                replies += [error, codec.ready_for_query(status)]
+            elif type_code == _S:
+                if not errored:
+                    replies.append(error)
+                replies.append(codec.ready_for_query(status))
+                errored = False
+            elif type_code != _X:
+                if not errored:
+                    replies.append(error)
+                errored = True
+            pos += 1 + codec.unpack_u32(data, pos + 1)[0]
+        self.discarding = errored
+        self.write(b"".join(replies))
+
+    # ------------------------------------------------------------ the steady-state lane
+
+    def _lane(self, server: ServerConnection, data: bytes) -> bool:
+        """The steady state of a transaction pool: between transactions the client's server is parked with
+        it and its session matches; inside one the server is linked and has answered everything. One whole
+        Query, or a whole batch of unnamed extended messages ending in Sync, that changes no session state
+        (and, in a JWT session, forges no claim) is relayed as `_relay` and `_attach_now` would, in fewer
+        steps. False leaves anything else to them, the server as it was."""
+        size = len(data)
+        if data[0] == _Q:
+            if size < 6 or size - 1 > self.max_message_bytes or codec.unpack_u32(data, 1)[0] != size - 1:
+                return False
+            sql = data[5:-1]
+            if self.effects_of(sql) or (self.refusals and self.guard.refusal(sql) is not None):
+                return False
+            syncs = 1
+        else:
+            syncs = self._lane_batch(server, data, size)
+            if not syncs:
+                return False
+        send = data
+        if syncs < 0:  # renamed
+            syncs = -syncs
+            send = self.lane_send
+        if self.parked:  # a new transaction
+            self.parked = False
+            if not server.pool.unpark(server):  # due for a health check or too old: checked in
+                self.server = None
+                return False
+            server.relayed = server.saw_error = False
+            self.unanswered = [data]
+            self.retry_safe = True
+        # else inside a transaction: the server has answered (its ReadyForQuery set the lane), so a loss from
+        # here on is not retried and nothing is kept for it
+        server.outstanding += syncs
+        self.unsynced = False
+        server.transport.write(send)  # type: ignore[union-attr]  # a linked server is logged in
+        return True
+
+    def _lane_batch(self, server: ServerConnection, data: bytes, size: int) -> int:
+        """Syncs in `data` if it is whole Parse/Bind/Describe/Execute/Flush/Sync messages ending in Sync, all
+        unnamed, none of them changing session state or forging a claim, within the size limit; else 0.
+        One Bind may name a statement `server` has prepared: then the batch, renamed as `_pooled_extended`
+        would, is left in `lane_send` and the Syncs are returned negated.
+
+        Applications repeat their batches with new parameters: a batch with one Bind whose messages before
+        and after it are the same bytes as in the last such batch only has its Bind looked at."""
+        if size > self.max_message_bytes:
+            return 0
+        shape = self.lane_shape
+        if shape is not None and data.startswith(shape[0]) and data.endswith(shape[1]):
+            head, tail, shape_syncs, named = shape
+            bind = len(head)
+            bind_end = size - len(tail)
+            if (bind_end - bind >= 7 and data[bind] == _B
+                    and codec.unpack_u32(data, bind + 1)[0] == bind_end - bind - 1):
+                if named is None:
+                    if not data[bind + 5] and not data[bind + 6]:
+                        return shape_syncs
+                elif data.startswith(named.client_prefix, bind + 5) and named.usable(self.statements, server):
+                    self.lane_send = named.renamed(data, bind, bind_end)
+                    return -shape_syncs
+        header = codec.unpack_header
+        last = size - 5
+        pos = syncs = type_code = 0
+        bind = bind_end = -1
+        named = None
+        while pos <= last:
+            type_code, length = header(data, pos)
+            end = pos + 1 + length
+            if end > size or length < 4:
+                return 0
+            if type_code == _S:
+                syncs += 1
+            elif type_code in (_EXECUTE, _H):
+                pass
+            elif end - pos < 7:  # a body of under 2 bytes: malformed, left to `_relay`
+                return 0
+            elif type_code == _B:
+                if data[pos + 5]:
+                    return 0
+                if data[pos + 6]:  # a named statement: taken if it is the only Bind and `server` has it
+                    if bind != -1:
+                        return 0
+                    named = NamedBind.of(self.statements, server, data, pos, end)
+                    if named is None:
+                        return 0
+                elif named is not None:
+                    return 0
+                bind = pos if bind == -1 else -2
+                bind_end = end
+            elif type_code == _D:
+                if data[pos + 6]:
+                    return 0
+            elif type_code == _P:
+                if data[pos + 5]:
+                    return 0
+                try:
+                    _, query, _ = codec.split_parse(data[pos + 5 : end])
+                except ValueError:
+                    return 0
+                if self.parsed_effects_of(query) or self.guard.forges_claims(query):
+                    return 0
+            else:
+                return 0
+            pos = end
+        if pos != size or type_code != _S:
+            return 0
+        if bind >= 0:
+            self.lane_shape = (data[:bind], data[bind_end:], syncs, named)
+        if named is not None:
+            self.lane_send = named.renamed(data, bind, bind_end)
+            return -syncs
+        return syncs
+
+
+def _framing_problem(type_code: int, length: int, limit: int) -> str:
+    if KINDS_POOLED[type_code] is None:
+        return f"invalid frontend message type {type_code}"
+    if length < 4:
+        return "invalid message length"
+    return f"invalid message length: {length} bytes exceeds max_message_bytes ({limit})"

@@ -1,0 +1,206 @@
+"""Read/write splitting for one session: where each transaction runs (primary or a replica), from its first statements."""
+
+from __future__ import annotations
+
+import time
+
+from config.model import UserConfig
+from proxy.cluster import Cluster, ClusterServer
+from proxy.errors import ProxyError, ServerError
+from proxy.pool import Pool
+from proxy.protocol import codec
+from proxy.runtime import Runtime
+from proxy.server import ServerConnection
+from routing.errors import RoutingError
+from routing.route import Role, Route
+from routing.router import TransactionRouting, TransactionState
+
+_Q, _P, _B, _D, _S, _H, _EXECUTE = (ord(c) for c in "QPBDSHE")
+_NO_PARAMETERS = codec.message(b"t", b"\x00\x00")
+# RowDescription field: no table, text (oid 25), variable length, no modifier, text format
+_TEXT_COLUMN = b"\x00\x00\x00\x00" + b"\x00\x00" + b"\x00\x00\x00\x19" + b"\xff\xff" + b"\xff\xff\xff\xff" + b"\x00\x00"
+
+
+class ReadWriteSplit:
+    """The session's routing state: the transaction's role, a held-back BEGIN, sticky replica, last write."""
+
+    def __init__(self, runtime: Runtime, cluster: Cluster, user: UserConfig) -> None:
+        self.rt = runtime
+        self.cluster = cluster
+        self.user = user
+        self.routing = TransactionRouting(runtime.router, runtime.config.general.read_write_split)
+        self.role = Role.PRIMARY
+        self.wrote = False
+        # a lone BEGIN answered by the proxy, sent with the statement that decides where it runs
+        self.deferred_begin = b""
+        self.sticky: ClusterServer | None = None
+        self.last_write_at = 0.0
+        self.statement_roles: dict[str, Role] = {}
+        # the statements that started the transaction (the fan-out executor reads their shards)
+        self.routes: list[Route] = []
+
+    def start(self, data: bytes, pos: int, size: int) -> bytes | None:
+        """A transaction starts: route every statement of the batch. Returns the reply when the proxy
+        answers the batch itself (a lone BEGIN, BEGIN; COMMIT, SHOW shardgate.role, a routing error)."""
+        routing = self.routing
+        routes: list[Route] = []
+        first = True
+        unpack = codec.unpack_u32
+        while size - pos >= 5:
+            type_code = data[pos]
+            end = pos + 1 + unpack(data, pos + 1)[0]
+            if end > size:
+                break
+            if type_code == _Q:
+                try:
+                    route = routing.on_statement(data[pos + 5 : end - 1].decode("utf-8", "replace"))
+                except RoutingError as exc:
+                    if not first:
+                        raise ProxyError(exc.sqlstate, str(exc), fatal=True)
+                    status = b"T" if self.deferred_begin else b"I"
+                    return codec.error_response(exc.sqlstate, str(exc)) + codec.ready_for_query(status)
+                if first and self.deferred_begin and route.ends_transaction and end == size:
+                    # BEGIN; COMMIT with nothing between: no server needed
+                    self.deferred_begin = b""
+                    routing.on_transaction_end()
+                    head = data[pos + 5 : pos + 25].lstrip()[:8].lower()
+                    tag = "ROLLBACK" if head.startswith((b"rollback", b"abort")) else "COMMIT"
+                    return codec.command_complete(tag) + codec.ready_for_query(b"I")
+                if first and route.local and data[pos + 5 : pos + 25].lstrip()[:4].lower() == b"show":
+                    return _show_session_role(route)
+                if first and route.role_pending and end == size:
+                    # a lone BEGIN: the next statement decides where the transaction runs
+                    self.deferred_begin = data[pos + 5 : end - 1]
+                    return codec.command_complete("BEGIN") + codec.ready_for_query(b"T")
+                routes.append(route)
+            elif type_code == _P:
+                try:
+                    name, query, _ = codec.split_parse(data[pos + 5 : end])
+                except ValueError:  # not terminated: routed as nothing here; the relay refuses it
+                    first = False
+                    pos = end
+                    continue
+                try:
+                    # SET/SHOW shardgate.role over the extended protocol reach PostgreSQL as a custom setting
+                    route = routing.on_statement(query.decode("utf-8", "replace"))
+                except RoutingError:
+                    route = Route(Role.ANY, write=False, reason="invalid session role")
+                if first and route.role_pending and not name:
+                    reply = _extended_begin_reply(data, end, size)
+                    if reply is not None:
+                        self.deferred_begin = query
+                        return reply
+                if name:
+                    self.statement_roles[name.decode("utf-8", "replace")] = route.role
+                routes.append(route)
+            elif type_code == _B:
+                try:
+                    _, statement, _ = codec.split_bind(data[pos + 5 : end])
+                except ValueError:  # not terminated: the relay refuses it
+                    statement = b""
+                if statement:
+                    known = self.statement_roles.get(statement.decode("utf-8", "replace"), Role.PRIMARY)
+                    routes.append(Route(known, write=known is Role.PRIMARY, reason="prepared statement"))
+            first = False
+            pos = end
+        role = Role.PRIMARY
+        if self.deferred_begin:
+            # a held-back BEGIN runs on a replica only if the transaction was declared read only
+            if routing.state is TransactionState.REPLICA:
+                role = Role.REPLICA
+        elif routes and all(r.role is not Role.PRIMARY for r in routes) and any(
+                r.role is Role.REPLICA for r in routes):
+            role = Role.REPLICA
+        self.role = role
+        self.wrote = role is Role.PRIMARY and (bool(self.deferred_begin) or any(
+            r.write or r.begins_transaction for r in routes))
+        self.routes = routes
+        return None
+
+    def note_prepared(self, name: str, query_text: bytes) -> None:
+        """A named Parse sent inside a transaction: remember where its statement reads or writes."""
+        if name not in self.statement_roles:
+            text = query_text.decode("utf-8", "replace")
+            self.statement_roles[name] = self.rt.router.route_statement(text).role
+
+    def pool_for_route(self) -> Pool:
+        cluster, user = self.cluster, self.user
+        if self.role is Role.REPLICA:
+            min_caught_up = None
+            ryw_ms = self.rt.config.general.read_your_writes_ms
+            if ryw_ms and self.last_write_at and time.monotonic() - self.last_write_at < ryw_ms / 1000:
+                min_caught_up = self.last_write_at
+            target = cluster.pick_read(sticky=self.sticky, min_caught_up_at=min_caught_up,
+                                       active_connections=self._active_on)
+            if self.rt.config.general.replica_stickiness and target.role != "primary":
+                self.sticky = target
+        else:
+            target = cluster.primary()
+        return self.rt.pool_for_server(user, target.config)
+
+    def _active_on(self, target: ClusterServer) -> int:
+        return self.rt.pool_for_server(self.user, target.config).busy
+
+    async def checkout(self, pool: Pool) -> tuple[ServerConnection, Pool]:
+        """Check out for the current route (from `pool`, or the pool of another replica when its server
+        cannot be reached: that one is banned); returns the server and its pool."""
+        for _ in range(len(self.cluster.servers)):
+            try:
+                return await pool.checkout(), pool
+            except ServerError as exc:
+                if self.role is not Role.REPLICA:
+                    raise
+                failed = self.cluster.server_at(pool.address)
+                if failed is None or failed.role == "primary":
+                    raise
+                self.cluster.ban(failed, f"connect failed: {exc.message}")
+                if self.sticky is failed:
+                    self.sticky = None
+                pool = self.pool_for_route()
+        return await pool.checkout(), pool
+
+    def transaction_ended(self) -> None:
+        self.routing.on_transaction_end()
+        if self.wrote:
+            self.last_write_at = time.monotonic()
+            self.wrote = False
+
+    def take_deferred_begin(self) -> str:
+        begin, self.deferred_begin = self.deferred_begin, b""
+        return begin.decode("utf-8", "replace")
+
+
+def _show_session_role(route: Route) -> bytes:
+    """SHOW shardgate.role (simple protocol): the session routing hint lives in the proxy. SET and RESET
+    of it also reach PostgreSQL, as a custom setting, so the extended protocol sees the same value."""
+    value = "auto" if route.hint in (None, Role.ANY) else str(route.hint)
+    row_description = codec.message(b"T", b"\x00\x01" + codec.cstr("shardgate.role") + _TEXT_COLUMN)
+    data_row = codec.message(b"D", b"\x00\x01" + len(value).to_bytes(4, "big") + value.encode())
+    return row_description + data_row + codec.command_complete("SHOW") + codec.ready_for_query(b"I")
+
+
+def _extended_begin_reply(data: bytes, pos: int, size: int) -> bytes | None:
+    """Replies for Bind/Describe/Execute/Sync of an unnamed BEGIN, or None if the batch holds more."""
+    replies = [codec.PARSE_COMPLETE]
+    while size - pos >= 5:
+        type_code = data[pos]
+        end = pos + 1 + codec.unpack_u32(data, pos + 1)[0]
+        if end > size:
+            return None
+        if type_code == _B:
+            if data[pos + 5] != 0 or data[pos + 6] != 0:  # named portal or statement
+                return None
+            replies.append(codec.BIND_COMPLETE)
+        elif type_code == _D:
+            replies.append(codec.NO_DATA if data[pos + 5] == ord("P") else _NO_PARAMETERS + codec.NO_DATA)
+        elif type_code == _EXECUTE:
+            replies.append(codec.command_complete("BEGIN"))
+        elif type_code == _S:
+            if end != size:
+                return None
+            replies.append(codec.ready_for_query(b"T"))
+            return b"".join(replies)
+        elif type_code != _H:
+            return None
+        pos = end
+    return None

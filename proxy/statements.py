@@ -1,0 +1,137 @@
+"""A client's named prepared statements in a pooled mode: renamed to proxy-wide names, prepared on demand."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+from proxy.pool import Pool
+from proxy.protocol import codec
+from proxy.server import (
+    EXPECT_CLOSE,
+    EXPECT_CLOSE_AS_PARSE,
+    EXPECT_PARSE,
+    EXPECT_PARSE_DROP,
+    NOOP_CLOSE,
+    ServerConnection,
+)
+
+_P, _B, _C = ord("P"), ord("B"), ord("C")
+
+
+def statement_global_name(query_text: bytes, param_types: bytes, settings_key: bytes) -> str:
+    """Proxy-wide name of a prepared statement: the same text, parsed under the same settings (DateStyle,
+    search_path... change what a text means), prepares once per server."""
+    digest = hashlib.blake2b(query_text + b"\x00" + param_types + b"\x00" + settings_key, digest_size=10)
+    return "sg_" + digest.hexdigest()
+
+
+class PreparedStatements:
+    """The client's statement names -> (proxy-wide name, the Parse that prepares it). Each server of the
+    client's link set learns a statement the first time a message of the client's names it."""
+
+    __slots__ = ("known",)
+
+    def __init__(self) -> None:
+        self.known: dict[str, tuple[str, bytes]] = {}
+
+    def clear(self) -> None:
+        self.known.clear()
+
+    def text_of(self, name: str) -> bytes | None:
+        """The statement text the client prepared as `name`, or None."""
+        known = self.known.get(name)
+        return codec.split_parse(known[1][5:])[1] if known is not None else None
+
+    def parse(self, server: ServerConnection, name: str, query_text: bytes, param_types: bytes,
+              settings_key: bytes) -> bytes:
+        """A client Parse of `name`: what to send `server` instead (the renamed Parse, or a no-op Close
+        answered as ParseComplete when the server has the statement already)."""
+        global_name = statement_global_name(query_text, param_types, settings_key)
+        parse_message = codec.build_parse(global_name, query_text, param_types)
+        self.known[name] = (global_name, parse_message)
+        if global_name in server.prepared:
+            server.expect_rewrite(EXPECT_CLOSE_AS_PARSE)
+            return NOOP_CLOSE
+        Pool.mark_prepared(server, global_name)
+        server.expect_rewrite(EXPECT_PARSE, global_name)
+        return parse_message
+
+    def rename(self, server: ServerConnection, type_code: int, data: bytes, pos: int, end: int) -> bytes | None:
+        """A Bind, Describe or Close at `pos` naming a client statement: its renamed form for `server`
+        (preceded by the Parse when `server` lacks the statement); None keeps the message as it is.
+        Raises ValueError for a name without its terminator or not text."""
+        body_start = pos + 5
+        if type_code == _B:
+            portal, statement, rest = codec.split_bind(data[body_start:end])
+            if not statement:
+                return None
+            return self._with_statement(server, statement.decode(),
+                                        lambda g: codec.build_bind(portal, g.encode(), rest))
+        if data[end - 1] != 0:
+            raise ValueError("name not terminated")
+        kind = data[body_start]
+        name = data[body_start + 1 : end - 1].decode()
+        if kind != ord("S") or not name:
+            if type_code == _C:
+                server.expect_rewrite(EXPECT_CLOSE)
+            return None
+        if type_code == _C:
+            self.known.pop(name, None)
+            server.expect_rewrite(EXPECT_CLOSE)
+            return NOOP_CLOSE
+        return self._with_statement(server, name, lambda g: codec.message(b"D", b"S" + g.encode() + b"\x00"))
+
+    def _with_statement(self, server: ServerConnection, name: str, build: Callable[[str], bytes]) -> bytes | None:
+        known = self.known.get(name)
+        if known is None:
+            return None
+        global_name, parse_message = known
+        message = build(global_name)
+        if global_name in server.prepared:
+            return message
+        Pool.mark_prepared(server, global_name)
+        server.expect_rewrite(EXPECT_PARSE_DROP, global_name)
+        return parse_message + message
+
+
+class NamedBind:
+    """How the lane renames a Bind of the client's named statement to the proxy-wide name its server has
+    it under: the Bind's body starts with `client_prefix` (unnamed portal, client's name) and is sent
+    starting with `server_prefix` instead."""
+
+    __slots__ = ("client_prefix", "known", "name", "server_prefix")
+
+    def __init__(self, name: str, known: tuple[str, bytes], client_prefix: bytes) -> None:
+        self.name = name
+        self.known = known  # the client's entry the renaming was made from
+        self.client_prefix = client_prefix
+        self.server_prefix = b"\x00" + known[0].encode() + b"\x00"
+
+    @classmethod
+    def of(cls, statements: PreparedStatements, server: ServerConnection, data: bytes, pos: int,
+           end: int) -> NamedBind | None:
+        """The renaming of the Bind at `pos` (unnamed portal, named statement), or None when the statement
+        is unknown, not prepared on `server`, or its name malformed (all left to the general path)."""
+        name_end = data.find(b"\x00", pos + 6, end)
+        if name_end == -1:
+            return None
+        try:
+            name = data[pos + 6 : name_end].decode()
+        except UnicodeDecodeError:
+            return None
+        known = statements.known.get(name)
+        if known is None or known[0] not in server.prepared:
+            return None
+        return cls(name, known, data[pos + 5 : name_end + 1])
+
+    def usable(self, statements: PreparedStatements, server: ServerConnection) -> bool:
+        """Still the client's statement of that name (not closed and parsed again), prepared on `server`."""
+        return statements.known.get(self.name) is self.known and self.known[0] in server.prepared
+
+    def renamed(self, data: bytes, bind: int, bind_end: int) -> bytes:
+        """`data` with its Bind at `bind` naming the server's statement."""
+        body_start = bind + 5 + len(self.client_prefix)
+        length = 4 + len(self.server_prefix) + bind_end - body_start
+        return b"".join((data[:bind], b"B", codec.pack_u32(length), self.server_prefix,
+                         memoryview(data)[body_start:bind_end], data[bind_end:]))
