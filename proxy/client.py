@@ -14,32 +14,24 @@ from auth.identity import Identity
 from config.model import UserConfig
 from proxy.cluster import Cluster
 from proxy.errors import ProxyError, ServerLostError
-from proxy.executor import FanoutExecutor, Target
+from proxy.executor import FanoutExecutor
+from proxy.fanout import FanoutRelay
 from proxy.guard import Guard
 from proxy.handshake import Handshake, HandshakeState
 from proxy.login import login_pool, parameter_block, setup_session
 from proxy.pool import Pool
 from proxy.protocol import codec, sqlstate
 from proxy.protocol.codec import ProtocolError
-from proxy.relay import KINDS_POOLED, SESSION, STATEMENT, TRANSACTION, Relay
+from proxy.relay import KINDS_POOLED, SESSION, STATEMENT, TRANSACTION
 from proxy.retry import only_reads
 from proxy.runtime import Runtime
-from proxy.scatter import FanoutPlan, Scatter, next_part, unnamed_parse
+from proxy.scatter import FanoutPlan, Scatter
 from proxy.server import ServerConnection
 from proxy.session_state import Effect, ServerState, SessionState
 from proxy.statements import PreparedStatements
 
 log = logging.getLogger("shardgate.client")
 
-_B = ord("B")
-_SYNC = codec.message(b"S")
-_UNSYNCED = b"\x00unsynced"  # marks a fan-out part that ends in Flush (never a message: no type 0)
-
-
-def _binds_unnamed(data: bytes, pos: int) -> bool:
-    """The Bind at `pos` names the unnamed statement (whatever its portal)."""
-    name_end = data.find(b"\x00", pos + 5)
-    return name_end != -1 and data[name_end + 1 : name_end + 2] == b"\x00"
 
 
 class Phase(Enum):
@@ -52,7 +44,7 @@ class Phase(Enum):
 STARTUP, LOGIN, READY, CLOSED = Phase.STARTUP, Phase.LOGIN, Phase.READY, Phase.CLOSED
 
 
-class ClientSession(Relay):
+class ClientSession(FanoutRelay):
     """A client from its first byte to its last. In `ready` each message is relayed (see Relay) to the
     session's home server, which the pool lends per transaction (or for the session); a statement for
     several shards goes through a fan-out executor instead, whose servers join the transaction's link set."""
@@ -460,11 +452,8 @@ class ClientSession(Relay):
         if self.fanout is not None:
             self.fanout.release_checked_out()
 
-    def _release_links(self, *, closing: bool = False) -> None:
-        """The transaction over several shards ended (or the client left): every other shard's server goes back."""
-        links, self.links = self.links, {}
-        for server in links.values():
-            server.pool.checkin(server, reset=self.pool_mode == SESSION or (closing and self.pinned))
+    def _phase_closed(self) -> bool:
+        return self.phase is CLOSED
 
     def _terminate(self) -> None:
         self.phase = CLOSED
@@ -564,185 +553,3 @@ class ClientSession(Relay):
         for server in self._link_set():
             if server.outstanding or (server is self.server and self.unsynced):
                 self.rt.send_cancel(server.address, server.process_id, server.secret_key)
-
-    # ------------------------------------------------------------ statements for several shards
-
-    def _fan_out_from(self, data: bytes, pos: int, server: ServerConnection | None) -> bool:
-        """The Query, Parse or Bind at `pos` of a sharded database: if it goes to other shards than the
-        home one, hand it (and what follows) to a fan-out executor and return True."""
-        assert self.scatter is not None
-        type_code = data[pos]
-        prefix = b""
-        if type_code == _B:
-            unnamed = self.unnamed_fanout
-            if unnamed is None or not _binds_unnamed(data, pos):
-                return False
-            # the unnamed statement was prepared on several shards: the Bind goes there, the Parse again first
-            plan, prefix = unnamed
-        else:
-            held = set(self.links)
-            if self.server is not None and not self.parked:
-                held.add(0)
-            found = self.scatter.plan(data, pos, frozenset(held), bool(self.links))
-            if found is None:
-                self.unnamed_fanout = None  # a Query or unnamed Parse on the home shard replaces it
-                return False
-            plan = found
-        self.waiting = data[pos:] + self.waiting
-        self.acquiring = True
-        self._start_task(self._run_fan_out(plan, prefix))
-        return True
-
-    def _more_waiting(self) -> None:
-        waiter = self._more_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def _next_part(self, extended: bool) -> bytes | None:
-        """The next part of a fan-out's batch from what the client sent (waiting for it to arrive); None
-        when the client left."""
-        while (found := next_part(self.waiting, extended)) is None:
-            if self.phase is CLOSED:
-                return None
-            self._more_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._more_waiter
-            finally:
-                self._more_waiter = None
-        end, synced = found
-        part, self.waiting = self.waiting[:end], self.waiting[end:]
-        return part if synced else part + _UNSYNCED
-
-    async def _run_fan_out(self, plan: FanoutPlan, prefix: bytes) -> None:
-        """Run one statement on the shards of `plan`, then go on with what the client sent meanwhile."""
-        home = self.server
-        if home is not None and not self.parked and home.outstanding:
-            # answers keep the order of the statements: the home server's come first
-            self._home_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._home_waiter
-            finally:
-                self._home_waiter = None
-        first = await self._next_part(plan.extended)
-        if first is None:
-            return
-        status = self._client_status()
-        if plan.refusal is not None:
-            self._answer_refused(plan, first, status)
-        else:
-            await self._fan_out(plan, prefix, first, status)
-        if self.phase is CLOSED:
-            return
-        self.acquiring = False
-        data, self.waiting = self.waiting, b""
-        if data:
-            self._ready_data(data)
-
-    def _answer_refused(self, plan: FanoutPlan, part: bytes, status: bytes) -> None:
-        """A statement the proxy does not send: its error, then ReadyForQuery (for an extended batch at
-        its Sync: the messages up to it are skipped as the server would after an error)."""
-        assert plan.refusal is not None
-        error = codec.error_response(*plan.refusal)
-        if part.endswith(_UNSYNCED):
-            self.write(error)
-            self.discarding = True  # up to the Sync (see Relay._answer_without_server)
-            self.local_failed = False
-            return
-        self.write(error + codec.ready_for_query(status))
-
-    async def _fan_out(self, plan: FanoutPlan, prefix: bytes, first: bytes, status: bytes) -> None:
-        then = ""
-        if status != b"I":
-            begin = self.split.take_deferred_begin() if self.split is not None else ""
-            then = begin or "BEGIN"  # the new servers join the transaction the client is in
-        if self.parked and self.server is not None:
-            self._unlink_and_release()  # between transactions: its pool may lend it again below
-        user = self.user
-        assert user is not None
-        targets = []
-        for shard in plan.shards:
-            server = self.server if shard == 0 else self.links.get(shard)
-            if server is not None:
-                targets.append(Target(shard, server, None))
-            else:
-                cluster = self.rt.cluster_for(self.database, shard)
-                assert cluster is not None
-                targets.append(Target(shard, None, self.rt.pool_for_server(user, cluster.primary().config)))
-        executor = self.fanout = FanoutExecutor(self, targets, self.snapshot(), then, 1 if prefix else 0)
-        part: bytes | None = first
-        sent = b""
-        try:
-            await executor.start()
-            while part is not None:
-                synced = not part.endswith(_UNSYNCED)
-                if not synced:
-                    part = part[: -len(_UNSYNCED)]
-                sent += part
-                executor.send(prefix + part, part.count(_SYNC) if plan.extended else 1)
-                prefix = b""
-                part = None if synced else await self._next_part(plan.extended)
-            final = await executor.finish()
-        except ServerLostError as exc:  # after the batch was sent: the client cannot know what ran
-            self._file_legs(executor, keep=False)
-            self.fatal(exc.sqlstate, exc.message)
-            return
-        except ProxyError as exc:  # before: nothing ran
-            self._file_legs(executor, keep=False)
-            self.write(codec.error_response(exc.sqlstate, exc.message) + codec.ready_for_query(status))
-            return
-        except asyncio.CancelledError:
-            executor.release_checked_out()
-            raise
-        finally:
-            self.fanout = None
-        if plan.extended:
-            parse = unnamed_parse(sent)
-            if parse is not None:
-                self.unnamed_fanout = (plan, parse)
-        else:
-            self.unnamed_fanout = None  # a simple Query drops the unnamed statement
-        self._file_legs(executor, keep=final != b"I")
-        if final == b"I" and self.pool_mode is not SESSION:
-            self._fan_out_transaction_ended()
-
-    def _client_status(self) -> bytes:
-        """The transaction status the client last saw."""
-        home = self.server
-        if home is not None and not self.parked and home.txn_status != b"I":
-            return home.txn_status
-        if self.links or (self.split is not None and self.split.deferred_begin):
-            return b"T"
-        return b"I"
-
-    def _file_legs(self, executor: FanoutExecutor, *, keep: bool) -> None:
-        """After a fan-out: the session's own servers report to it again; the ones checked out for it join
-        the link set (`keep`: the transaction goes on) or go back to their pools."""
-        for leg in executor.legs:
-            server = leg.server
-            if not leg.borrowed and (not keep or server.broken):
-                server.pool.checkin(server)
-                continue
-            server.sink = self
-            server.out = self.transport
-            if leg.borrowed:
-                continue
-            if leg.shard == 0:
-                self.pool = leg.pool
-                self._link(server)
-            else:
-                self.links[leg.shard] = server
-        executor.legs = []
-
-    def _fan_out_transaction_ended(self) -> None:
-        """The fan-out ended the transaction (or ran outside one): every server goes back."""
-        if self.split is not None:
-            self.split.transaction_ended()
-        self._release_links()
-        server = self.server
-        if server is None or self.parked or self.pinned or server.outstanding or server.txn_status != b"I":
-            return
-        if server.pool.park(server, self):
-            self.parked = True
-            return
-        self.server = None
-        server.pool.checkin(server)

@@ -170,13 +170,29 @@ class Cluster:
     def pick_read(self, *, sticky: ClusterServer | None = None, min_caught_up_at: float | None = None,
                   active_connections: Callable[[ClusterServer], int] = lambda s: 0) -> ClusterServer:
         """A server for a read: an eligible replica (or the primary, per read_write_split), else the primary."""
+        # one pass over the servers (this runs for every routed read): eligible replicas, and the primary
+        # when it is the only healthy claimant and not banned
         now = self._now()
-        candidates = [server for server in self.servers
-                      if server.role == REPLICA and self._replica_eligible(server, now, min_caught_up_at)]
-        if self.general.read_write_split == "include_primary":
-            primary = self._primary_or_none()
-            if primary is not None:
-                candidates.append(primary)
+        general = self.general
+        max_lag_ms = general.max_replica_lag_ms
+        max_lag_bytes = general.max_replica_lag_bytes
+        candidates: list[ClusterServer] = []
+        primary: ClusterServer | None = None
+        claimants = 0
+        for server in self.servers:
+            role = server.role
+            if role == REPLICA:
+                if (server.healthy and now >= server.banned_until
+                        and not (max_lag_ms > 0 and server.lag_ms > max_lag_ms)
+                        and not (max_lag_bytes > 0 and server.lag_bytes > max_lag_bytes)
+                        and (min_caught_up_at is None or server.caught_up_at >= min_caught_up_at)):
+                    candidates.append(server)
+            elif role == PRIMARY and server.healthy:
+                claimants += 1
+                primary = server
+        if (general.read_write_split == "include_primary" and claimants == 1 and primary is not None
+                and now >= primary.banned_until):
+            candidates.append(primary)
         if not candidates:
             try:
                 return self.primary()
@@ -195,27 +211,9 @@ class Cluster:
             return self._random.choice(candidates)
         start = self._next % len(candidates)
         self._next += 1
-        rotated = candidates[start:] + candidates[:start]
         if strategy == "least_connections":
-            return min(rotated, key=active_connections)
-        return rotated[0]
-
-    def _replica_eligible(self, server: ClusterServer, now: float, min_caught_up_at: float | None) -> bool:
-        if not server.available(now):
-            return False
-        max_lag_ms = self.general.max_replica_lag_ms
-        if max_lag_ms > 0 and server.lag_ms > max_lag_ms:
-            return False
-        max_lag_bytes = self.general.max_replica_lag_bytes
-        if max_lag_bytes > 0 and server.lag_bytes > max_lag_bytes:
-            return False
-        return min_caught_up_at is None or server.caught_up_at >= min_caught_up_at
-
-    def _primary_or_none(self) -> ClusterServer | None:
-        claimants = [server for server in self.servers if server.role == PRIMARY and server.healthy]
-        if len(claimants) == 1 and claimants[0].available(self._now()):
-            return claimants[0]
-        return None
+            return min(candidates[start:] + candidates[:start], key=active_connections)
+        return candidates[start]
 
     def replicas(self) -> list[ClusterServer]:
         return [server for server in self.servers if server.role == REPLICA]

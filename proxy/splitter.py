@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from config.model import UserConfig
@@ -17,6 +18,10 @@ from routing.router import TransactionRouting, TransactionState
 
 _Q, _P, _B, _D, _S, _H, _EXECUTE = (ord(c) for c in "QPBDSHE")
 _NO_PARAMETERS = codec.message(b"t", b"\x00\x00")
+# the router's integer literal (routing.router._NUMBER), over ASCII bytes; texts with quotes, comments,
+# dollar quotes or backslashes are not remembered by their shape
+_NUMBER = re.compile(rb"(?<![\w$.])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_UNSHAPED = re.compile(rb"['\"$\\]|--|/\*")
 # RowDescription field: no table, text (oid 25), variable length, no modifier, text format
 _TEXT_COLUMN = b"\x00\x00\x00\x00" + b"\x00\x00" + b"\x00\x00\x00\x19" + b"\xff\xff" + b"\xff\xff\xff\xff" + b"\x00\x00"
 
@@ -36,14 +41,28 @@ class ReadWriteSplit:
         self.sticky: ClusterServer | None = None
         self.last_write_at = 0.0
         self.statement_roles: dict[str, Role] = {}
-        # the statements that started the transaction (the fan-out executor reads their shards)
-        self.routes: list[Route] = []
+        self._pools: dict[ClusterServer, Pool] = {}  # each server's pool for this session's user
+        # the last plain read's Query text before and after its one integer (see `start`)
+        self._read_shape: tuple[bytes, bytes] | None = None
 
     def start(self, data: bytes, pos: int, size: int) -> bytes | None:
         """A transaction starts: route every statement of the batch. Returns the reply when the proxy
         answers the batch itself (a lone BEGIN, BEGIN; COMMIT, SHOW shardgate.role, a routing error)."""
         routing = self.routing
+        memo = self._read_shape
+        if (memo is not None and pos == 0 and data[0] == _Q and data.startswith(memo[0], 5)
+                and data.endswith(memo[1]) and codec.unpack_u32(data, 1)[0] == size - 1
+                and routing.state is TransactionState.IDLE and routing.session_role is Role.ANY
+                and not self.deferred_begin):
+            middle = data[5 + len(memo[0]) : size - len(memo[1])]
+            if middle.isdigit():  # ASCII digits only, for bytes
+                # the last plain read again with another integer in it: a read again, nothing to step
+                self.role = Role.REPLICA
+                self.wrote = False
+                self.rt.router.count_reuse()
+                return None
         routes: list[Route] = []
+        started_at = pos
         first = True
         unpack = codec.unpack_u32
         while size - pos >= 5:
@@ -103,19 +122,43 @@ class ReadWriteSplit:
                     routes.append(Route(known, write=known is Role.PRIMARY, reason="prepared statement"))
             first = False
             pos = end
-        role = Role.PRIMARY
+        # a replica when no statement needs the primary and one reads; a held-back BEGIN runs on a
+        # replica only if the transaction was declared read only
+        primary = replica = wrote = False
+        for route in routes:
+            role = route.role
+            if role is Role.PRIMARY:
+                primary = True
+            elif role is Role.REPLICA:
+                replica = True
+            if route.write or route.begins_transaction:
+                wrote = True
         if self.deferred_begin:
-            # a held-back BEGIN runs on a replica only if the transaction was declared read only
-            if routing.state is TransactionState.REPLICA:
-                role = Role.REPLICA
-        elif routes and all(r.role is not Role.PRIMARY for r in routes) and any(
-                r.role is Role.REPLICA for r in routes):
-            role = Role.REPLICA
-        self.role = role
-        self.wrote = role is Role.PRIMARY and (bool(self.deferred_begin) or any(
-            r.write or r.begins_transaction for r in routes))
-        self.routes = routes
+            chosen = Role.REPLICA if routing.state is TransactionState.REPLICA else Role.PRIMARY
+            wrote = True
+        else:
+            chosen = Role.REPLICA if replica and not primary else Role.PRIMARY
+        self.role = chosen
+        self.wrote = chosen is Role.PRIMARY and wrote
+        if (chosen is Role.REPLICA and started_at == 0 and len(routes) == 1 and pos == size
+                and routing.state is TransactionState.IDLE):
+            self._learn_read_shape(data, routes[0])
         return None
+
+    def _learn_read_shape(self, data: bytes, route: Route) -> None:
+        """A batch of one Query that reads, with one integer literal and nothing quoted or commented:
+        remember the bytes around the integer (see `start`)."""
+        if (data[0] != _Q or route.write or route.local or route.hint is not None or route.begins_transaction
+                or route.ends_transaction or route.role_pending or not data.isascii()
+                or _UNSHAPED.search(data) is not None):
+            return
+        body = data[5:]
+        numbers = _NUMBER.findall(body)
+        if len(numbers) != 1 or not numbers[0].isdigit():
+            return
+        match = _NUMBER.search(body)
+        assert match is not None
+        self._read_shape = (body[: match.start()], body[match.end() :])
 
     def note_prepared(self, name: str, query_text: bytes) -> None:
         """A named Parse sent inside a transaction: remember where its statement reads or writes."""
@@ -136,7 +179,10 @@ class ReadWriteSplit:
                 self.sticky = target
         else:
             target = cluster.primary()
-        return self.rt.pool_for_server(user, target.config)
+        pool = self._pools.get(target)
+        if pool is None:
+            pool = self._pools[target] = self.rt.pool_for_server(user, target.config)
+        return pool
 
     def _active_on(self, target: ClusterServer) -> int:
         return self.rt.pool_for_server(self.user, target.config).busy

@@ -113,6 +113,9 @@ def _combine(routes: Sequence[Route], hint: Role | None) -> Route:
 # Literals and quoted identifiers of a statement; identifiers are kept, literals become `?`.
 _LITERALS = re.compile(r"""("(?:[^"]|"")*")|'(?:[^']|'')*'|(?<![\w$.])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?""")
 _SHAPE_HEADS = ("select", "with", "values", "table", "(")
+# the numeric literals of _LITERALS, alone
+_NUMBER = re.compile(r"(?<![\w$.])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_MAX_SHAPES = 16
 
 
 def _keep_identifiers(match: re.Match[str]) -> str:
@@ -150,6 +153,7 @@ class Router:
         self._analyzer = analyzer
         self._cache: OrderedDict[str, Decision] = OrderedDict()
         self._cache_size = cache_size
+        self._shapes: list[tuple[str, str, Decision]] = []  # see _learn_shape
         self._hits = 0
         self._misses = 0
 
@@ -168,19 +172,52 @@ class Router:
             self._hits += 1
             cache.move_to_end(sql)
             return decision
+        for head, tail, shaped in self._shapes:
+            # a recent statement with one number in it, that number changed: blanking the literals
+            # (several µs of regex) would find the same decision
+            if sql.startswith(head) and sql.endswith(tail):
+                middle = sql[len(head) : len(sql) - len(tail)]
+                if middle.isdigit() and middle.isascii():
+                    self._hits += 1
+                    return shaped
         key = literal_free_key(sql)
         if key is not None:
             decision = cache.get(key)
             if decision is not None:
                 self._hits += 1
                 cache.move_to_end(key)
+                self._learn_shape(sql, decision)
                 return decision
         self._misses += 1
         decision = self._decide_uncached(sql)
         cache[key if key is not None else sql] = decision
         if len(cache) > self._cache_size:
             cache.popitem(last=False)
+        if key is not None:
+            self._learn_shape(sql, decision)
         return decision
+
+    def _learn_shape(self, sql: str, decision: Decision) -> None:
+        """Remember the text around `sql`'s only literal when it is an integer and nothing is quoted (the
+        text passed `literal_free_key`'s checks): the same text with another integer there is the same
+        statement shape."""
+        if "'" in sql or '"' in sql:
+            return
+        numbers = _NUMBER.findall(sql)
+        if len(numbers) != 1 or not numbers[0].isdigit():
+            return
+        match = _NUMBER.search(sql)
+        assert match is not None
+        head, tail = sql[: match.start()], sql[match.end() :]
+        shapes = self._shapes
+        if any(h == head and t == tail for h, t, _ in shapes):
+            return
+        shapes.insert(0, (head, tail, decision))
+        del shapes[_MAX_SHAPES:]
+
+    def count_reuse(self) -> None:
+        """A caller reused a decision it had from this router (a session's own memo): a cache hit too."""
+        self._hits += 1
 
     @property
     def cache_hits(self) -> int:
@@ -197,6 +234,7 @@ class Router:
     def clear_cache(self) -> None:
         """Forget cached decisions (after the volatile function list changes) and zero the counters."""
         self._cache.clear()
+        self._shapes.clear()
         self._hits = self._misses = 0
 
     def _decide_uncached(self, sql: str) -> Decision:
