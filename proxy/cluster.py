@@ -215,6 +215,13 @@ class Cluster:
             return min(candidates[start:] + candidates[:start], key=active_connections)
         return candidates[start]
 
+    def _primary_or_none(self) -> ClusterServer | None:
+        """The primary when exactly one healthy server claims it and it is not banned (as pick_read sees it)."""
+        claimants = [server for server in self.servers if server.role == PRIMARY and server.healthy]
+        if len(claimants) == 1 and claimants[0].available(self._now()):
+            return claimants[0]
+        return None
+
     def replicas(self) -> list[ClusterServer]:
         return [server for server in self.servers if server.role == REPLICA]
 

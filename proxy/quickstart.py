@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from config.loader import ConfigError, load
 
 if TYPE_CHECKING:
-    from proxy.topology import Topology
+    from localpg import Topology
 
 QUICKSTART_USER = "app"
 QUICKSTART_PASSWORD = "app"
@@ -59,9 +59,9 @@ def make_replicas_synchronous(topology: Topology) -> None:
 
 
 def quickstart(port: int, base_dir: str | None, pool_mode: str) -> int:
+    from localpg import Topology, TopologyError
     from proxy.app import serve
     from proxy.process import install_event_loop, setup_logging
-    from proxy.topology import Topology, TopologyError
 
     workdir = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="shardgate-quickstart-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -80,9 +80,11 @@ def quickstart(port: int, base_dir: str | None, pool_mode: str) -> int:
         setup_logging(config.general.log_level, config.general.log_format)
         install_event_loop()
 
+        psql = "psql" if shutil.which("psql") else str(topology.bin_dir / "psql")
+
         def announce() -> None:
             print(f"config: {config_path}\nready, connect with:\n"
-                  f'  psql "postgresql://{QUICKSTART_USER}:{QUICKSTART_PASSWORD}@127.0.0.1:{port}/{QUICKSTART_DATABASE}"\n'
+                  f'  {psql} "postgresql://{QUICKSTART_USER}:{QUICKSTART_PASSWORD}@127.0.0.1:{port}/{QUICKSTART_DATABASE}"\n'
                   "Ctrl-C stops the proxy and removes the servers.", file=sys.stderr, flush=True)
 
         asyncio.run(serve(config, announce))

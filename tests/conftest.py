@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.topology import Topology
+from localpg import Topology
 from tests.harness import ProxyFactory, build_pgx_client, create_topology, destroy_topology
 
 

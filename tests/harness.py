@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from localpg import PgServer, Topology, free_port
 from proxy.protocol.codec import PROTOCOL_V3
 from proxy.protocol.codec import parse_error_fields as error_fields
-from proxy.topology import PgServer, Topology, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PGX_SOURCE_DIR = REPO_ROOT / "tests" / "clients" / "pgx"
@@ -36,7 +36,7 @@ PROXY_START_TIMEOUT_S = 60.0
 PROXY_STOP_TIMEOUT_S = 10.0
 GO_BUILD_TIMEOUT_S = 300.0
 
-# Credentials of the default users created by proxy.topology.DEFAULT_USERS.
+# Credentials of the default users created by localpg.DEFAULT_USERS.
 USER_PASSWORDS: dict[str, str] = {
     "app": "app",
     "md5user": "md5pw",

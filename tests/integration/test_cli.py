@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from proxy.topology import free_port
+from localpg import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.topology import Topology
+from localpg import Topology
 from tests.harness import DirectProxy, ProxyFactory, ProxyProcess, database_entries
 
 pytestmark = pytest.mark.timeout(180)

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from config.model import DatabaseConfig, GeneralConfig
+from localpg import PgServer, Topology
 from proxy.cluster import Cluster, ClusterServer
 from proxy.errors import ProxyError
-from proxy.topology import PgServer, Topology
 from tests.harness import RECEIVED, wait_wal
 
 pytestmark = pytest.mark.timeout(240)

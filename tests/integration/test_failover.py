@@ -19,7 +19,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.topology import PgServer, Topology, free_port
+from localpg import PgServer, Topology, free_port
 from tests.harness import RECEIVED, DirectProxy, ProxyFactory, ProxyProcess, database_entries, wait_wal
 
 pytestmark = pytest.mark.timeout(240)
@@ -78,7 +78,7 @@ def real_proxy(started: Proxy) -> ProxyProcess:
 
 
 def slot_name(replica: PgServer) -> str:
-    """The replication slot proxy.topology gave the replica when it cloned it."""
+    """The replication slot localpg gave the replica when it cloned it."""
     return re.sub(r"[^a-z0-9_]", "_", replica.name.lower())
 
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import RSAAlgorithm
 
-from proxy.topology import Topology
+from localpg import Topology
 from tests.harness import ProxyFactory, ProxyProcess, database_entries, direct_mode
 
 pytestmark = [

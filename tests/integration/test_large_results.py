@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.topology import Topology
+from localpg import Topology
 from tests.harness import DirectProxy, ProxyFactory, ProxyProcess, database_entries
 
 pytestmark = pytest.mark.timeout(180)

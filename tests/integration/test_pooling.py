@@ -25,7 +25,7 @@ import psycopg
 import pytest
 from psycopg import errors as pg_errors
 
-from proxy.topology import Topology
+from localpg import Topology
 from tests.harness import (
     CuttingForwarder,
     DirectProxy,

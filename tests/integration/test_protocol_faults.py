@@ -16,7 +16,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.topology import Topology
+from localpg import Topology
 from tests.harness import (
     RAW_READ_TIMEOUT_S,
     RAW_USER,

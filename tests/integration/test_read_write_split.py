@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from psycopg import errors as pg_errors
 
-from proxy.topology import PgServer, Topology
+from localpg import PgServer, Topology
 from tests.harness import (
     DirectProxy,
     ProxyFactory,

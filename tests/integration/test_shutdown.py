@@ -18,7 +18,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.topology import Topology
+from localpg import Topology
 from tests.harness import (
     RAW_USER,
     DirectProxy,

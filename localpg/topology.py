@@ -17,7 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.session_state import quote_ident, quote_literal
+from localpg.binaries import BinariesNotFound, find_pg_bin
+from proxy.protocol.sqltext import quote_ident, quote_literal
 
 PG_OS_USER = "postgres"
 SUPERUSER = "postgres"
@@ -81,27 +82,6 @@ DEFAULT_USERS: tuple[UserSpec, ...] = (
     UserSpec("plainuser", "plainpw", "password"),
     UserSpec("trustuser", None, "trust"),
 )
-
-
-def find_pg_bin() -> Path:
-    """Directory of the newest installed PostgreSQL server binaries."""
-    candidates = []
-    for bin_dir in Path("/usr/lib/postgresql").glob("*/bin"):
-        version = bin_dir.parent.name
-        if version.replace(".", "").isdigit() and (bin_dir / "initdb").exists():
-            candidates.append((tuple(int(part) for part in version.split(".")), bin_dir))
-    if candidates:
-        return max(candidates)[1]
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10)
-        bin_dir = Path(result.stdout.strip())
-        if result.returncode == 0 and (bin_dir / "initdb").exists():
-            return bin_dir
-    raise TopologyError(
-        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found in /usr/lib/postgresql/*/bin "
-        "or via pg_config; install them with `apt-get install postgresql`"
-    )
 
 
 _ports_handed_out: set[int] = set()
@@ -457,7 +437,11 @@ class Topology:
         base_dir.mkdir(parents=True, exist_ok=True)
         _chown_to_postgres(base_dir)
         _check_postgres_can_write(base_dir)
-        topology = cls(base_dir, find_pg_bin(), chosen, databases, extra_conf or {}, owner)
+        try:
+            bin_dir = find_pg_bin()
+        except BinariesNotFound as exc:
+            raise TopologyError(str(exc)) from None
+        topology = cls(base_dir, bin_dir, chosen, databases, extra_conf or {}, owner)
         try:
             topology.primary = topology.add_server("primary")
             for index in range(1, replicas + 1):

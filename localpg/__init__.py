@@ -1,0 +1,14 @@
+"""Throwaway local PostgreSQL servers for `shardgate quickstart`, the tests and the benchmarks (never traffic)."""
+
+from localpg.binaries import BinariesNotFound, client_tool, embedded_bin, find_pg_bin
+from localpg.topology import (
+    DEFAULT_USERS,
+    PgServer,
+    Topology,
+    TopologyError,
+    UserSpec,
+    free_port,
+)
+
+__all__ = ["DEFAULT_USERS", "BinariesNotFound", "PgServer", "Topology", "TopologyError", "UserSpec",
+           "client_tool", "embedded_bin", "find_pg_bin", "free_port"]
