@@ -9,6 +9,8 @@ from bench.pgbench import Measurement, Scenario
 
 TARGET_KEYS = ("direct", "pgbouncer", "shardgate")
 TARGET_LABELS = {"direct": "direct", "pgbouncer": "PgBouncer", "shardgate": "Shardgate"}
+# A second Shardgate run from a worktree of another revision (`bench.run --baseline REV`).
+BASELINE = "baseline"
 
 # Targets from issue 2.
 MIN_RATIO_SIMPLE = 0.85
@@ -38,6 +40,19 @@ class Results:
     unsupported: dict[tuple[str, str], str] = field(default_factory=dict)
     shardgate_log_findings: list[str] = field(default_factory=list)
     shardgate_log_path: str = ""
+    # "Shardgate <rev>" when a baseline Shardgate ran as target BASELINE, else None.
+    baseline_label: str | None = None
+    baseline_log_findings: list[str] = field(default_factory=list)
+    baseline_log_path: str = ""
+
+    @property
+    def target_keys(self) -> tuple[str, ...]:
+        return (*TARGET_KEYS, BASELINE) if self.baseline_label else TARGET_KEYS
+
+    def label(self, key: str) -> str:
+        if key == BASELINE and self.baseline_label:
+            return self.baseline_label
+        return TARGET_LABELS.get(key, key)
 
     def add(self, measurement: Measurement) -> None:
         self.runs.setdefault(measurement.scenario, {}).setdefault(measurement.target, []).append(measurement)
@@ -53,17 +68,22 @@ class Results:
     def failures(self, scenario: str, target: str) -> list[Measurement]:
         return [m for m in self.runs.get(scenario, {}).get(target, []) if not m.ok]
 
-    def round_ratios(self, scenario: str) -> list[float]:
-        """Shardgate TPS over PgBouncer TPS in each round where both ran clean. The two run back to back
-        within a round, so a ratio pairs runs that saw the same machine."""
+    def round_ratios(
+        self, scenario: str, numerator: str = "shardgate", denominator: str = "pgbouncer"
+    ) -> list[float]:
+        """Numerator TPS over denominator TPS (Shardgate over PgBouncer unless told) in each round where
+        both ran clean. The targets run back to back within a round, so a ratio pairs runs that saw the
+        same machine."""
         runs = self.runs.get(scenario, {})
         # a target not run in a scenario has no runs at all: nothing to pair
-        pairs = zip(runs.get("shardgate", []), runs.get("pgbouncer", []), strict=False)
+        pairs = zip(runs.get(numerator, []), runs.get(denominator, []), strict=False)
         return [s.tps / p.tps for s, p in pairs if s.ok and p.ok and s.tps is not None and p.tps]
 
-    def ratio(self, scenario: str) -> float | None:
+    def ratio(
+        self, scenario: str, numerator: str = "shardgate", denominator: str = "pgbouncer"
+    ) -> float | None:
         """The median of the per-round ratios (the lower middle one for an even count)."""
-        ratios = sorted(self.round_ratios(scenario))
+        ratios = sorted(self.round_ratios(scenario, numerator, denominator))
         return ratios[(len(ratios) - 1) // 2] if ratios else None
 
     def cpu_us_per_transaction(self, scenario: str, target: str) -> float | None:
@@ -115,29 +135,52 @@ def _verdict(passed: bool | None) -> str:
     return "not measured" if passed is None else ("met" if passed else "**MISSED**")
 
 
+def _ratio_cells(results: Results, scenario: str, numerator: str, denominator: str) -> list[str]:
+    """The median per-round ratio and each round's, in percent."""
+    rounds = results.round_ratios(scenario, numerator, denominator)
+    return [
+        _pct(results.ratio(scenario, numerator, denominator)),
+        ", ".join(f"{100.0 * r:.0f}" for r in rounds) or MISSING,
+    ]
+
+
 def throughput_table(results: Results) -> list[str]:
+    keys = results.target_keys
+    baseline = results.baseline_label
+    if baseline is None:
+        ratio_header = "Shardgate/PgBouncer | each round %"
+    else:
+        ratio_header = (
+            f"Shardgate/PgBouncer | each round % | {baseline}/PgBouncer | after/before (Shardgate/{baseline}) "
+            "| each round %"
+        )
     lines = [
-        "| scenario | direct TPS | PgBouncer TPS | Shardgate TPS | Shardgate/PgBouncer | each round % "
-        "| direct latency ms | PgBouncer latency ms | Shardgate latency ms |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| scenario | "
+        + " | ".join(f"{results.label(key)} TPS" for key in keys)
+        + f" | {ratio_header} | "
+        + " | ".join(f"{results.label(key)} latency ms" for key in keys)
+        + " |",
+        "|---|" + "--:|" * (2 * len(keys) + ratio_header.count("|") + 1),
     ]
     footnotes: dict[str, int] = {}
     for scenario in results.scenarios:
         if scenario.key not in results.runs:
             continue
-        picked = {key: results.representative(scenario.key, key) for key in TARGET_KEYS}
-        failed = {key: bool(results.failures(scenario.key, key)) for key in TARGET_KEYS}
+        picked = {key: results.representative(scenario.key, key) for key in keys}
+        failed = {key: bool(results.failures(scenario.key, key)) for key in keys}
         cells = [scenario.title]
-        for key in TARGET_KEYS:
+        for key in keys:
             reason = results.unsupported.get((scenario.key, key))
             if reason is None:
                 cells.append(_tps(picked[key], failed[key]))
             else:
                 number = footnotes.setdefault(reason, len(footnotes) + 1)
                 cells.append(f"not run[^{number}]")
-        cells.append(_pct(results.ratio(scenario.key)))
-        cells.append(", ".join(f"{100.0 * r:.0f}" for r in results.round_ratios(scenario.key)) or MISSING)
-        cells += [_ms(picked[key]) for key in TARGET_KEYS]
+        cells += _ratio_cells(results, scenario.key, "shardgate", "pgbouncer")
+        if baseline is not None:
+            cells.append(_pct(results.ratio(scenario.key, BASELINE, "pgbouncer")))
+            cells += _ratio_cells(results, scenario.key, "shardgate", BASELINE)
+        cells += [_ms(picked[key]) for key in keys]
         lines.append("| " + " | ".join(cells) + " |")
     if footnotes:
         lines.append("")
@@ -157,13 +200,20 @@ def latency_section(results: Results) -> list[str]:
         "| target | average latency ms | added per query over direct |",
         "|---|--:|--:|",
     ]
-    for key in TARGET_KEYS:
+    for key in results.target_keys:
         added = None if key == "direct" else results.added_latency_us("latency", key)
         lines.append(
-            f"| {TARGET_LABELS[key]} | {_ms(results.representative('latency', key))} "
+            f"| {results.label(key)} | {_ms(results.representative('latency', key))} "
             f"| {MISSING if key == 'direct' else _us(added)} |"
         )
     lines += ["", f"Shardgate minus PgBouncer: **{_us(difference, signed=True)}** per query.", ""]
+    if results.baseline_label:
+        before = results.added_latency_us("latency", BASELINE)
+        change = None if shardgate is None or before is None else shardgate - before
+        lines[-1:] = [
+            f"Shardgate minus {results.baseline_label}: **{_us(change, signed=True)}** per query.",
+            "",
+        ]
     return lines
 
 
@@ -228,40 +278,56 @@ def rss_growth_section(results: Results) -> list[str]:
     """Pooler RSS after the warm-up and after each scenario's last run: steady growth hints at a leak."""
     if not results.rss_after_warmup_kb:
         return []
+    poolers = results.target_keys[1:]
     lines = [
         "## Pooler RSS during the pgbench runs (KB, after the last run of each scenario)",
         "",
-        "| after | PgBouncer | Shardgate |",
-        "|---|--:|--:|",
-        f"| warm-up | {_kb(results.rss_after_warmup_kb.get('pgbouncer'))} "
-        f"| {_kb(results.rss_after_warmup_kb.get('shardgate'))} |",
+        "| after | " + " | ".join(results.label(key) for key in poolers) + " |",
+        "|---|" + "--:|" * len(poolers),
+        "| warm-up | " + " | ".join(_kb(results.rss_after_warmup_kb.get(key)) for key in poolers) + " |",
     ]
     for scenario in results.scenarios:
         if scenario.key not in results.runs:
             continue
         cells = []
-        for key in ("pgbouncer", "shardgate"):
+        for key in poolers:
             runs = results.runs[scenario.key].get(key, [])
             cells.append(_kb(runs[-1].pooler_rss_after_kb if runs else None))
-        lines.append(f"| {scenario.title} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {scenario.title} | " + " | ".join(cells) + " |")
     lines.append("")
     return lines
 
 
 def cpu_section(results: Results) -> list[str]:
+    keys = results.target_keys
+    poolers = keys[1:]
+    baseline = results.baseline_label
+    change = [] if baseline is None else ["Shardgate - " + baseline + " µs/txn"]
+    header = (
+        [results.label(key) for key in poolers]
+        + [f"{results.label(key)} µs/txn" for key in poolers]
+        + change
+        + [f"machine busy: {results.label(key)}" for key in keys]
+    )
     lines = [
         "## CPU during each run (pooler: % of one core; machine: % of all cores)",
         "",
-        "| scenario | PgBouncer | Shardgate | PgBouncer µs/txn | Shardgate µs/txn | machine busy: direct "
-        "| machine busy: PgBouncer | machine busy: Shardgate |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| scenario | " + " | ".join(header) + " |",
+        "|---|" + "--:|" * len(header),
     ]
     for scenario in results.scenarios:
         if scenario.key not in results.runs:
             continue
-        picked = [results.representative(scenario.key, key) for key in TARGET_KEYS]
+        picked = [results.representative(scenario.key, key) for key in keys]
+        per_transaction = [results.cpu_us_per_transaction(scenario.key, key) for key in poolers]
         cells = [_percent(m.pooler_cpu_pct if m else None) for m in picked[1:]]
-        cells += [_one_decimal(results.cpu_us_per_transaction(scenario.key, key)) for key in TARGET_KEYS[1:]]
+        cells += [_one_decimal(value) for value in per_transaction]
+        if baseline is not None:
+            after, before = (
+                per_transaction[poolers.index("shardgate")],
+                per_transaction[poolers.index(BASELINE)],
+            )
+            cells.append(MISSING if after is None or before is None else f"{after - before:+.1f}")
         cells += [_percent(m.machine_busy_pct if m else None) for m in picked]
         lines.append(f"| {scenario.title} | " + " | ".join(cells) + " |")
     lines += [
@@ -285,10 +351,10 @@ def _percent(value: float | None) -> str:
 def problems_section(results: Results) -> list[str]:
     lines: list[str] = []
     for scenario in results.scenarios:
-        for key in TARGET_KEYS:
+        for key in results.target_keys:
             for measurement in results.failures(scenario.key, key):
                 detail = "; ".join(measurement.problems) or "no result"
-                lines.append(f"- {scenario.title} via {TARGET_LABELS[key]}: {detail}")
+                lines.append(f"- {scenario.title} via {results.label(key)}: {detail}")
     for memory in results.memory:
         lines.extend(f"- memory via {memory.label}: {error}" for error in memory.errors)
     lines.extend(f"- {note}" for note in results.notes)
@@ -300,6 +366,14 @@ def problems_section(results: Results) -> list[str]:
         lines.extend(f"    - `{line[:300]}`" for line in results.shardgate_log_findings[:10])
     else:
         lines.append("- Shardgate stderr: no warnings, errors or tracebacks.")
+    if results.baseline_label and results.baseline_log_findings:
+        lines.append(
+            f"- {results.baseline_label} stderr ({results.baseline_log_path}) has "
+            f"{len(results.baseline_log_findings)} warning/error line(s); first ones:"
+        )
+        lines.extend(f"    - `{line[:300]}`" for line in results.baseline_log_findings[:10])
+    elif results.baseline_label:
+        lines.append(f"- {results.baseline_label} stderr: no warnings, errors or tracebacks.")
     return ["## Problems", "", *lines, ""]
 
 
@@ -322,8 +396,11 @@ def background_lines(results: Results) -> list[str]:
 
 def render(results: Results) -> str:
     info = results.info
+    title = "# Shardgate benchmark: PostgreSQL direct vs PgBouncer vs Shardgate"
+    if results.baseline_label:
+        title += f" vs {results.baseline_label}"
     header = [
-        "# Shardgate benchmark: PostgreSQL direct vs PgBouncer vs Shardgate",
+        title,
         "",
         f"{info['mode']} run, {info['started']} · {info['machine']}",
         "",
@@ -343,6 +420,13 @@ def render(results: Results) -> str:
         "runs the two back to back), listed in the next column.",
         "",
     ]
+    if results.baseline_label:
+        body[-1:] = [
+            f"{results.baseline_label} is the same config run from a git worktree of that revision, "
+            "interleaved with the others in every round. after/before is Shardgate TPS over "
+            f"{results.baseline_label} TPS, the median of the per-round ratios like the PgBouncer ratio.",
+            "",
+        ]
     return "\n".join(
         header
         + body

@@ -61,7 +61,8 @@ from bench.services import (
     free_port,
     rss_kb,
 )
-from proxy.topology import Topology
+from bench.worktree import Worktree
+from localpg import Topology
 
 FULL_DURATION_S = 10
 QUICK_DURATION_S = 3
@@ -77,6 +78,11 @@ METRICS_MAX_BYTES = 4 * 1024 * 1024
 
 DIRECT, PGBOUNCER, SPLIT_OFF, SPLIT_ON = "direct", "pgbouncer", "split-off", "split-on"
 LABELS = {DIRECT: "direct", PGBOUNCER: "PgBouncer", SPLIT_OFF: "split off", SPLIT_ON: "split on"}
+# The same two Shardgates run from a worktree of another revision (`--baseline REV`).
+SPLIT_OFF_BEFORE, SPLIT_ON_BEFORE = "split-off-baseline", "split-on-baseline"
+SPLIT_ON_KEYS = (SPLIT_ON, SPLIT_ON_BEFORE)
+# (split off, split on) of the current tree, then of the baseline.
+SPLIT_PAIRS = ((SPLIT_OFF, SPLIT_ON), (SPLIT_OFF_BEFORE, SPLIT_ON_BEFORE))
 PGBOUNCER_PROBLEM = re.compile(r"\b(WARNING|ERROR|FATAL|PANIC)\b")
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "routing-latest.md"
@@ -108,6 +114,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--auth", choices=("scram-sha-256", "md5"), default="scram-sha-256",
         help="client authentication on every pooler (default scram-sha-256)",
     )  # fmt: skip
+    parser.add_argument(
+        "--only", default="",
+        help=f"comma-separated scenario keys to run, of {', '.join(SCENARIO_KEYS)} (default: all); "
+        "such a run never replaces bench/ROUTING.md",
+    )  # fmt: skip
+    parser.add_argument(
+        "--baseline", metavar="REV", default=None,
+        help="also run split off and split on Shardgates of git revision REV (from a temporary worktree, "
+        "same configs) in every round; never replaces bench/ROUTING.md",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = QUICK_ROUNDS if args.quick else FULL_ROUNDS
@@ -115,6 +131,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--rounds, --pool-size, --clients, --threads and --scale must be >= 1")
     if args.duration is not None and args.duration < 1:
         parser.error("--duration must be >= 1")
+    args.only = [key.strip() for key in args.only.split(",") if key.strip()]
+    unknown = sorted(set(args.only) - set(SCENARIO_KEYS))
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; known: {list(SCENARIO_KEYS)}")
     return args
 
 
@@ -131,9 +151,12 @@ class RoutingShardgate(Shardgate):
     def __init__(
         self, label: str, work_dir: Path, port: int, admin_port: int, primary_port: int,
         replica_ports: list[int], login: Login, settings: PoolSettings, server_password: str,
+        source_tree: Path | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(work_dir, port, primary_port, login, settings, server_password=server_password)
-        self.label = label
+        super().__init__(
+            work_dir, port, primary_port, login, settings, server_password=server_password,
+            source_tree=source_tree, label=label,
+        )  # fmt: skip
         self.admin_port = admin_port
         self.config_path.write_text(
             routing_config(self.config_path.read_text(), admin_port, replica_ports, login.database)
@@ -248,6 +271,13 @@ class RoutingResults:
     metrics_problems: list[str] = field(default_factory=list)
     log_findings: dict[str, list[str]] = field(default_factory=dict)
     log_paths: dict[str, str] = field(default_factory=dict)
+    # Target labels by key: LABELS, plus the baseline's two Shardgates when there are.
+    labels: dict[str, str] = field(default_factory=lambda: dict(LABELS))
+    baseline_label: str | None = None
+
+    @property
+    def split_pairs(self) -> tuple[tuple[str, str], ...]:
+        return SPLIT_PAIRS if self.baseline_label else SPLIT_PAIRS[:1]
 
     def cache_of(self, measurement: pgbench.Measurement | None) -> CacheCounters | None:
         return next((delta for run, delta in self.cache_runs if run is measurement), None)
@@ -277,7 +307,7 @@ def sample(state: RoutingResults, shardgate: RoutingShardgate) -> CacheCounters 
 
 def run_scenarios(
     state: RoutingResults, scenarios: list[pgbench.Scenario], targets: list[pgbench.Target],
-    pgbouncer: PgBouncer, split_off: RoutingShardgate, split_on: RoutingShardgate,
+    pgbouncer: PgBouncer, shardgates: dict[str, RoutingShardgate],
     args: argparse.Namespace, pgbench_path: str, duration_s: int, env: dict[str, str], work_dir: Path,
 ) -> None:  # fmt: skip
     results = state.results
@@ -288,7 +318,6 @@ def run_scenarios(
         if (scenario.key, target.key) not in results.unsupported
     )
     done = 0
-    by_key = {SPLIT_OFF: split_off, SPLIT_ON: split_on}
     for round_index in range(args.rounds):
         # Rotate who goes first each round so that no target always runs right after another.
         shift = round_index % len(targets)
@@ -298,9 +327,9 @@ def run_scenarios(
             for target in order:
                 if (scenario.key, target.key) in results.unsupported:
                     continue
-                for pooler in (pgbouncer, split_off, split_on):
+                for pooler in (pgbouncer, *shardgates.values()):
                     pooler.check_alive()
-                shardgate = by_key.get(target.key)
+                shardgate = shardgates.get(target.key)
                 before = sample(state, shardgate) if shardgate is not None else None
                 measurement = pgbench.run(
                     pgbench_path, target, scenario, duration_s, args.threads,
@@ -312,7 +341,7 @@ def run_scenarios(
                 cache = ""
                 if before is not None and after is not None:
                     delta = after - before
-                    if target.key == SPLIT_ON:
+                    if target.key in SPLIT_ON_KEYS:
                         state.cache_runs.append((measurement, delta))
                         cache = f", cache {_hit_rate(delta)}"
                     else:
@@ -337,7 +366,9 @@ def save_metrics(state: RoutingResults, shardgates: list[RoutingShardgate], out:
 
 
 def _file_label(service: PgBouncer | RoutingShardgate) -> str:
-    return "pgbouncer" if isinstance(service, PgBouncer) else service.label.replace(" ", "-").lower()
+    if isinstance(service, PgBouncer):
+        return "pgbouncer"
+    return re.sub(r"[^a-z0-9]+", "-", service.label.lower()).strip("-")
 
 
 def scan_logs(state: RoutingResults, services: list[PgBouncer | RoutingShardgate], out: Path) -> None:
@@ -384,24 +415,33 @@ def _number(value: float | None, digits: int) -> str:
 
 
 def throughput_table(state: RoutingResults, scenarios: list[pgbench.Scenario]) -> list[str]:
-    lines = [
-        "| scenario | direct | PgBouncer | split off | split on | on/off ratio | on/PgBouncer | cache hit rate |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
-    ]
+    keys = list(state.labels)
+    header = [state.labels[key] for key in keys]
+    for _, on in state.split_pairs:
+        suffix = "" if on == SPLIT_ON else f" ({state.baseline_label})"
+        header += [f"on/off ratio{suffix}", f"on/PgBouncer{suffix}", f"cache hit rate{suffix}"]
+    if state.baseline_label:
+        header += [f"after/before split off (vs {state.baseline_label})", "after/before split on"]
+    lines = ["| scenario | " + " | ".join(header) + " |", "|---|" + "--:|" * len(header)]
     footnotes: dict[str, int] = {}
     for scenario in scenarios:
         if scenario.key not in state.results.runs:
             continue
         cells = [scenario.title]
-        for key in (DIRECT, PGBOUNCER, SPLIT_OFF, SPLIT_ON):
+        for key in keys:
             reason = state.results.unsupported.get((scenario.key, key))
             if reason is None:
                 cells.append(_tps(state, scenario.key, key))
             else:
                 cells.append(f"not run[^{footnotes.setdefault(reason, len(footnotes) + 1)}]")
-        cells.append(_ratio(state.tps_ratio(scenario.key, SPLIT_ON, SPLIT_OFF)))
-        cells.append(_ratio(state.tps_ratio(scenario.key, SPLIT_ON, PGBOUNCER)))
-        cells.append(_hit_rate(state.cache_of(state.results.representative(scenario.key, SPLIT_ON))))
+        for off, on in state.split_pairs:
+            cells.append(_ratio(state.tps_ratio(scenario.key, on, off)))
+            cells.append(_ratio(state.tps_ratio(scenario.key, on, PGBOUNCER)))
+            cells.append(_hit_rate(state.cache_of(state.results.representative(scenario.key, on))))
+        if state.baseline_label:
+            # Median of the per-round ratios, as bench.run's after/before.
+            cells.append(_ratio(state.results.ratio(scenario.key, SPLIT_OFF, SPLIT_OFF_BEFORE)))
+            cells.append(_ratio(state.results.ratio(scenario.key, SPLIT_ON, SPLIT_ON_BEFORE)))
         lines.append("| " + " | ".join(cells) + " |")
     if footnotes:
         lines.append("")
@@ -410,21 +450,44 @@ def throughput_table(state: RoutingResults, scenarios: list[pgbench.Scenario]) -
 
 
 def latency_cpu_table(state: RoutingResults, scenarios: list[pgbench.Scenario]) -> list[str]:
-    lines = [
-        "| scenario | latency ms: direct | PgBouncer | split off | split on "
-        "| pooler CPU: PgBouncer | split off | split on |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
-    ]
+    keys = list(state.labels)
+    poolers = [key for key in keys if key != DIRECT]
+    header = [f"latency ms: {state.labels[key]}" for key in keys]
+    header += [f"pooler CPU: {state.labels[key]}" for key in poolers]
+    lines = ["| scenario | " + " | ".join(header) + " |", "|---|" + "--:|" * len(header)]
     for scenario in scenarios:
         if scenario.key not in state.results.runs:
             continue
-        picked = {key: state.results.representative(scenario.key, key) for key in LABELS}
+        picked = {key: state.results.representative(scenario.key, key) for key in keys}
         cells = [scenario.title]
         cells += [_number(m.latency_ms if m else None, 3) for m in picked.values()]
         cells += [
             MISSING if (m := picked[key]) is None or m.pooler_cpu_pct is None else f"{m.pooler_cpu_pct:.0f}%"
-            for key in (PGBOUNCER, SPLIT_OFF, SPLIT_ON)
+            for key in poolers
         ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def cpu_per_transaction_table(state: RoutingResults, scenarios: list[pgbench.Scenario]) -> list[str]:
+    """Pooler CPU µs per transaction: what routing costs the proxy itself, steadier than TPS."""
+    poolers = [key for key in state.labels if key != DIRECT]
+    header = [f"{state.labels[key]} µs/txn" for key in poolers]
+    for _, on in state.split_pairs:
+        suffix = "" if on == SPLIT_ON else f" ({state.baseline_label})"
+        header += [f"on - off µs{suffix}", f"on/off{suffix}"]
+    lines = ["| scenario | " + " | ".join(header) + " |", "|---|" + "--:|" * len(header)]
+    for scenario in scenarios:
+        if scenario.key not in state.results.runs:
+            continue
+        cost = {key: state.results.cpu_us_per_transaction(scenario.key, key) for key in poolers}
+        cells = [scenario.title, *(_number(cost[key], 1) for key in poolers)]
+        for off, on in state.split_pairs:
+            on_us, off_us = cost[on], cost[off]
+            if on_us is None or off_us is None or not off_us:
+                cells += [MISSING, MISSING]
+            else:
+                cells += [f"{on_us - off_us:+.1f}", _ratio(on_us / off_us)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -432,7 +495,7 @@ def latency_cpu_table(state: RoutingResults, scenarios: list[pgbench.Scenario]) 
 def problems_section(state: RoutingResults, scenarios: list[pgbench.Scenario]) -> list[str]:
     lines: list[str] = []
     for scenario in scenarios:
-        for key, label in LABELS.items():
+        for key, label in state.labels.items():
             for measurement in state.results.failures(scenario.key, key):
                 detail = "; ".join(measurement.problems) or "no result"
                 lines.append(f"- {scenario.title} via {label}: {detail}")
@@ -443,7 +506,8 @@ def problems_section(state: RoutingResults, scenarios: list[pgbench.Scenario]) -
     )
     if state.split_off_lookups:
         lines.append(
-            f"- the split-off Shardgate made {state.split_off_lookups:,} router cache lookups: it should parse nothing"
+            f"- the split-off Shardgate(s) made {state.split_off_lookups:,} router cache lookups: "
+            "they should parse nothing"
         )
     for label, findings in state.log_findings.items():
         where = state.log_paths.get(label, "")
@@ -457,8 +521,17 @@ def problems_section(state: RoutingResults, scenarios: list[pgbench.Scenario]) -
 
 def render(state: RoutingResults, scenarios: list[pgbench.Scenario]) -> str:
     info = state.results.info
+    title = "# Shardgate routing overhead: read/write splitting off vs on"
+    baseline_note = ""
+    if state.baseline_label:
+        title += f", this tree vs {state.baseline_label}"
+        baseline_note = (
+            f" The ({state.baseline_label}) columns are the same two Shardgates run from a git worktree of "
+            "that revision, interleaved in every round; after/before is this tree's TPS over the baseline's, "
+            "the median of the per-round ratios."
+        )
     return "\n".join([
-        "# Shardgate routing overhead: read/write splitting off vs on",
+        title,
         "",
         f"{info['mode']} run, {info['started']} · {info['machine']}",
         "",
@@ -475,7 +548,15 @@ def render(state: RoutingResults, scenarios: list[pgbench.Scenario]) -> str:
         f"replica, `read_write_split = \"{READ_WRITE_SPLIT}\"`, so reads alternate between both servers. "
         "on/off ratio: split on TPS / split off TPS; on/PgBouncer: split on TPS / PgBouncer TPS. Cache hit "
         f"rate: `{CACHE_HITS}` / (hits + misses) over the split-on run shown, hits / lookups in brackets. "
-        "With several rounds the median run by TPS is shown.",
+        "With several rounds the median run by TPS is shown." + baseline_note,
+        "",
+        "## Pooler CPU per transaction",
+        "",
+        *cpu_per_transaction_table(state, scenarios),
+        "",
+        "User+system CPU time of the pooler process over a run divided by the transactions pgbench "
+        "completed, the median over the rounds. on - off: what routing costs per transaction; on/off: "
+        "split on µs / split off µs.",
         "",
         "## Latency and pooler CPU",
         "",
@@ -526,7 +607,15 @@ def setup_text(args: argparse.Namespace, duration_s: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     duration_s = args.duration or (QUICK_DURATION_S if args.quick else FULL_DURATION_S)
-    scenarios = [s for s in pgbench.standard_scenarios(args.clients) if s.key in SCENARIO_KEYS]
+    wanted = args.only or SCENARIO_KEYS
+    scenarios = [s for s in pgbench.standard_scenarios(args.clients) if s.key in wanted]
+    baseline: Worktree | None = None
+    if args.baseline:
+        try:
+            baseline = Worktree(args.baseline)
+        except (ServiceError, OSError, subprocess.SubprocessError) as exc:
+            say(f"--baseline {args.baseline}: {exc}")
+            return 2
     signal.signal(signal.SIGTERM, _terminate)
     settings = PoolSettings(pool_size=args.pool_size)
     out = args.out if args.out.is_absolute() else Path.cwd() / args.out
@@ -538,6 +627,12 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
         cleanup.push(_say_when_interrupted)
+        if baseline is not None:
+            say(f"baseline: git worktree of {baseline.revision} ({baseline.commit}) ...")
+            cleanup.enter_context(baseline)
+            state.baseline_label = baseline.label
+            state.labels[SPLIT_OFF_BEFORE] = f"split off {baseline.label}"
+            state.labels[SPLIT_ON_BEFORE] = f"split on {baseline.label}"
         say(f"PostgreSQL: starting a primary and a streaming replica in {scratch} ...")
         topology = Topology.create(
             scratch / "pg", replicas=1, extra_conf={"max_connections": 300, "fsync": False}
@@ -555,24 +650,27 @@ def main(argv: list[str] | None = None) -> int:
         init_pgbench(primary, args.scale, env)
         login = make_login(primary, args.auth)
 
-        for name in ("pgbouncer", "split-off", "split-on", "pgbench"):
+        for name in ("pgbouncer", "pgbench"):
             (scratch / name).mkdir()
         pgbouncer = PgBouncer(scratch / "pgbouncer", free_port(), primary.port, login, settings)
         cleanup.callback(pgbouncer.stop)
         pgbouncer.start()
-        shardgates = {}
-        for key, replica_ports in ((SPLIT_OFF, []), (SPLIT_ON, [replica.port])):
-            shardgate = RoutingShardgate(
-                f"Shardgate {LABELS[key]}", scratch / key, free_port(), free_port(), primary.port,
-                replica_ports, login, settings, server_password=PASSWORD,
-            )  # fmt: skip
-            cleanup.callback(shardgate.stop)
-            shardgate.start()
-            shardgates[key] = shardgate
-        split_off, split_on = shardgates[SPLIT_OFF], shardgates[SPLIT_ON]
-        say(f"PgBouncer on port {pgbouncer.port}; Shardgate split off on {split_off.port} (admin "
-            f"{split_off.admin_port}), split on on {split_on.port} (admin {split_on.admin_port})")  # fmt: skip
-        state.results.info = run_info(args, duration_s, primary.bin_dir, pgbouncer)
+        say(f"PgBouncer on port {pgbouncer.port}")
+        shardgates: dict[str, RoutingShardgate] = {}
+        for off, on in state.split_pairs:
+            tree = None if on == SPLIT_ON or baseline is None else baseline.path
+            for key, replica_ports in ((off, []), (on, [replica.port])):
+                (scratch / key).mkdir()
+                shardgate = RoutingShardgate(
+                    f"Shardgate {state.labels[key]}", scratch / key, free_port(), free_port(), primary.port,
+                    replica_ports, login, settings, server_password=PASSWORD, source_tree=tree,
+                )  # fmt: skip
+                cleanup.callback(shardgate.stop)
+                shardgate.start()
+                shardgates[key] = shardgate
+                say(f"{shardgate.label} on port {shardgate.port} (admin {shardgate.admin_port}, "
+                    f"pid {shardgate.pid}) from {shardgate.source_tree}")  # fmt: skip
+        state.results.info = run_info(args, duration_s, primary.bin_dir, pgbouncer, baseline)
         state.results.info["setup"] = setup_text(args, duration_s)
         if not pgbouncer.supports_prepared:
             for scenario in scenarios:
@@ -584,26 +682,28 @@ def main(argv: list[str] | None = None) -> int:
         targets = [
             pgbench.Target(DIRECT, LABELS[DIRECT], primary.host, primary.port),
             pgbench.Target(PGBOUNCER, LABELS[PGBOUNCER], pgbouncer.host, pgbouncer.port, pgbouncer.pid),
-            pgbench.Target(SPLIT_OFF, LABELS[SPLIT_OFF], split_off.host, split_off.port, split_off.pid),
-            pgbench.Target(SPLIT_ON, LABELS[SPLIT_ON], split_on.host, split_on.port, split_on.pid),
+            *(
+                pgbench.Target(key, state.labels[key], shardgate.host, shardgate.port, shardgate.pid)
+                for key, shardgate in shardgates.items()
+            ),
         ]
         pgbench_path = str(primary.bin_dir / "pgbench")
         work_dir = scratch / "pgbench"
         try:
             warm_up(targets, primary, args, env, work_dir, state.results)
-            run_scenarios(state, scenarios, targets, pgbouncer, split_off, split_on, args, pgbench_path,
+            run_scenarios(state, scenarios, targets, pgbouncer, shardgates, args, pgbench_path,
                           duration_s, env, work_dir)  # fmt: skip
         except (ServiceError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
             failed = True
             state.results.notes.append(f"run stopped early: {exc}")
             say(f"run stopped early: {exc}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_metrics(state, [split_off, split_on], out)
-        for service in (split_on, split_off, pgbouncer):
+        save_metrics(state, list(shardgates.values()), out)
+        for service in (*reversed(shardgates.values()), pgbouncer):
             service.stop()
-        scan_logs(state, [pgbouncer, split_off, split_on], out)
+        scan_logs(state, [pgbouncer, *shardgates.values()], out)
 
-    full_run = not failed and not args.quick and args.duration is None
+    full_run = not failed and not args.quick and args.duration is None and not args.only and baseline is None
     text = write_outputs(state, scenarios, out, full_run)
     print(text)
     say(f"report written to {out}" + (f" and {COMMITTED_RESULTS}" if full_run else "")

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as `python bench/run.py`: make the reposito
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import idle_clients, pgbench
-from bench.report import TARGET_LABELS, Results, render
+from bench.report import BASELINE, TARGET_LABELS, Results, render
 from bench.services import (
     REPO_ROOT,
     Login,
@@ -43,7 +43,8 @@ from bench.services import (
     machine_ticks,
     rss_kb,
 )
-from proxy.topology import PgServer, Topology
+from bench.worktree import Worktree
+from localpg import PgServer, Topology
 
 USER = "app"
 PASSWORD = "app"
@@ -102,6 +103,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--idle-clients", type=int, default=1000, help="idle clients for the memory measurement (0 skips it)"
     )
     parser.add_argument("--only", default="", help="comma-separated scenario keys to run (default: all)")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        default=None,
+        help="also run the Shardgate of git revision REV (from a temporary worktree, same config) as one "
+        "more target in every round, and report the after/before ratio; never replaces bench/RESULTS.md",
+    )
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = QUICK_ROUNDS if args.quick else FULL_ROUNDS
@@ -161,11 +169,14 @@ def _package_version(name: str) -> str:
 
 
 def run_info(
-    args: argparse.Namespace, duration_s: int, bin_dir: Path, pgbouncer: PgBouncer
-) -> dict[str, str]:
+    args: argparse.Namespace, duration_s: int, bin_dir: Path, pgbouncer: PgBouncer,
+    baseline: Worktree | None = None,
+) -> dict[str, str]:  # fmt: skip
     commit = _command_output(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
     if _command_output(["git", "status", "--porcelain", "--untracked-files=no"]):
         commit += " + uncommitted changes"
+    if baseline is not None:
+        commit += f" · baseline Shardgate {baseline.label} (commit {baseline.commit})"
     postgres = _command_output([str(bin_dir / "postgres"), "--version"]).replace("postgres (PostgreSQL) ", "")
     mode = "Quick" if args.quick and args.duration is None else "Full"
     return {
@@ -184,6 +195,11 @@ def run_info(
             f"targets interleaved per scenario. Both poolers: transaction mode, pool size {args.pool_size}, "
             f"client auth {args.auth}, idle-server check after 30 s, no per-connection logging; "
             "sslmode=disable everywhere."
+            + (
+                f" Shardgate {baseline.label}: the same config, run from a git worktree of that revision."
+                if baseline is not None
+                else ""
+            )
         ),
     }
 
@@ -192,7 +208,7 @@ def run_info(
 
 
 def start_postgres(base_dir: Path) -> Topology:
-    # max_connections 300 and fsync off come from proxy.topology's settings for throwaway servers.
+    # max_connections 300 and fsync off come from localpg's settings for throwaway servers.
     return Topology.create(base_dir, replicas=0, extra_conf={"max_connections": 300, "fsync": False})
 
 
@@ -297,16 +313,18 @@ def measure_memory(results: Results, poolers: list[PgBouncer | Shardgate], count
             f"{result.rss_loaded_kb} KB, {per_client}, after {result.rss_after_kb} KB")  # fmt: skip
 
 
-def scan_shardgate_log(results: Results, shardgate: Shardgate, kept: Path) -> None:
+def scan_shardgate_log(results: Results, shardgate: Shardgate, kept: Path, baseline: bool = False) -> None:
     """Copy Shardgate's stderr next to the report and pick out warnings, errors and tracebacks."""
     if not shardgate.log_path.exists():
         return
     shutil.copyfile(shardgate.log_path, kept)
-    results.shardgate_log_path = (
-        os.path.relpath(kept, REPO_ROOT) if kept.is_relative_to(REPO_ROOT) else str(kept)
-    )
+    where = os.path.relpath(kept, REPO_ROOT) if kept.is_relative_to(REPO_ROOT) else str(kept)
     lines = shardgate.log_path.read_text(errors="replace").splitlines()
-    results.shardgate_log_findings = [line for line in lines if LOG_PROBLEM.search(line)]
+    findings = [line for line in lines if LOG_PROBLEM.search(line)]
+    if baseline:
+        results.baseline_log_path, results.baseline_log_findings = where, findings
+    else:
+        results.shardgate_log_path, results.shardgate_log_findings = where, findings
 
 
 def write_outputs(results: Results, out: Path, full_run: bool) -> str:
@@ -341,6 +359,13 @@ def main(argv: list[str] | None = None) -> int:
             say(f"unknown scenario(s) {sorted(unknown)}; known: {[scenario.key for scenario in scenarios]}")
             return 2
         scenarios = [scenario for scenario in scenarios if scenario.key in wanted]
+    baseline: Worktree | None = None
+    if args.baseline:
+        try:
+            baseline = Worktree(args.baseline)
+        except (ServiceError, OSError, subprocess.SubprocessError) as exc:
+            say(f"--baseline {args.baseline}: {exc}")
+            return 2
     signal.signal(signal.SIGTERM, _terminate)
     settings = PoolSettings(pool_size=args.pool_size)
     # Children inherit the limit: PgBouncer needs a descriptor per client and server, as do we.
@@ -357,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
         cleanup.push(_say_when_interrupted)
+        if baseline is not None:
+            say(f"baseline: git worktree of {baseline.revision} ({baseline.commit}) ...")
+            cleanup.enter_context(baseline)
         say(f"PostgreSQL: starting in {scratch} ...")
         topology = start_postgres(scratch / "pg")
         cleanup.callback(topology.remove)
@@ -383,7 +411,18 @@ def main(argv: list[str] | None = None) -> int:
         shardgate.start()
         say(f"PgBouncer on port {pgbouncer.port} (pid {pgbouncer.pid}), Shardgate on port {shardgate.port} "
             f"(pid {shardgate.pid})")  # fmt: skip
-        results.info = run_info(args, duration_s, primary.bin_dir, pgbouncer)
+        before: Shardgate | None = None
+        if baseline is not None:
+            (scratch / "shardgate-baseline").mkdir()
+            before = Shardgate(
+                scratch / "shardgate-baseline", free_port(), primary.port, login, settings,
+                server_password=PASSWORD, source_tree=baseline.path, label=f"Shardgate {baseline.label}",
+            )  # fmt: skip
+            cleanup.callback(before.stop)
+            before.start()
+            results.baseline_label = before.label
+            say(f"{before.label} on port {before.port} (pid {before.pid}), from {baseline.path}")
+        results.info = run_info(args, duration_s, primary.bin_dir, pgbouncer, baseline)
         if not pgbouncer.supports_prepared:
             for scenario in scenarios:
                 if scenario.prepared_statements:
@@ -401,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                 "shardgate", TARGET_LABELS["shardgate"], shardgate.host, shardgate.port, shardgate.pid
             ),
         ]
+        if before is not None:
+            poolers.append(before)
+            targets.append(pgbench.Target(BASELINE, before.label, before.host, before.port, before.pid))
         work_dir = scratch / "pgbench"
         work_dir.mkdir()
         try:
@@ -415,9 +457,12 @@ def main(argv: list[str] | None = None) -> int:
         shardgate.stop()
         out.parent.mkdir(parents=True, exist_ok=True)
         scan_shardgate_log(results, shardgate, out.with_suffix(".shardgate.log"))
+        if before is not None:
+            before.stop()
+            scan_shardgate_log(results, before, out.with_suffix(".shardgate-baseline.log"), baseline=True)
         shutil.copyfile(pgbouncer.log_path, out.with_suffix(".pgbouncer.log"))
 
-    full_run = not failed and not args.quick and args.duration is None and not args.only
+    full_run = not failed and not args.quick and args.duration is None and not args.only and not baseline
     text = write_outputs(results, out, full_run)
     print(text)
     say(f"report written to {out}" + (f" and {COMMITTED_RESULTS}" if full_run else "")

@@ -145,7 +145,7 @@ class Service:
         self.port = port
         self.process: subprocess.Popen[bytes] | None = None
         # stdout and stderr together; PgBouncer and Shardgate both log to stderr.
-        self.log_path = work_dir / f"{self.label.lower()}.log"
+        self.log_path = work_dir / f"{re.sub(r'[^a-z0-9]+', '-', self.label.lower()).strip('-')}.log"
 
     @property
     def pid(self) -> int:
@@ -159,11 +159,14 @@ class Service:
     def popen_options(self) -> dict[str, object]:
         return {}
 
+    def child_env(self) -> dict[str, str]:
+        return clean_env()
+
     def start(self) -> None:
         with open(self.log_path, "ab") as log, open(os.devnull, "rb") as stdin:
             self.process = subprocess.Popen(
                 self.command(), stdin=stdin, stdout=log, stderr=subprocess.STDOUT,
-                env=clean_env(), **self.popen_options(),  # type: ignore[call-overload]
+                env=self.child_env(), **self.popen_options(),  # type: ignore[call-overload]
             )  # fmt: skip
         if not _wait_for_port(self.port, START_TIMEOUT_S, self.process):
             code = self.process.poll()
@@ -260,15 +263,23 @@ class PgBouncer(Service):
 
 
 class Shardgate(Service):
-    """Shardgate (`python -m proxy -c shardgate.toml`) in transaction mode, admin listener off."""
+    """Shardgate (`python -m proxy -c shardgate.toml`) in transaction mode, admin listener off.
+
+    `source_tree` runs the proxy from another checkout (a worktree of an older revision): cwd and
+    PYTHONPATH point there, so it imports that tree's code rather than the current checkout's.
+    """
 
     label = "Shardgate"
 
     def __init__(
         self, work_dir: Path, port: int, server_port: int, login: Login, settings: PoolSettings,
-        server_password: str, log_level: str = "info",
+        server_password: str, log_level: str = "info", source_tree: Path | None = None,
+        label: str | None = None,
     ) -> None:  # fmt: skip
+        if label is not None:
+            self.label = label
         super().__init__(work_dir, port)
+        self.source_tree = (source_tree or REPO_ROOT).resolve()
         self.config_path = work_dir / "shardgate.toml"
         self.config_path.write_text(
             "[general]\n"
@@ -298,7 +309,33 @@ class Shardgate(Service):
         return [sys.executable, "-m", "proxy", "-c", str(self.config_path)]
 
     def popen_options(self) -> dict[str, object]:
-        return {"cwd": str(REPO_ROOT)}
+        return {"cwd": str(self.source_tree)}
+
+    def child_env(self) -> dict[str, str]:
+        if self.source_tree == REPO_ROOT.resolve():
+            return clean_env()
+        return clean_env(PYTHONPATH=str(self.source_tree))
+
+    def start(self) -> None:
+        if self.source_tree != REPO_ROOT.resolve():
+            self.check_imports_own_tree()
+        super().start()
+
+    def check_imports_own_tree(self) -> None:
+        """Fail unless Python started like the proxy (same cwd and environment) imports `proxy` and
+        `routing` from `source_tree`, not from the editable install of the current checkout."""
+        probe = (
+            "import pathlib, proxy, routing\n"
+            "print(*{pathlib.Path(m.__file__).resolve().parent.parent for m in (proxy, routing)})"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=START_TIMEOUT_S,
+            cwd=self.source_tree, env=self.child_env(),
+        )  # fmt: skip
+        found = result.stdout.strip()
+        if result.returncode != 0 or found != str(self.source_tree):
+            detail = result.stderr.strip()[-500:] or f"it imports from {found}"
+            raise ServiceError(f"{self.label} in {self.source_tree} does not import its own code: {detail}")
 
 
 def _toml(value: str) -> str:

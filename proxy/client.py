@@ -74,6 +74,7 @@ class ClientSession(FanoutRelay):
         self.parked = False
         self.lane = None
         self.lane_ok = False
+        self.lane_routed = False
         self.lane_shape = None
         self.lane_send = b""
         self.unsynced = False
@@ -249,6 +250,7 @@ class ClientSession(FanoutRelay):
         self.scatter = setup.scatter
         self.sharded = setup.scatter is not None
         self.lane_ok = setup.lane_ok
+        self.lane_routed = setup.pool_mode is TRANSACTION and setup.split is not None and setup.scatter is None
         if self.pool_mode is not SESSION:
             params = self.rt.login_params.get(self._login_params_key(pool))
             if params is not None:  # the usual case: no server needed to log in
@@ -490,7 +492,7 @@ class ClientSession(FanoutRelay):
             self._release_links()
         if server.pool.park(server, self):
             self.parked = True
-            if self.lane_ok and server.session_state is self._snapshot and not self.inbuf:
+            if (self.lane_ok or self.lane_routed) and server.session_state is self._snapshot and not self.inbuf:
                 self.lane = server
             return
         self.server = None

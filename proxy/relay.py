@@ -61,6 +61,7 @@ class Relay(asyncio.Protocol):
     parked: bool  # `server` stays linked between transactions (see Pool)
     lane: ServerConnection | None  # the client's server while in the steady state (see `_lane`)
     lane_ok: bool  # transaction mode with no routing (set at login)
+    lane_routed: bool  # transaction mode, read/write split, one shard: the lane takes repeated reads
     # the last extended batch with one Bind taken by `_lane_batch`: the bytes before and after the Bind,
     # its Syncs, and for a Bind of a named statement how it is renamed
     lane_shape: tuple[bytes, bytes, int, NamedBind | None] | None
@@ -387,6 +388,22 @@ class Relay(asyncio.Protocol):
         if syncs < 0:  # renamed
             syncs = -syncs
             send = self.lane_send
+        split = self.split
+        if split is not None:
+            # read/write split: a new transaction whose Query repeats the last plain read, routed again
+            # (maybe to another server) by `_attach_now` as `_relay` would
+            if syncs != 1 or data[0] != _Q or not split.repeats_read(data, size):
+                return False
+            linked = self._attach_now()
+            if linked is None:  # waiting for a server: the slow path sends it
+                self.waiting += data
+                return True
+            if not linked.relayed:
+                self.unanswered.append(data)
+            linked.outstanding += 1
+            self.unsynced = False
+            linked.transport.write(data)  # type: ignore[union-attr]  # a linked server is logged in
+            return True
         if self.parked:  # a new transaction
             self.parked = False
             if not server.pool.unpark(server):  # due for a health check or too old: checked in

@@ -49,18 +49,8 @@ class ReadWriteSplit:
         """A transaction starts: route every statement of the batch. Returns the reply when the proxy
         answers the batch itself (a lone BEGIN, BEGIN; COMMIT, SHOW shardgate.role, a routing error)."""
         routing = self.routing
-        memo = self._read_shape
-        if (memo is not None and pos == 0 and data[0] == _Q and data.startswith(memo[0], 5)
-                and data.endswith(memo[1]) and codec.unpack_u32(data, 1)[0] == size - 1
-                and routing.state is TransactionState.IDLE and routing.session_role is Role.ANY
-                and not self.deferred_begin):
-            middle = data[5 + len(memo[0]) : size - len(memo[1])]
-            if middle.isdigit():  # ASCII digits only, for bytes
-                # the last plain read again with another integer in it: a read again, nothing to step
-                self.role = Role.REPLICA
-                self.wrote = False
-                self.rt.router.count_reuse()
-                return None
+        if pos == 0 and self.repeats_read(data, size):
+            return None
         routes: list[Route] = []
         started_at = pos
         first = True
@@ -159,6 +149,23 @@ class ReadWriteSplit:
         match = _NUMBER.search(body)
         assert match is not None
         self._read_shape = (body[: match.start()], body[match.end() :])
+
+    def repeats_read(self, data: bytes, size: int) -> bool:
+        """`data` is one Query, the session's last plain read again with another integer in it: routed as a
+        read (as `start` would), with nothing decoded or stepped."""
+        memo = self._read_shape
+        if (memo is None or data[0] != _Q or not data.startswith(memo[0], 5) or not data.endswith(memo[1])
+                or codec.unpack_u32(data, 1)[0] != size - 1 or self.deferred_begin):
+            return False
+        routing = self.routing
+        if routing.state is not TransactionState.IDLE or routing.session_role is not Role.ANY:
+            return False
+        if not data[5 + len(memo[0]) : size - len(memo[1])].isdigit():  # ASCII digits only, for bytes
+            return False
+        self.role = Role.REPLICA
+        self.wrote = False
+        self.rt.router.count_reuse()
+        return True
 
     def note_prepared(self, name: str, query_text: bytes) -> None:
         """A named Parse sent inside a transaction: remember where its statement reads or writes."""
