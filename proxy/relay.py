@@ -390,9 +390,9 @@ class Relay(asyncio.Protocol):
             send = self.lane_send
         split = self.split
         if split is not None:
-            # read/write split: a new transaction whose Query repeats the last plain read, routed again
-            # (maybe to another server) by `_attach_now` as `_relay` would
-            if syncs != 1 or data[0] != _Q or not split.repeats_read(data, size):
+            # read/write split: a new transaction whose Query or unnamed batch repeats the last plain read,
+            # routed again (maybe to another server) by `_attach_now` as `_relay` would
+            if syncs != 1 or send is not data or not split.repeats_read(data, size):
                 return False
             linked = self._attach_now()
             if linked is None:  # waiting for a server: the slow path sends it
@@ -434,8 +434,7 @@ class Relay(asyncio.Protocol):
             head, tail, shape_syncs, named = shape
             bind = len(head)
             bind_end = size - len(tail)
-            if (bind_end - bind >= 7 and data[bind] == _B
-                    and codec.unpack_u32(data, bind + 1)[0] == bind_end - bind - 1):
+            if codec.whole_bind_at(data, bind, bind_end):
                 if named is None:
                     if not data[bind + 5] and not data[bind + 6]:
                         return shape_syncs

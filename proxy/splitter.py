@@ -40,10 +40,13 @@ class ReadWriteSplit:
         self.deferred_begin = b""
         self.sticky: ClusterServer | None = None
         self.last_write_at = 0.0
-        self.statement_roles: dict[str, Role] = {}
+        # each named statement's route from the parser alone: the session role applies at each Bind
+        self.statement_routes: dict[str, Route] = {}
         self._pools: dict[ClusterServer, Pool] = {}  # each server's pool for this session's user
         # the last plain read's Query text before and after its one integer (see `start`)
         self._read_shape: tuple[bytes, bytes] | None = None
+        # the last plain read sent as one unnamed batch: its bytes before and after its one Bind
+        self._read_batch: tuple[bytes, bytes] | None = None
 
     def start(self, data: bytes, pos: int, size: int) -> bytes | None:
         """A transaction starts: route every statement of the batch. Returns the reply when the proxy
@@ -91,7 +94,8 @@ class ReadWriteSplit:
                     continue
                 try:
                     # SET/SHOW shardgate.role over the extended protocol reach PostgreSQL as a custom setting
-                    route = routing.on_statement(query.decode("utf-8", "replace"))
+                    text = query.decode("utf-8", "replace")
+                    route = routing.on_statement(text)
                 except RoutingError:
                     route = Route(Role.ANY, write=False, reason="invalid session role")
                 if first and route.role_pending and not name:
@@ -100,7 +104,11 @@ class ReadWriteSplit:
                         self.deferred_begin = query
                         return reply
                 if name:
-                    self.statement_roles[name.decode("utf-8", "replace")] = route.role
+                    try:
+                        parsed = self.rt.router.route_statement(text)
+                    except RoutingError:
+                        parsed = route
+                    self.statement_routes[name.decode("utf-8", "replace")] = parsed
                 routes.append(route)
             elif type_code == _B:
                 try:
@@ -108,7 +116,8 @@ class ReadWriteSplit:
                 except ValueError:  # not terminated: the relay refuses it
                     statement = b""
                 if statement:
-                    known = self.statement_roles.get(statement.decode("utf-8", "replace"), Role.PRIMARY)
+                    prepared = self.statement_routes.get(statement.decode("utf-8", "replace"))
+                    known = Role.PRIMARY if prepared is None else routing.chosen_role(prepared)
                     routes.append(Route(known, write=known is Role.PRIMARY, reason="prepared statement"))
             first = False
             pos = end
@@ -132,7 +141,10 @@ class ReadWriteSplit:
         self.wrote = chosen is Role.PRIMARY and wrote
         if (chosen is Role.REPLICA and started_at == 0 and len(routes) == 1 and pos == size
                 and routing.state is TransactionState.IDLE):
-            self._learn_read_shape(data, routes[0])
+            if data[0] == _Q:
+                self._learn_read_shape(data, routes[0])
+            else:
+                self._learn_read_batch(data, size, routes[0])
         return None
 
     def _learn_read_shape(self, data: bytes, route: Route) -> None:
@@ -150,17 +162,51 @@ class ReadWriteSplit:
         assert match is not None
         self._read_shape = (body[: match.start()], body[match.end() :])
 
+    def _learn_read_batch(self, data: bytes, size: int, route: Route) -> None:
+        """A batch of unnamed Parse, Bind, Describe, Execute and one Sync that reads: remember the bytes
+        around its Bind, so the same statement with other parameters is known as a read (see `start`)."""
+        if route.write or route.local or route.hint is not None or route.begins_transaction or route.ends_transaction:
+            return
+        bind = bind_end = -1
+        pos = 0
+        while pos < size:
+            type_code = data[pos]
+            end = pos + 1 + codec.unpack_u32(data, pos + 1)[0]
+            if type_code == _B:
+                if bind != -1 or data[pos + 5] or data[pos + 6]:
+                    return  # a second Bind, or a named portal or statement
+                bind, bind_end = pos, end
+            elif type_code == _P:
+                if data[pos + 5]:
+                    return
+            elif type_code == _S:
+                if end != size:
+                    return
+            elif type_code not in (_D, _EXECUTE):
+                return
+            pos = end
+        if bind != -1 and pos == size:
+            self._read_batch = (data[:bind], data[bind_end:])
+
     def repeats_read(self, data: bytes, size: int) -> bool:
-        """`data` is one Query, the session's last plain read again with another integer in it: routed as a
-        read (as `start` would), with nothing decoded or stepped."""
-        memo = self._read_shape
-        if (memo is None or data[0] != _Q or not data.startswith(memo[0], 5) or not data.endswith(memo[1])
-                or codec.unpack_u32(data, 1)[0] != size - 1 or self.deferred_begin):
+        """`data` is the session's last plain read again: one Query with another integer in it, or one
+        unnamed batch with another Bind. Routed as a read (as `start` would), nothing decoded or stepped."""
+        if self.deferred_begin or len(data) != size:
             return False
+        if data[0] == _Q:
+            memo = self._read_shape
+            if (memo is None or not data.startswith(memo[0], 5) or not data.endswith(memo[1])
+                    or codec.unpack_u32(data, 1)[0] != size - 1
+                    or not data[5 + len(memo[0]) : size - len(memo[1])].isdigit()):  # ASCII digits, for bytes
+                return False
+        else:
+            memo = self._read_batch
+            if (memo is None or not data.startswith(memo[0]) or not data.endswith(memo[1])
+                    or not codec.whole_bind_at(data, len(memo[0]), size - len(memo[1]))
+                    or data[len(memo[0]) + 5] or data[len(memo[0]) + 6]):
+                return False
         routing = self.routing
         if routing.state is not TransactionState.IDLE or routing.session_role is not Role.ANY:
-            return False
-        if not data[5 + len(memo[0]) : size - len(memo[1])].isdigit():  # ASCII digits only, for bytes
             return False
         self.role = Role.REPLICA
         self.wrote = False
@@ -169,9 +215,8 @@ class ReadWriteSplit:
 
     def note_prepared(self, name: str, query_text: bytes) -> None:
         """A named Parse sent inside a transaction: remember where its statement reads or writes."""
-        if name not in self.statement_roles:
-            text = query_text.decode("utf-8", "replace")
-            self.statement_roles[name] = self.rt.router.route_statement(text).role
+        if name not in self.statement_routes:
+            self.statement_routes[name] = self.rt.router.route_statement(query_text.decode("utf-8", "replace"))
 
     def pool_for_route(self) -> Pool:
         cluster, user = self.cluster, self.user

@@ -362,7 +362,7 @@ class TransactionRouting:
             if classification.ends_transaction:
                 self.state = TransactionState.IDLE
             return self._pinned(route, Role.PRIMARY, "implicit transaction already wrote")
-        role = self._chosen_role(route)
+        role = self.chosen_role(route)
         if route.write and role is Role.PRIMARY:
             self.state = TransactionState.IMPLICIT_PRIMARY
         if role is route.role:
@@ -375,7 +375,7 @@ class TransactionRouting:
         self.session_role = route.hint if route.hint is not None else Role.ANY
         return route
 
-    def _chosen_role(self, route: Route) -> Role:
+    def chosen_role(self, route: Route) -> Role:
         """Comment hint, else the session role, else the parser."""
         if route.hint is not None or route.role is Role.ANY or self.session_role is Role.ANY:
             return route.role
@@ -385,7 +385,7 @@ class TransactionRouting:
         if self.state is TransactionState.IMPLICIT_PRIMARY:
             self.state = TransactionState.PRIMARY
             return self._pinned(route, Role.PRIMARY, "implicit transaction already wrote")
-        role = self._chosen_role(route)
+        role = self.chosen_role(route)
         if route.role_pending and self.session_role is Role.ANY:
             self.state = TransactionState.PENDING
             return Route(

@@ -307,5 +307,11 @@ def split_bind(body: bytes) -> tuple[bytes, bytes, bytes]:
     return body[:portal_end], body[portal_end + 1 : stmt_end], body[stmt_end + 1 :]
 
 
+def whole_bind_at(data: bytes, start: int, end: int) -> bool:
+    """`data[start:end]` is exactly one Bind message (the bytes around it already known to a caller that
+    remembers a batch by what precedes and follows its Bind)."""
+    return end - start >= 7 and data[start] == 0x42 and unpack_u32(data, start + 1)[0] == end - start - 1
+
+
 def build_bind(portal: bytes, statement: bytes, rest: bytes) -> bytes:
     return message(b"B", portal + b"\x00" + statement + b"\x00" + rest)

@@ -161,6 +161,36 @@ def test_reads_land_on_replicas_round_robin(split: Split) -> None:
     assert {spot.port for spot in spots} == split.replica_ports, spots
 
 
+def test_repeated_reads_are_routed_again_each_time(split: Split, table: str) -> None:
+    """The same read again (another integer literal, or the same unnamed statement with another parameter)
+    takes the proxy's short path; it must still be routed each time as the parser would route it."""
+    shardgate = split.start()
+    simple = WHERE_SQL + " WHERE {} > 0"
+    extended = WHERE_SQL + " WHERE %s::int > 0"
+    with connect(shardgate) as conn:
+        spots = [where(conn, simple.format(n)) for n in range(1, 9)]
+        spots += [landing(conn.execute(extended, (n,)).fetchone()) for n in range(1, 9)]
+        assert all(split.on_replica(spot) for spot in spots), f"{spots}{proxy_log(shardgate)}"
+        assert {spot.port for spot in spots} == split.replica_ports, spots
+        # a write between repeats goes to the primary, and the repeats after it still go to replicas
+        conn.execute(f"INSERT INTO {table} (note) VALUES (%s)", ("between",))
+        assert split.on_replica(where(conn, simple.format(99)))
+        assert split.on_replica(landing(conn.execute(extended, (99,)).fetchone()))
+        # inside a transaction that wrote, the same reads stay on its server (the primary)
+        with conn.transaction():
+            conn.execute(f"INSERT INTO {table} (note) VALUES ('in-txn')")
+            inside = [where(conn, simple.format(7)), landing(conn.execute(extended, (7,)).fetchone())]
+        assert all(split.on_primary(spot) for spot in inside), inside
+        assert len({spot.backend_pid for spot in inside}) == 1, inside
+        # a session role hint sends the same reads to the primary, also the one psycopg has by now prepared
+        # (after five runs) while the session role was auto
+        conn.execute("SET shardgate.role = 'primary'")
+        hinted = [where(conn, simple.format(5)), landing(conn.execute(extended, (5,)).fetchone())]
+        assert all(split.on_primary(spot) for spot in hinted), f"{hinted}{proxy_log(shardgate)}"
+        conn.execute("SET shardgate.role = 'auto'")
+        assert split.on_replica(where(conn, simple.format(6)))
+
+
 def test_writes_land_on_primary(split: Split, table: str) -> None:
     shardgate = split.start()
     with connect(shardgate) as conn:
