@@ -1,7 +1,17 @@
 """Configuration: typed model, TOML loader with key-path errors, and a commented example."""
 
 from config.loader import ConfigError, check, load, parse, split_address
-from config.model import Config, DatabaseConfig, GeneralConfig, JwtConfig, UserConfig
+from config.model import (
+    Config,
+    DatabaseConfig,
+    GeneralConfig,
+    JwtConfig,
+    OmnishardedTableConfig,
+    ShardedTableConfig,
+    ShardRange,
+    ShardValues,
+    UserConfig,
+)
 
 __all__ = [
     "Config",
@@ -9,6 +19,10 @@ __all__ = [
     "DatabaseConfig",
     "GeneralConfig",
     "JwtConfig",
+    "OmnishardedTableConfig",
+    "ShardRange",
+    "ShardValues",
+    "ShardedTableConfig",
     "UserConfig",
     "check",
     "load",

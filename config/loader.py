@@ -19,10 +19,17 @@ from config.model import (
     POOL_MODES,
     READ_WRITE_SPLIT,
     SERVER_ROLES,
+    SHARD_KEY_TYPES,
+    SHARDING_METHODS,
     Config,
     DatabaseConfig,
     GeneralConfig,
     JwtConfig,
+    OmnishardedTableConfig,
+    ShardedTableConfig,
+    ShardKeyValue,
+    ShardRange,
+    ShardValues,
     UserConfig,
 )
 from config.passwords import is_md5_hash
@@ -45,7 +52,10 @@ MIN_MESSAGE_BYTES = 1024
 SCRAM_PREFIX = "SCRAM-SHA-256$"
 SCRAM_KEY_BYTES = 32  # SHA-256 digest size: StoredKey and ServerKey
 
-_SECTIONS = ("general", "users", "databases", "jwt")
+_SECTIONS = ("general", "users", "databases", "jwt", "sharded_tables", "omnisharded_tables")
+# Inclusive bounds of the integer key types; a range's exclusive end may be one above the maximum.
+_INTEGER_BOUNDS = {"bigint": (-(2**63), 2**63 - 1), "integer": (-(2**31), 2**31 - 1)}
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 _TOML_POSITION = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)\s*$")
 
 
@@ -103,6 +113,9 @@ def parse(data: dict[str, Any], source_path: str | None = None) -> Config:
 
     users = _parse_users(data, general, has_jwt="jwt" in data, problems=problems)
     databases = _parse_databases(data, problems)
+    shards_of = _shards_by_database(data)
+    sharded = _parse_sharded_tables(data, shards_of, problems)
+    omnisharded = _parse_omnisharded_tables(data, shards_of, problems)
 
     if problems:
         raise ConfigError(problems, source_path)
@@ -113,6 +126,8 @@ def parse(data: dict[str, Any], source_path: str | None = None) -> Config:
         databases=tuple(d for d in databases if d is not None),
         jwt=jwt,
         source_path=source_path,
+        sharded_tables=tuple(t for t in sharded if t is not None),
+        omnisharded_tables=tuple(t for t in omnisharded if t is not None),
     )
 
 
@@ -163,6 +178,7 @@ def _parse_general(table: dict[str, Any] | None, problems: list[str]) -> General
     section.integer("max_replica_lag_bytes", minimum=0)
     section.integer("read_your_writes_ms", minimum=0)
     section.boolean("replica_stickiness")
+    section.boolean("allow_cross_shard_writes")
     section.finish()
 
     if min_size is not None and pool_size is not None and min_size > pool_size:
@@ -331,6 +347,289 @@ def _check_shard_numbers(databases: list[DatabaseConfig | None], problems: list[
                 )
 
 
+# --- sharded and omnisharded tables ----------------------------------------------------------
+
+
+def _shards_by_database(data: dict[str, Any]) -> dict[str, set[int]]:
+    """Shard numbers per database name, read from the raw [[databases]] entries (even ones with other
+    problems, so a typo there does not also make every sharded table's database unknown)."""
+    shards: dict[str, set[int]] = {}
+    entries = data.get("databases", [])
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            shard = entry.get("shard", 0)
+            found = shards.setdefault(entry["name"], set())
+            if _is_int(shard) and shard >= 0:
+                found.add(shard)
+    return shards
+
+
+def _parse_sharded_tables(
+    data: dict[str, Any], shards_of: dict[str, set[int]], problems: list[str]
+) -> list[ShardedTableConfig | None]:
+    tables = _array_of_tables(data, "sharded_tables", problems, required=False)
+    entries: list[ShardedTableConfig | None] = []
+    first_index: dict[tuple[str, str, str | None], int] = {}
+    for index, table in enumerate(tables):
+        path = f"sharded_tables[{index}]"
+        if table is None:
+            entries.append(None)
+            continue
+        section = _Section(table, path, ShardedTableConfig, problems)
+        database = section.string("database", required=True, allow_empty=False)
+        table_name = section.string("table", allow_empty=False)
+        column = section.string("column", required=True, allow_empty=False)
+        data_type = section.checked("data_type", _check_named_choice("data type", SHARD_KEY_TYPES), required=True)
+        method = section.checked("method", _check_named_choice("method", SHARDING_METHODS))
+        raw_ranges = section.raw("ranges")
+        raw_values = section.raw("values")
+        section.finish()
+
+        shards = _database_shards(path, database, shards_of, problems)
+        if method is not None:
+            _check_method_keys(path, method, raw_ranges, raw_values, problems)
+        if method == "range" and raw_ranges is not None and not section.failed("data_type"):
+            section.set("ranges", _parse_ranges(f"{path}.ranges", raw_ranges, data_type, shards, database, problems))
+        if method == "list" and raw_values is not None and not section.failed("data_type"):
+            section.set("values", _parse_values(f"{path}.values", raw_values, data_type, shards, database, problems))
+
+        if database is not None and column is not None and not section.failed("table"):
+            # One entry per table, or one per column for "any table with the column".
+            key = (database, table_name, None) if table_name is not None else (database, "", column)
+            if key in first_index:
+                first = f"sharded_tables[{first_index[key]}]"
+                if table_name is not None:
+                    problems.append(f'{path}.table: table "{table_name}" of database "{database}" is already'
+                                    f" sharded by {first}")
+                else:
+                    problems.append(f'{path}.column: database "{database}" already shards every table with'
+                                    f' column "{column}" ({first})')
+            else:
+                first_index[key] = index
+        entries.append(section.build())
+    return entries
+
+
+def _database_shards(
+    path: str, database: str | None, shards_of: dict[str, set[int]], problems: list[str]
+) -> set[int] | None:
+    """The shard numbers of a sharded table's database; None (and a problem) when it has no [[databases]]."""
+    if database is None:
+        return None
+    shards = shards_of.get(database)
+    if shards is None:
+        known = ", ".join(f'"{name}"' for name in sorted(shards_of)) or "none"
+        problems.append(f'{path}.database: no [[databases]] entry is named "{database}" (databases: {known})')
+    return shards
+
+
+def _check_method_keys(path: str, method: str, ranges: Any, values: Any, problems: list[str]) -> None:
+    if ranges is not None and method != "range":
+        problems.append(f'{path}.ranges: only used with method "range" (got method "{method}")')
+    if values is not None and method != "list":
+        problems.append(f'{path}.values: only used with method "list" (got method "{method}")')
+    if ranges is None and method == "range":
+        problems.append(f'{path}.ranges: required for method "range": [{{ shard = 0, start = ..., end = ... }}, ...]')
+    if values is None and method == "list":
+        problems.append(f'{path}.values: required for method "list": [{{ shard = 0, values = [...] }}, ...]')
+
+
+def _entry_tables(path: str, raw: Any, shape: str, problems: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The tables of an inline array (ranges, values), each with its key path; problems for the rest."""
+    if not isinstance(raw, list):
+        problems.append(f"{path}: must be an array of tables like [{shape}] (got {_describe(raw)})")
+        return []
+    if not raw:
+        problems.append(f"{path}: must not be empty")
+    entries = []
+    for index, item in enumerate(raw):
+        if isinstance(item, dict):
+            entries.append((f"{path}[{index}]", item))
+        else:
+            problems.append(f"{path}[{index}]: must be a table like {shape} (got {_describe(item)})")
+    return entries
+
+
+def _check_shard_exists(
+    path: str, shard: int | None, shards: set[int] | None, database: str | None, problems: list[str]
+) -> None:
+    if shard is None or shards is None or shard in shards:
+        return
+    held = ", ".join(map(str, sorted(shards))) or "none"
+    problems.append(f'{path}: database "{database}" has no shard {shard} (its [[databases]] entries hold'
+                    f" shards {held}); add a [[databases]] entry with shard = {shard}")
+
+
+def _parse_ranges(
+    path: str, raw: Any, data_type: str, shards: set[int] | None, database: str | None, problems: list[str]
+) -> tuple[ShardRange, ...]:
+    ranges: list[tuple[str, ShardRange]] = []
+    for entry_path, table in _entry_tables(path, raw, "{ shard = 0, start = 0, end = 1000 }", problems):
+        section = _Section(table, entry_path, ShardRange, problems)
+        shard = section.checked("shard", _check_integer(0, None), required=True)
+        start = section.checked("start", _check_key(data_type, end=False))
+        end = section.checked("end", _check_key(data_type, end=True))
+        section.finish()
+        _check_shard_exists(f"{entry_path}.shard", shard, shards, database, problems)
+        if start is not None and end is not None and not _key_order(start) < _key_order(end):
+            problems.append(f"{entry_path}.end: must be above start {_describe_value(start)}"
+                            f" (got {_describe_value(end)}); the range [start, end) would hold no key")
+            continue
+        built = section.build()
+        if built is not None:
+            ranges.append((entry_path, built))
+    # Sorted by start (an open start first), each range must start at or after every earlier range's end.
+    ordered = sorted(ranges, key=lambda item: (item[1].start is not None, _key_order(item[1].start)))
+    reach: tuple[str, ShardRange] | None = None  # the range reaching furthest so far
+    for entry_path, entry in ordered:
+        if reach is not None:
+            reach_path, reach_range = reach
+            if reach_range.end is None or entry.start is None or _key_order(entry.start) < _key_order(reach_range.end):
+                problems.append(f"{entry_path}: {_describe_range(entry)} overlaps"
+                                f" {reach_path.rpartition('.')[2]} {_describe_range(reach_range)}")
+            if reach_range.end is None or (entry.end is not None and _key_order(entry.end) <= _key_order(reach_range.end)):
+                continue
+        reach = (entry_path, entry)
+    return tuple(built for _, built in ranges)
+
+
+def _parse_values(
+    path: str, raw: Any, data_type: str, shards: set[int] | None, database: str | None, problems: list[str]
+) -> tuple[ShardValues, ...]:
+    entries: list[ShardValues] = []
+    first_seen: dict[ShardKeyValue, tuple[int, str]] = {}
+    check_value = _check_key(data_type, end=False)
+    for entry_path, table in _entry_tables(path, raw, '{ shard = 0, values = ["eu", "uk"] }', problems):
+        section = _Section(table, entry_path, ShardValues, problems)
+        shard = section.checked("shard", _check_integer(0, None), required=True)
+        raw_list = section.raw("values")
+        section.finish()
+        _check_shard_exists(f"{entry_path}.shard", shard, shards, database, problems)
+        values: list[ShardKeyValue] = []
+        if raw_list is None:
+            problems.append(f"{entry_path}.values: required (the key values shard {shard} holds)")
+        elif not isinstance(raw_list, list):
+            problems.append(f"{entry_path}.values: must be an array (got {_describe(raw_list)})")
+        elif not raw_list:
+            problems.append(f"{entry_path}.values: must not be empty")
+        else:
+            for item_index, item in enumerate(raw_list):
+                item_path = f"{entry_path}.values[{item_index}]"
+                value, problem = check_value(item)
+                if problem is not None:
+                    problems.append(f"{item_path}: {problem}")
+                    continue
+                if value in first_seen:
+                    other_shard, other_path = first_seen[value]
+                    where = f"shard {other_shard}" if other_shard != shard else "this shard"
+                    problems.append(f"{item_path}: {_describe_value(value)} is already listed for {where}"
+                                    f" ({other_path}); a value belongs to one shard")
+                    continue
+                if shard is not None:
+                    first_seen[value] = (shard, item_path)
+                values.append(value)
+        section.set("values", tuple(values))
+        built = section.build()
+        if built is not None:
+            entries.append(built)
+    return tuple(entries)
+
+
+def _check_key(data_type: str, *, end: bool) -> Checker:
+    """A configured key value of `data_type`: a range bound (an exclusive end may be one above the type's
+    maximum) or a list value. Uuids are stored in canonical lowercase form."""
+
+    kind = f"{'an' if data_type == 'integer' else 'a'} {data_type} key"
+
+    def check(raw: Any) -> tuple[Any, str | None]:
+        if data_type in _INTEGER_BOUNDS:
+            low, high = _INTEGER_BOUNDS[data_type]
+            high += 1 if end else 0
+            if _is_int(raw) and low <= raw <= high:
+                return raw, None
+            return None, f"must be an integer between {low} and {high} for {kind} (got {_describe(raw)})"
+        if not isinstance(raw, str):
+            return None, f"must be a string for {kind} (got {_describe(raw)})"
+        if data_type == "uuid":
+            canonical = _canonical_uuid(raw)
+            if canonical is None:
+                return None, f'must be a uuid like "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11" (got "{raw}")'
+            return canonical, None
+        return raw, None
+
+    return check
+
+
+def _canonical_uuid(text: str) -> str | None:
+    """PostgreSQL's uuid input syntax (32 hex digits, optional braces, a hyphen allowed after any group
+    of four) to the 8-4-4-4-12 lowercase form, or None."""
+    body = text[1:-1] if text[:1] == "{" and text[-1:] == "}" else text
+    groups: list[str] = []
+    position = 0
+    while len(groups) < 8:
+        chunk = body[position : position + 4]
+        if len(chunk) != 4 or not _HEX_DIGITS.issuperset(chunk):
+            return None
+        groups.append(chunk.lower())
+        position += 4
+        if len(groups) < 8 and body[position : position + 1] == "-":
+            position += 1
+    if position != len(body):
+        return None
+    digits = "".join(groups)
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def _key_order(value: ShardKeyValue | None) -> Any:
+    """What range bounds compare: integers as numbers, text by UTF-8 bytes (as routing does), canonical
+    uuids as text (the same order as their bytes)."""
+    if value is None:
+        return b""
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
+def _describe_range(entry: ShardRange) -> str:
+    start = "..." if entry.start is None else _describe_value(entry.start)
+    end = "..." if entry.end is None else _describe_value(entry.end)
+    return f"[{start}, {end}) of shard {entry.shard}"
+
+
+def _parse_omnisharded_tables(
+    data: dict[str, Any], shards_of: dict[str, set[int]], problems: list[str]
+) -> list[OmnishardedTableConfig | None]:
+    tables = _array_of_tables(data, "omnisharded_tables", problems, required=False)
+    # From the raw [[sharded_tables]], so a sharded entry with another mistake still counts as sharded.
+    raw_sharded = data.get("sharded_tables", [])
+    sharded_index: dict[tuple[str, str], int] = {}
+    for index, entry in enumerate(raw_sharded if isinstance(raw_sharded, list) else []):
+        if isinstance(entry, dict) and isinstance(entry.get("database"), str) and isinstance(entry.get("table"), str):
+            sharded_index.setdefault((entry["database"], entry["table"]), index)
+    entries: list[OmnishardedTableConfig | None] = []
+    first_index: dict[tuple[str, str], int] = {}
+    for index, table in enumerate(tables):
+        path = f"omnisharded_tables[{index}]"
+        if table is None:
+            entries.append(None)
+            continue
+        section = _Section(table, path, OmnishardedTableConfig, problems)
+        database = section.string("database", required=True, allow_empty=False)
+        name = section.string("table", required=True, allow_empty=False)
+        section.finish()
+        _database_shards(path, database, shards_of, problems)
+        if database is not None and name is not None:
+            key = (database, name)
+            if key in sharded_index:
+                problems.append(f'{path}.table: table "{name}" of database "{database}" is sharded'
+                                f" (sharded_tables[{sharded_index[key]}]); a table is sharded or omnisharded")
+            elif key in first_index:
+                problems.append(f'{path}.table: table "{name}" of database "{database}" is already listed'
+                                f" (omnisharded_tables[{first_index[key]}])")
+            else:
+                first_index[key] = index
+        entries.append(section.build())
+    return entries
+
+
 def _parse_jwt(table: dict[str, Any], problems: list[str]) -> JwtConfig | None:
     section = _Section(table, "jwt", JwtConfig, problems)
     section.strings("algorithms", choices=JWT_ALGORITHMS, non_empty=True)
@@ -348,11 +647,14 @@ def _parse_jwt(table: dict[str, Any], problems: list[str]) -> JwtConfig | None:
     section.string("revoked_jti_file", allow_empty=False)
     section.string("role_claim", allow_empty=False)
     section.strings("allowed_roles")
-    section.string("tenant_claim", allow_empty=False)
+    tenant_claim = section.string("tenant_claim", allow_empty=False)
+    shard_by_tenant = section.boolean("shard_by_tenant_claim")
     section.strings("claims")
     section.boolean("switch_role")
     section.finish()
 
+    if shard_by_tenant and tenant_claim is None and not section.failed("tenant_claim"):
+        problems.append("jwt.shard_by_tenant_claim: needs jwt.tenant_claim, the claim whose value is the sharding key")
     key_sources = ("secret", "secret_file", "public_keys", "jwks_file")
     if not (secret or secret_file or public_keys or jwks_file) and not any(map(section.failed, key_sources)):
         problems.append("jwt: needs a key: set secret, secret_file, public_keys or jwks_file")
@@ -411,6 +713,19 @@ class _Section:
         self, key: str, *, choices: Sequence[str] | None = None, non_empty: bool = False
     ) -> tuple[str, ...] | None:
         return self._read(key, _check_strings(choices, non_empty))
+
+    def checked(self, key: str, checker: Checker, *, required: bool = False) -> Any:
+        """A key read with a checker of the caller's (see _check_named_choice)."""
+        return self._read(key, checker, required=required)
+
+    def raw(self, key: str) -> Any:
+        """Declare a key the caller reads itself (nested tables): its raw value, or None when absent.
+        The caller stores what it parsed with `set`."""
+        self.known.append(key)
+        return self.table.get(key)
+
+    def set(self, key: str, value: Any) -> None:
+        self.values[key] = value
 
     # bookkeeping
 
@@ -481,6 +796,19 @@ def _check_integer(minimum: int | None, maximum: int | None) -> Checker:
     return check
 
 
+def _check_named_choice(label: str, choices: Sequence[str]) -> Checker:
+    """Like _check_choice, worded for a name the user picks from a short list: 'unknown data type "float"'."""
+
+    def check(raw: Any) -> tuple[Any, str | None]:
+        if not isinstance(raw, str):
+            return None, f"must be one of {', '.join(choices)} (got {_describe(raw)})"
+        if raw not in choices:
+            return None, f'unknown {label} "{raw}" ({", ".join(choices)})'
+        return raw, None
+
+    return check
+
+
 def _check_seconds(raw: Any) -> tuple[Any, str | None]:
     if (_is_int(raw) or isinstance(raw, float)) and math.isfinite(raw) and raw >= 0:
         return float(raw), None
@@ -536,7 +864,9 @@ def _table(data: dict[str, Any], key: str, problems: list[str]) -> dict[str, Any
     return value
 
 
-def _array_of_tables(data: dict[str, Any], key: str, problems: list[str]) -> list[dict[str, Any] | None]:
+def _array_of_tables(
+    data: dict[str, Any], key: str, problems: list[str], *, required: bool = True
+) -> list[dict[str, Any] | None]:
     value = data.get(key, [])
     if not isinstance(value, list):
         problems.append(f"{key}: must be an array of tables ([[{key}]]) (got {_describe(value)})")
@@ -548,7 +878,7 @@ def _array_of_tables(data: dict[str, Any], key: str, problems: list[str]) -> lis
         else:
             problems.append(f"{key}[{index}]: must be a table (got {_describe(item)})")
             tables.append(None)
-    if not value:
+    if not value and required:
         problems.append(f"{key}: at least one [[{key}]] entry is required")
     return tables
 

@@ -9,6 +9,9 @@ AUTH_METHODS = ("scram-sha-256", "md5", "plain", "trust", "jwt")
 SERVER_ROLES = ("primary", "replica", "auto")
 READ_WRITE_SPLIT = ("include_primary", "exclude_primary")
 LOAD_BALANCING = ("round_robin", "random", "least_connections")
+# Sharding key types and placement methods (routing/shard.py implements them; config imports nothing of ours).
+SHARD_KEY_TYPES = ("bigint", "integer", "text", "uuid")
+SHARDING_METHODS = ("hash", "range", "list")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,8 @@ class GeneralConfig:
     max_replica_lag_bytes: int = 0
     read_your_writes_ms: int = 0
     replica_stickiness: bool = False
+    # sharding (issue 13): may an UPDATE or DELETE without its sharding key run on every shard
+    allow_cross_shard_writes: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +100,57 @@ class JwtConfig:
     role_claim: str = "role"
     allowed_roles: tuple[str, ...] = ()
     tenant_claim: str | None = None
+    # sharding (issue 13): the tenant claim's value is the sharding key of the JWT client's statements
+    shard_by_tenant_claim: bool = False
     claims: tuple[str, ...] = ("sub", "role", "email")
     switch_role: bool = False
+
+
+# A configured key value: int for bigint and integer keys, str for text and uuid keys (a uuid in its
+# canonical lowercase 8-4-4-4-12 form).
+ShardKeyValue = int | str
+
+
+@dataclass(frozen=True, slots=True)
+class ShardRange:
+    """One entry of a range-sharded table's `ranges`: keys from start (inclusive) to end (exclusive).
+
+    None for start or end leaves that side open (below every key, above every key).
+    """
+
+    shard: int
+    start: ShardKeyValue | None = None
+    end: ShardKeyValue | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ShardValues:
+    """One entry of a list-sharded table's `values`: the key values shard `shard` holds."""
+
+    shard: int
+    values: tuple[ShardKeyValue, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ShardedTableConfig:
+    """[[sharded_tables]]: the column whose value picks a table's shard. `table` None: every table of the
+    database that has the column."""
+
+    database: str
+    column: str
+    data_type: str
+    table: str | None = None
+    method: str = "hash"
+    ranges: tuple[ShardRange, ...] = ()
+    values: tuple[ShardValues, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OmnishardedTableConfig:
+    """[[omnisharded_tables]]: a table with the same rows on every shard (reads from one, writes to all)."""
+
+    database: str
+    table: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +160,8 @@ class Config:
     databases: tuple[DatabaseConfig, ...] = ()
     jwt: JwtConfig | None = None
     source_path: str | None = None
+    sharded_tables: tuple[ShardedTableConfig, ...] = ()
+    omnisharded_tables: tuple[OmnishardedTableConfig, ...] = ()
 
     def user(self, name: str) -> UserConfig | None:
         for user in self.users:
@@ -115,3 +171,13 @@ class Config:
 
     def servers_for(self, database: str) -> tuple[DatabaseConfig, ...]:
         return tuple(db for db in self.databases if db.name == database)
+
+    def shard_count(self, database: str) -> int:
+        """How many shards a logical database has (its shards are numbered 0 to N-1); 0 if unknown."""
+        return len({db.shard for db in self.databases if db.name == database})
+
+    def sharded_tables_for(self, database: str) -> tuple[ShardedTableConfig, ...]:
+        return tuple(table for table in self.sharded_tables if table.database == database)
+
+    def omnisharded_tables_for(self, database: str) -> tuple[str, ...]:
+        return tuple(entry.table for entry in self.omnisharded_tables if entry.database == database)

@@ -18,6 +18,10 @@ from config import (
     DatabaseConfig,
     GeneralConfig,
     JwtConfig,
+    OmnishardedTableConfig,
+    ShardedTableConfig,
+    ShardRange,
+    ShardValues,
     UserConfig,
     check,
     load,
@@ -86,22 +90,37 @@ def test_example_with_jwt_enabled_loads() -> None:
 
 def test_example_sets_every_key_of_every_section() -> None:
     data = tomllib.loads(example_with_optional_sections_enabled())
-    assert set(data) == {"general", "users", "databases", "jwt"}
+    assert set(data) == {"general", "users", "databases", "jwt", "sharded_tables", "omnisharded_tables"}
     assert set(data["general"]) == field_names(GeneralConfig)
     assert set().union(*data["users"]) == field_names(UserConfig)
     assert set().union(*data["databases"]) == field_names(DatabaseConfig)
     assert set(data["jwt"]) == field_names(JwtConfig)
+    assert set().union(*data["sharded_tables"]) == field_names(ShardedTableConfig)
+    ranges = [entry for table in data["sharded_tables"] for entry in table.get("ranges", [])]
+    values = [entry for table in data["sharded_tables"] for entry in table.get("values", [])]
+    assert set().union(*ranges) == field_names(ShardRange)
+    assert set().union(*values) == field_names(ShardValues)
+    assert set().union(*data["omnisharded_tables"]) == field_names(OmnishardedTableConfig)
 
 
 def test_example_comments_every_key_with_its_default() -> None:
     lines = EXAMPLE_PATH.read_text().splitlines()
     commented: set[str] = set()
+    required: set[str] = set()
     for previous, line in itertools.pairwise(lines):
-        match = re.match(r"#?([a-z_]+) = ", line)
+        # `key = value`, or `[[section.key]]` for an array of tables inside an entry (ranges, values)
+        match = re.match(r"#?([a-z_]+) = ", line) or re.match(r"#?\[\[[a-z_]+\.([a-z_]+)\]\]$", line)
         if match and previous.startswith("# ") and "Default" in previous:
             commented.add(match.group(1))
-    every_key = set().union(*map(field_names, (GeneralConfig, UserConfig, DatabaseConfig, JwtConfig)))
-    assert every_key - {"name"} <= commented
+        if match and previous.startswith("# ") and "required" in previous:
+            required.add(match.group(1))
+    models = (GeneralConfig, UserConfig, DatabaseConfig, JwtConfig, ShardedTableConfig, ShardRange, ShardValues,
+              OmnishardedTableConfig)
+    every_key = set().union(*map(field_names, models))
+    required_keys = {"name", "database", "column", "data_type", "shard", "ranges", "values", "table"}
+    assert every_key - required_keys <= commented
+    assert required_keys <= commented | required
+    assert {"database", "column", "data_type", "shard", "ranges", "values"} <= required
     assert "# Login name" in EXAMPLE_PATH.read_text() and "# Database name" in EXAMPLE_PATH.read_text()
 
 
@@ -688,3 +707,276 @@ port = 5433
         parse(tomllib.loads(text))
     assert any(p.startswith("databases[1].shard:") and "no shard 1" in p for p in caught.value.problems)
     assert len(parse(tomllib.loads(text.replace("shard = 2", "shard = 1"))).databases) == 2
+
+
+# --- sharded and omnisharded tables ---------------------------------------------------------
+
+
+def two_shards(*sharded: dict[str, Any], omnisharded: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Database "app" with shards 0 and 1, and the given [[sharded_tables]] / [[omnisharded_tables]]."""
+    data = minimal()
+    data["databases"] = [{"name": "app", "shard": 0}, {"name": "app", "port": 5433, "shard": 1}]
+    data["sharded_tables"] = list(sharded)
+    if omnisharded is not None:
+        data["omnisharded_tables"] = omnisharded
+    return data
+
+
+def orders(**overrides: Any) -> dict[str, Any]:
+    entry = {"database": "app", "table": "orders", "column": "tenant_id", "data_type": "bigint"}
+    entry.update(overrides)
+    return {key: value for key, value in entry.items() if value is not None}
+
+
+def test_sharded_tables_are_optional_and_default_to_hash() -> None:
+    assert parse(minimal()).sharded_tables == () and parse(minimal()).omnisharded_tables == ()
+    loaded = parse(two_shards(orders(), omnisharded=[{"database": "app", "table": "countries"}]))
+    assert loaded.sharded_tables == (ShardedTableConfig("app", "tenant_id", "bigint", table="orders"),)
+    assert loaded.sharded_tables[0].method == "hash"
+    assert loaded.omnisharded_tables == (OmnishardedTableConfig("app", "countries"),)
+    assert loaded.shard_count("app") == 2 and loaded.shard_count("nope") == 0
+    assert loaded.sharded_tables_for("app") == loaded.sharded_tables and loaded.sharded_tables_for("x") == ()
+    assert loaded.omnisharded_tables_for("app") == ("countries",)
+    assert loaded.general.allow_cross_shard_writes is False
+
+
+def test_table_may_be_omitted_for_every_table_with_the_column() -> None:
+    loaded = parse(two_shards(orders(table=None, data_type="uuid")))
+    assert loaded.sharded_tables[0].table is None
+
+
+def test_range_and_list_tables_load() -> None:
+    ranges = [{"shard": 1, "start": 1000}, {"shard": 0, "start": -5, "end": 1000}]
+    values = [{"shard": 0, "values": ["eu", "uk"]}, {"shard": 1, "values": ["us"]}]
+    uuids = [{"shard": 1, "values": ["{A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11}"]}]
+    loaded = parse(two_shards(
+        orders(method="range", ranges=ranges),
+        orders(table="customers", column="region", data_type="text", method="list", values=values),
+        orders(table="devices", column="id", data_type="uuid", method="list", values=uuids),
+        orders(table="events", column="n", data_type="integer", method="range",
+               ranges=[{"shard": 0, "end": 2**31}]),
+    ))
+    assert loaded.sharded_tables[0].ranges == (ShardRange(1, start=1000), ShardRange(0, start=-5, end=1000))
+    assert loaded.sharded_tables[1].values == (ShardValues(0, ("eu", "uk")), ShardValues(1, ("us",)))
+    assert loaded.sharded_tables[2].values == (ShardValues(1, ("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",)),)
+    assert loaded.sharded_tables[3].ranges == (ShardRange(0, end=2**31),)
+
+
+def test_allow_cross_shard_writes_is_a_boolean() -> None:
+    data = minimal()
+    data["general"] = {"allow_cross_shard_writes": True}
+    assert parse(data).general.allow_cross_shard_writes is True
+    data["general"] = {"allow_cross_shard_writes": "yes"}
+    assert only_problem(data) == 'general.allow_cross_shard_writes: must be true or false (got "yes")'
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (orders(data_type="float"),
+         'sharded_tables[0].data_type: unknown data type "float" (bigint, integer, text, uuid)'),
+        (orders(data_type=5), "sharded_tables[0].data_type: must be one of bigint, integer, text, uuid (got integer 5)"),
+        (orders(data_type=None), "sharded_tables[0].data_type: required"),
+        (orders(method="modulo"), 'sharded_tables[0].method: unknown method "modulo" (hash, range, list)'),
+        (orders(column=None), "sharded_tables[0].column: required"),
+        (orders(column=""), "sharded_tables[0].column: must not be empty"),
+        (orders(database=None), "sharded_tables[0].database: required"),
+        (orders(table=""), "sharded_tables[0].table: must not be empty"),
+        (orders(database="ap"),
+         'sharded_tables[0].database: no [[databases]] entry is named "ap" (databases: "app")'),
+        (orders(colum="x"), 'sharded_tables[0].colum: unknown key (did you mean "column"?)'),
+        (orders(ranges=[{"shard": 0}]),
+         'sharded_tables[0].ranges: only used with method "range" (got method "hash")'),
+        (orders(values=[{"shard": 0, "values": [1]}]),
+         'sharded_tables[0].values: only used with method "list" (got method "hash")'),
+        (orders(method="range", values=[{"shard": 0, "values": [1]}], ranges=[{"shard": 0}]),
+         'sharded_tables[0].values: only used with method "list" (got method "range")'),
+        (orders(method="list", ranges=[{"shard": 0}], values=[{"shard": 0, "values": [1]}]),
+         'sharded_tables[0].ranges: only used with method "range" (got method "list")'),
+        (orders(method="range"),
+         'sharded_tables[0].ranges: required for method "range": [{ shard = 0, start = ..., end = ... }, ...]'),
+        (orders(method="list"),
+         'sharded_tables[0].values: required for method "list": [{ shard = 0, values = [...] }, ...]'),
+    ],
+)
+def test_sharded_table_mistakes(entry: dict[str, Any], expected: str) -> None:
+    assert only_problem(two_shards(entry)) == expected
+
+
+@pytest.mark.parametrize(
+    ("data_type", "ranges", "expected"),
+    [
+        ("bigint", [], "sharded_tables[0].ranges: must not be empty"),
+        ("bigint", {"shard": 0}, "sharded_tables[0].ranges: must be an array of tables like"
+                                 " [{ shard = 0, start = 0, end = 1000 }] (got table)"),
+        ("bigint", [5], "sharded_tables[0].ranges[0]: must be a table like { shard = 0, start = 0, end = 1000 }"
+                        " (got integer 5)"),
+        ("bigint", [{"start": 0}], "sharded_tables[0].ranges[0].shard: required"),
+        ("bigint", [{"shard": -1}], "sharded_tables[0].ranges[0].shard: must be an integer >= 0 (got -1)"),
+        ("bigint", [{"shard": 0, "end": 10}, {"shard": 3, "start": 10}],
+         'sharded_tables[0].ranges[1].shard: database "app" has no shard 3 (its [[databases]] entries hold'
+         " shards 0, 1); add a [[databases]] entry with shard = 3"),
+        ("bigint", [{"shard": 0, "start": 10, "end": 10}],
+         "sharded_tables[0].ranges[0].end: must be above start 10 (got 10); the range [start, end) would hold no key"),
+        ("bigint", [{"shard": 0, "start": 10, "end": 5}],
+         "sharded_tables[0].ranges[0].end: must be above start 10 (got 5); the range [start, end) would hold no key"),
+        ("text", [{"shard": 0, "start": "m", "end": "b"}],
+         'sharded_tables[0].ranges[0].end: must be above start "m" (got "b"); the range [start, end) would hold no key'),
+        ("bigint", [{"shard": 0, "start": 0, "end": 100}, {"shard": 1, "start": 50, "end": 150}],
+         "sharded_tables[0].ranges[1]: [50, 150) of shard 1 overlaps ranges[0] [0, 100) of shard 0"),
+        ("bigint", [{"shard": 0}, {"shard": 1, "start": 5}],
+         "sharded_tables[0].ranges[1]: [5, ...) of shard 1 overlaps ranges[0] [..., ...) of shard 0"),
+        ("bigint", [{"shard": 1, "start": 5}, {"shard": 0, "end": 6}],
+         "sharded_tables[0].ranges[0]: [5, ...) of shard 1 overlaps ranges[1] [..., 6) of shard 0"),
+        ("bigint", [{"shard": 0, "start": "0"}],
+         "sharded_tables[0].ranges[0].start: must be an integer between -9223372036854775808 and"
+         ' 9223372036854775807 for a bigint key (got string "0")'),
+        ("integer", [{"shard": 0, "start": 2**31}],
+         "sharded_tables[0].ranges[0].start: must be an integer between -2147483648 and 2147483647"
+         " for an integer key (got integer 2147483648)"),
+        ("integer", [{"shard": 0, "end": 2**31 + 1}],
+         "sharded_tables[0].ranges[0].end: must be an integer between -2147483648 and 2147483648"
+         " for an integer key (got integer 2147483649)"),
+        ("text", [{"shard": 0, "end": 5}], "sharded_tables[0].ranges[0].end: must be a string for a text key (got integer 5)"),
+        ("uuid", [{"shard": 0, "end": "not-a-uuid"}],
+         'sharded_tables[0].ranges[0].end: must be a uuid like "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"'
+         ' (got "not-a-uuid")'),
+        ("bigint", [{"shard": 0, "strat": 5}], 'sharded_tables[0].ranges[0].strat: unknown key (did you mean "start"?)'),
+    ],
+)
+def test_range_mistakes(data_type: str, ranges: Any, expected: str) -> None:
+    assert only_problem(two_shards(orders(data_type=data_type, method="range", ranges=ranges))) == expected
+
+
+def test_a_wide_range_overlaps_every_range_inside_it() -> None:
+    ranges = [{"shard": 0, "start": 0, "end": 100}, {"shard": 1, "start": 10, "end": 20},
+              {"shard": 1, "start": 30, "end": 40}, {"shard": 1, "start": 100, "end": 200}]
+    assert problems_of(two_shards(orders(method="range", ranges=ranges))) == [
+        "sharded_tables[0].ranges[1]: [10, 20) of shard 1 overlaps ranges[0] [0, 100) of shard 0",
+        "sharded_tables[0].ranges[2]: [30, 40) of shard 1 overlaps ranges[0] [0, 100) of shard 0",
+    ]
+
+
+def test_adjacent_and_gapped_ranges_are_fine() -> None:
+    ranges = [{"shard": 0, "end": 0}, {"shard": 1, "start": 0, "end": 10}, {"shard": 0, "start": 20}]
+    assert len(parse(two_shards(orders(method="range", ranges=ranges))).sharded_tables[0].ranges) == 3
+
+
+@pytest.mark.parametrize(
+    ("data_type", "values", "expected"),
+    [
+        ("text", [], "sharded_tables[0].values: must not be empty"),
+        ("text", [{"values": ["eu"]}], "sharded_tables[0].values[0].shard: required"),
+        ("text", [{"shard": 0}], "sharded_tables[0].values[0].values: required (the key values shard 0 holds)"),
+        ("text", [{"shard": 0, "values": []}], "sharded_tables[0].values[0].values: must not be empty"),
+        ("text", [{"shard": 0, "values": "eu"}],
+         'sharded_tables[0].values[0].values: must be an array (got string "eu")'),
+        ("text", [{"shard": 0, "values": ["eu", 5]}],
+         "sharded_tables[0].values[0].values[1]: must be a string for a text key (got integer 5)"),
+        ("bigint", [{"shard": 0, "values": [1, "2"]}],
+         "sharded_tables[0].values[0].values[1]: must be an integer between -9223372036854775808 and"
+         ' 9223372036854775807 for a bigint key (got string "2")'),
+        ("uuid", [{"shard": 0, "values": ["a0eebc99"]}],
+         'sharded_tables[0].values[0].values[0]: must be a uuid like "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"'
+         ' (got "a0eebc99")'),
+        ("text", [{"shard": 0, "values": ["eu", "uk"]}, {"shard": 1, "values": ["us", "eu"]}],
+         'sharded_tables[0].values[1].values[1]: "eu" is already listed for shard 0'
+         " (sharded_tables[0].values[0].values[0]); a value belongs to one shard"),
+        ("text", [{"shard": 0, "values": ["eu", "eu"]}],
+         'sharded_tables[0].values[0].values[1]: "eu" is already listed for this shard'
+         " (sharded_tables[0].values[0].values[0]); a value belongs to one shard"),
+        ("uuid", [{"shard": 0, "values": ["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]},
+                  {"shard": 1, "values": ["A0EEBC999C0B4EF8BB6D6BB9BD380A11"]}],
+         'sharded_tables[0].values[1].values[0]: "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11" is already listed for'
+         " shard 0 (sharded_tables[0].values[0].values[0]); a value belongs to one shard"),
+        ("text", [{"shard": 2, "values": ["eu"]}],
+         'sharded_tables[0].values[0].shard: database "app" has no shard 2 (its [[databases]] entries hold'
+         " shards 0, 1); add a [[databases]] entry with shard = 2"),
+    ],
+)
+def test_list_mistakes(data_type: str, values: Any, expected: str) -> None:
+    assert only_problem(two_shards(orders(data_type=data_type, method="list", values=values))) == expected
+
+
+def test_a_table_is_sharded_once() -> None:
+    data = two_shards(orders(), orders(column="customer_id"))
+    assert only_problem(data) == (
+        'sharded_tables[1].table: table "orders" of database "app" is already sharded by sharded_tables[0]')
+    data = two_shards(orders(table=None), orders(table=None, data_type="text"))
+    assert only_problem(data) == (
+        'sharded_tables[1].column: database "app" already shards every table with column "tenant_id"'
+        " (sharded_tables[0])")
+    # The same table name in two databases, and a named table next to an any-table column, are fine.
+    data = two_shards(orders(), orders(table=None), orders(table=None, column="account_id"))
+    data["databases"].append({"name": "logs", "port": 5434})
+    data["sharded_tables"].append(orders(database="logs"))
+    assert len(parse(data).sharded_tables) == 4
+
+
+def test_sharded_tables_must_be_tables() -> None:
+    data = two_shards()
+    data["sharded_tables"] = {"database": "app"}
+    assert only_problem(data) == "sharded_tables: must be an array of tables ([[sharded_tables]]) (got table)"
+    data["sharded_tables"] = ["orders"]
+    assert only_problem(data) == 'sharded_tables[0]: must be a table (got string "orders")'
+
+
+def test_a_broken_databases_entry_does_not_also_unknown_the_database() -> None:
+    data = two_shards(orders(method="range", ranges=[{"shard": 1, "start": 0}]))
+    data["databases"][1]["port"] = "5433"
+    assert only_problem(data).startswith("databases[1].port: must be an integer")
+
+
+@pytest.mark.parametrize(
+    ("omnisharded", "expected"),
+    [
+        ([{"table": "countries"}], "omnisharded_tables[0].database: required"),
+        ([{"database": "app"}], "omnisharded_tables[0].table: required"),
+        ([{"database": "app", "table": ""}], "omnisharded_tables[0].table: must not be empty"),
+        ([{"database": "nope", "table": "countries"}],
+         'omnisharded_tables[0].database: no [[databases]] entry is named "nope" (databases: "app")'),
+        ([{"database": "app", "table": "countries"}, {"database": "app", "table": "countries"}],
+         'omnisharded_tables[1].table: table "countries" of database "app" is already listed (omnisharded_tables[0])'),
+        ([{"database": "app", "table": "orders"}],
+         'omnisharded_tables[0].table: table "orders" of database "app" is sharded (sharded_tables[0]);'
+         " a table is sharded or omnisharded"),
+        ([{"database": "app", "table": "countries", "column": "x"}], "omnisharded_tables[0].column: unknown key"),
+    ],
+)
+def test_omnisharded_mistakes(omnisharded: list[dict[str, Any]], expected: str) -> None:
+    assert only_problem(two_shards(orders(), omnisharded=omnisharded)) == expected
+
+
+def test_every_sharding_problem_is_reported_at_once() -> None:
+    data = two_shards(
+        orders(data_type="float", database="nope"),
+        orders(table="t2", method="list", values=[{"shard": 5, "values": ["a", "a"]}], data_type="text"),
+        omnisharded=[{"database": "app", "table": "t2"}],
+    )
+    paths = [problem.split(":")[0] for problem in problems_of(data)]
+    assert paths == [
+        "sharded_tables[0].data_type",
+        "sharded_tables[0].database",
+        "sharded_tables[1].values[0].shard",
+        "sharded_tables[1].values[0].values[1]",
+        "omnisharded_tables[0].table",
+    ]
+
+
+def test_config_and_routing_agree_on_names() -> None:
+    from config.model import SHARD_KEY_TYPES, SHARDING_METHODS
+    from routing.shard import DATA_TYPES, METHODS
+
+    assert (SHARD_KEY_TYPES, SHARDING_METHODS) == (DATA_TYPES, METHODS)
+
+
+def test_shard_by_tenant_claim_needs_the_tenant_claim() -> None:
+    data = minimal()
+    data["jwt"] = {"secret": "s" * 32, "shard_by_tenant_claim": True}
+    assert only_problem(data) == (
+        "jwt.shard_by_tenant_claim: needs jwt.tenant_claim, the claim whose value is the sharding key")
+    data["jwt"]["tenant_claim"] = "tenant_id"
+    jwt = parse(data).jwt
+    assert jwt is not None and jwt.shard_by_tenant_claim is True
+    data["jwt"]["shard_by_tenant_claim"] = 1
+    assert only_problem(data) == "jwt.shard_by_tenant_claim: must be true or false (got 1)"
