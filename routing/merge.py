@@ -5,8 +5,11 @@ from __future__ import annotations
 import struct
 from collections import deque
 
+from routing.merge_plan import MergePlan
+from routing.rows import MergeError, RowMerge, client_description, merge_rows
+
 _ROW, _ERROR, _READY, _PARAMETER, _NOTIFY = b"DEZSA"
-_DESCRIPTION, _COMPLETE, _PARSE_COMPLETE = b"TC1"
+_DESCRIPTION, _COMPLETE, _PARSE_COMPLETE, _PARAMETER_DESCRIPTION, _SUSPENDED = b"TC1ts"
 _STATUS_FAILED, _STATUS_IN_TRANSACTION = b"ET"
 _PASS_THROUGH = frozenset(b"DNA")
 # Where each source stops until every source has reached one; the message is then sent once, combined.
@@ -24,6 +27,7 @@ _MESSAGE_NAMES = {
 _COLUMN = struct.Struct("!IhIhih")
 _LENGTH = struct.Struct("!I")
 FEATURE_NOT_SUPPORTED = "0A000"
+INTERNAL_ERROR = "XX000"
 
 _Column = tuple[bytes, int, int, int]  # name, type OID, type modifier, format code
 
@@ -42,14 +46,29 @@ class ResultMerger:
 
     `hidden_parse_completes`: how many ParseCompletes at the start of the first batch answer Parses the
     caller sent on its own; they are not sent to the client. `copy_sources`: the sources that entered
-    COPY mode (never merged): the caller sends them CopyFail and may discard them from the set."""
+    COPY mode (never merged): the caller sends them CopyFail and may discard them from the set.
 
-    __slots__ = ("_discarding", "_hidden_parse_completes", "_out", "_parameters", "_queues", "_ready_count",
-                 "_sources", "_stopped_at", "_stopped_count", "copy_sources")
+    `plan`: how the rows of a SELECT are combined (routing.rows): None, or a plan that concatenates, keeps
+    the fast path above (rows pass through undecoded). Otherwise each row set (every RowDescription of
+    the batch: give a plan only for a batch of one statement) is merged as the plan says; the client gets
+    the RowDescription of the merged columns (avg's type, no hidden columns) and a CommandComplete counting
+    the rows it got. An ORDER BY merge holds at most `window_rows` rows per source: `held` is True for a
+    source at that many. `collation`: the database's collation for text: "C" or "POSIX" (byte order), a
+    libc locale name (reproduced with the proxy's own libc), or "icu" (refused where text must be ordered).
+    A Describe of the statement (ParameterDescription, then RowDescription) says nothing of the formats
+    the rows will come in: rows of an Execute without a Describe of its portal are refused (0A000) unless
+    the caller gave their description with `assume_row_description`."""
 
-    def __init__(self, sources: int, hidden_parse_completes: int = 0) -> None:
+    __slots__ = ("_collation", "_combining", "_described_statement", "_discarding", "_execute_description",
+                 "_hidden_parse_completes", "_out", "_parameters", "_plan", "_queues", "_ready_count", "_rows",
+                 "_sources", "_stopped_at", "_stopped_count", "_window_rows", "copy_sources")
+
+    def __init__(self, sources: int, hidden_parse_completes: int = 0, plan: MergePlan | None = None,
+                 collation: str = "C", window_rows: int = 1000) -> None:
         if sources < 1:
             raise ValueError("a merger needs at least one source")
+        if window_rows < 1:
+            raise ValueError("a merger needs a window of at least one row")
         self._sources = sources
         self._hidden_parse_completes = hidden_parse_completes
         self._stopped_at: list[bytes | None] = [None] * sources  # the barrier each source waits at
@@ -60,6 +79,14 @@ class ResultMerger:
         self._parameters: dict[bytes, bytes] = {}  # ParameterStatus name -> the last message sent for it
         self._ready_count = 0
         self.copy_sources: set[int] = set()
+        combining = plan is not None and (not plan.concatenates or plan.visible_columns is not None)
+        self._plan = plan if combining else None
+        self._combining = combining  # the hot path's one question
+        self._collation = collation
+        self._window_rows = window_rows
+        self._rows: RowMerge | None = None  # the merge of the current row set
+        self._described_statement = False  # the last barrier sent was a ParameterDescription
+        self._execute_description: bytes | None = None
 
     def feed(self, source: int, message: bytes | memoryview) -> None:
         """One whole backend message (type, length, body) from server `source`."""
@@ -68,7 +95,10 @@ class ResultMerger:
         if self._stopped_at[source] is not None:
             self._queues[source].append(data)
         elif data[0] == _ROW and not self._discarding:
-            self._out.append(data)
+            if self._combining:
+                self._row(source, data)
+            else:
+                self._out.append(data)
         else:
             self._advance(source, data)
             if self._stopped_count == self._sources:
@@ -84,8 +114,17 @@ class ResultMerger:
         return joined
 
     def held(self, source: int) -> bool:
-        """True while `source` waits at a barrier for the others: stop reading its server meanwhile."""
-        return self._stopped_at[source] is not None
+        """True while `source` waits at a barrier for the others, or while a merge holds as many of its rows
+        as it may: stop reading its server meanwhile."""
+        if self._stopped_at[source] is not None:
+            return True
+        rows = self._rows
+        return rows is not None and rows.held(source)
+
+    def assume_row_description(self, description: bytes) -> None:
+        """The RowDescription of rows that come without one (an Execute of a statement described earlier,
+        with the formats its Bind asked for: routing.rows.with_result_formats), so a plan can merge them."""
+        self._execute_description = description
 
     @property
     def ready_count(self) -> int:
@@ -98,9 +137,13 @@ class ResultMerger:
         kind = data[0]
         if self._discarding:
             self._advance_discarding(source, kind, data)
+        elif kind == _ROW and self._combining:
+            self._row(source, data)
         elif kind in _PASS_THROUGH:
             self._out.append(data)
         elif kind in _BARRIERS:
+            if self._combining and not self._rows_stop(source, kind):
+                return
             self._stop(source, data)
         elif kind == _ERROR:
             self._out.append(data)
@@ -135,15 +178,16 @@ class ResultMerger:
             self._parameters[name] = data
             self._out.append(data)
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, sqlstate: str = FEATURE_NOT_SUPPORTED) -> None:
         if not self._discarding:
-            self._out.append(_error_response(FEATURE_NOT_SUPPORTED, message))
+            self._out.append(_error_response(sqlstate, message))
             self._discard()
 
     def _discard(self) -> None:
         """From now on each source's answer is dropped up to its ReadyForQuery: a source stopped at
         another barrier goes on (dropping that barrier and what it queued)."""
         self._discarding = True
+        self._rows = None
         stopped_at = self._stopped_at
         for source, message in enumerate(stopped_at):
             if message is not None and message[0] != _READY:
@@ -156,6 +200,84 @@ class ResultMerger:
         stopped_at = self._stopped_at
         while queue and stopped_at[source] is None:
             self._advance(source, queue.popleft())
+
+    # ------------------------------------------------------------ rows merged by a plan
+
+    def _row(self, source: int, data: bytes) -> None:
+        rows = self._rows
+        if rows is None:
+            rows = self._rows_without_description()
+            if rows is None:
+                return
+        try:
+            rows.add(source, data)
+        except Exception as error:
+            self._merge_failed(error)
+
+    def _rows_stop(self, source: int, kind: int) -> bool:
+        """A source reaches a barrier while rows are merged: False when that failed the batch."""
+        rows = self._rows
+        if kind == _SUSPENDED:
+            self._fail("fetching a cross-shard result in parts (Execute with a row limit) is not supported when "
+                       "its rows are merged (ORDER BY, LIMIT, aggregates, GROUP BY, DISTINCT): fetch all rows "
+                       "at once, or filter on the sharding key to run it on one shard")
+            return False
+        if kind == _COMPLETE and rows is not None:
+            try:
+                rows.finish(source)
+            except Exception as error:
+                self._merge_failed(error)
+                return False
+        return True
+
+    def _rows_without_description(self) -> RowMerge | None:
+        description = self._execute_description
+        if description is None:
+            self._fail("the shards sent rows without a RowDescription, and merging them (ORDER BY, LIMIT, "
+                       "aggregates, GROUP BY, DISTINCT) needs their columns: send Describe with the Execute")
+            return None
+        rows = self._start_rows(description)
+        if rows is not None:
+            try:
+                for source, barrier in enumerate(self._stopped_at):
+                    if barrier is not None and barrier[0] == _COMPLETE:  # finished before any row came
+                        rows.finish(source)
+            except Exception as error:
+                self._merge_failed(error)
+                return None
+        return rows
+
+    def _start_rows(self, description: bytes) -> RowMerge | None:
+        assert self._plan is not None
+        try:
+            rows = merge_rows(self._plan, description, self._sources, self._out, self._collation,
+                              self._window_rows)
+        except Exception as error:
+            self._merge_failed(error)
+            return None
+        self._rows = rows
+        return rows
+
+    def _describe(self, description: bytes, of_statement: bool) -> None:
+        """The merged columns' RowDescription for the client; for a portal's, the merge of its rows."""
+        plan = self._plan
+        assert plan is not None
+        if of_statement:  # its format codes are placeholders: rows of a later Execute need their own
+            try:
+                self._out.append(client_description(description, plan))
+            except Exception as error:
+                self._merge_failed(error)
+            return
+        rows = self._start_rows(description)
+        if rows is not None:
+            self._out.append(rows.description)
+
+    def _merge_failed(self, error: Exception) -> None:
+        if isinstance(error, MergeError):
+            self._fail(error.message, error.sqlstate)
+        else:  # a bug of the merge: the batch fails, the session goes on
+            self._fail(f"the proxy could not merge the shards' rows ({type(error).__name__}: {error})",
+                       INTERNAL_ERROR)
 
     # ------------------------------------------------------------ every source at a barrier
 
@@ -174,6 +296,8 @@ class ResultMerger:
     def _combine(self, barriers: list[bytes]) -> None:
         first = barriers[0]
         kind = first[0]
+        of_statement = self._described_statement
+        self._described_statement = kind == _PARAMETER_DESCRIPTION
         if any(message[0] != kind for message in barriers):
             self._fail(f"shards answered differently: {_kinds_by_source(barriers)}")
             for source, message in enumerate(barriers):
@@ -185,6 +309,8 @@ class ResultMerger:
             difference = _column_difference(barriers)
             if difference:
                 self._fail(f"shards returned different columns: {difference}")
+            elif self._combining:
+                self._describe(first, of_statement)
             else:
                 self._out.append(first)
         elif kind == _COMPLETE:
@@ -192,6 +318,10 @@ class ResultMerger:
             if problem:
                 self._fail(problem)
             else:
+                rows = self._rows
+                if rows is not None:  # the rows the client got, not the shards' total
+                    tag = _with_count(tag, rows.rows_sent)
+                    self._rows = None
                 self._out.append(_command_complete(tag))
         elif kind == _PARSE_COMPLETE and self._hidden_parse_completes:
             self._hidden_parse_completes -= 1
@@ -208,6 +338,8 @@ class ResultMerger:
             status = b"I"
         self._out.append(b"Z\x00\x00\x00\x05" + status)
         self._discarding = False
+        self._rows = None
+        self._described_statement = False
         # hidden ParseCompletes belong to the first batch; if it failed before them they never come
         self._hidden_parse_completes = 0
         self._ready_count += 1
@@ -231,6 +363,11 @@ def _combined_tag(tags: list[str]) -> tuple[str, str]:
     if any(tag != tags[0] for tag in tags):
         return "", f"shards answered with different command tags: {', '.join(sorted(set(tags)))}"
     return tags[0], ""
+
+
+def _with_count(tag: str, count: int) -> str:
+    counted = _counted(tag)
+    return tag if counted is None else f"{counted[0]} {count}"
 
 
 def _counted(tag: str) -> tuple[str, int] | None:

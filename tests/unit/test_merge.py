@@ -9,6 +9,8 @@ from collections.abc import Iterable
 import pytest
 
 from routing.merge import ResultMerger
+from routing.merge_plan import Aggregate, MergePlan, SortKey
+from routing.rows import RowMerge
 
 # ------------------------------------------------------------ a tiny backend-message encoder of our own
 
@@ -460,3 +462,206 @@ def test_an_unknown_message_is_an_error() -> None:
 def test_no_sources_is_refused() -> None:
     with pytest.raises(ValueError):
         ResultMerger(0)
+
+
+# ------------------------------------------------------------ rows merged by a plan (routing.rows)
+
+INT8, BOOL_OID = 20, 16
+BY_ID = MergePlan(order_by=(SortKey(0),))
+PARAMETERS = message(b"t", struct.pack("!hI", 1, INT4))
+SUSPENDED = message(b"s")
+
+
+def ints(*numbers: int) -> list[bytes]:
+    return [row(str(number)) for number in numbers]
+
+
+def rows_of(out: list[bytes]) -> list[str]:
+    values = []
+    for raw in out:
+        if raw[:1] == b"D":
+            length = struct.unpack_from("!i", raw, 7)[0]
+            values.append(raw[11:11 + length].decode())
+    return values
+
+
+def test_a_concatenating_plan_keeps_the_fast_path() -> None:
+    merger = ResultMerger(2, plan=MergePlan())
+    out = run(merger, one_after_another(select(ROWS_A), select(ROWS_B)))
+    assert out == [ID, *ROWS_A, *ROWS_B, complete("SELECT 5"), ready(b"I")]
+
+
+@pytest.mark.parametrize("ordering", ["source 0 first", "source 1 first", "alternating",
+                                      *(f"shuffled {seed}" for seed in range(8))])
+def test_order_by_merges_rows_in_every_feeding_order(ordering: str) -> None:
+    merger = ResultMerger(2, plan=BY_ID)
+    out = run(merger, ordered(ordering, select(ints(1, 4, 5, 9)), select(ints(2, 3, 10))))
+    assert out[0] == ID and out[-2:] == [complete("SELECT 7"), ready(b"I")]
+    assert rows_of(out) == ["1", "2", "3", "4", "5", "9", "10"]
+    assert merger.ready_count == 1
+
+
+def test_order_by_with_a_source_finished_before_the_others_start() -> None:
+    merger = ResultMerger(3, plan=BY_ID)
+    out = run(merger, one_after_another(select([]), select(ints(3, 4)), select(ints(1, 5))))
+    assert rows_of(out) == ["1", "3", "4", "5"]
+    assert out[-2:] == [complete("SELECT 4"), ready(b"I")]
+
+
+def test_limit_counts_the_rows_sent_in_the_tag() -> None:
+    merger = ResultMerger(2, plan=MergePlan(order_by=(SortKey(0),), limit=3))
+    out = run(merger, alternating(select(ints(*range(0, 100, 2))), select(ints(*range(1, 100, 2)))))
+    assert rows_of(out) == ["0", "1", "2"]
+    assert out[-2:] == [complete("SELECT 3"), ready(b"I")]
+
+
+def test_ordered_merge_holds_a_source_at_its_window() -> None:
+    merger = ResultMerger(2, plan=BY_ID, window_rows=3)
+    assert run(merger, [(0, ID), (1, ID)]) == [ID]
+    assert run(merger, [(0, raw) for raw in ints(1, 2)]) == []
+    assert not merger.held(0)
+    assert run(merger, [(0, row("3"))]) == []
+    assert merger.held(0) and not merger.held(1)
+    assert rows_of(run(merger, [(1, row("2"))])) == ["1", "2", "2"]
+    assert not merger.held(0)
+    out = run(merger, [(1, complete("SELECT 1")), (0, complete("SELECT 3")), (0, ready(b"I")), (1, ready(b"I"))])
+    assert out == [row("3"), complete("SELECT 4"), ready(b"I")]
+    assert not merger.held(0) and not merger.held(1)
+
+
+def test_global_aggregate_gives_one_row_with_avg_typed_numeric() -> None:
+    plan = MergePlan(aggregates=(Aggregate(0, "count"), Aggregate(1, "avg", count_column=2)), visible_columns=2)
+    shards = description(("count", INT8), ("avg", INT8), ("_shardgate_hidden_1", INT8))
+    first = [shards, row("2", "3", "2"), complete("SELECT 1"), ready(b"I")]
+    second = [shards, row("2", "2", "2"), complete("SELECT 1"), ready(b"I")]
+    merger = ResultMerger(2, plan=plan)
+    out = run(merger, alternating(first, second))
+    assert out == [description(("count", INT8), ("avg", NUMERIC)), row("4", "1.2500000000000000"),
+                   complete("SELECT 1"), ready(b"I")]
+
+
+def test_group_by_order_by_limit_through_the_merger() -> None:
+    plan = MergePlan(group_by=(0,), aggregates=(Aggregate(1, "sum"),), order_by=(SortKey(1, descending=True,
+                                                                                           nulls_first=True),),
+                     limit=2)
+    shards = description(("k", TEXT), ("sum", INT8))
+    first = [shards, row("a", "1"), row("b", "7"), complete("SELECT 2"), ready(b"I")]
+    second = [shards, row("b", "1"), row("c", "5"), row("a", "9"), complete("SELECT 3"), ready(b"I")]
+    out = run(ResultMerger(2, plan=plan), shuffled(3, first, second))
+    assert out == [shards, row("a", "10"), row("b", "8"), complete("SELECT 2"), ready(b"I")]
+
+
+def test_a_value_that_cannot_be_decoded_fails_the_batch_and_the_session_goes_on() -> None:
+    plan = MergePlan(order_by=(SortKey(0),))
+    shards = description(("x", NUMERIC))
+    first = [shards, row("1"), row("oops"), complete("SELECT 2"), ready(b"I")]
+    second = [shards, row("2"), complete("SELECT 1"), ready(b"I")]
+    merger = ResultMerger(2, plan=plan)
+    out = run(merger, one_after_another(first, second))
+    assert out[0] == shards
+    assert [raw[:1] for raw in out[1:]] == [b"E", b"Z"]
+    assert error_fields(out[1])["C"] == "0A000"
+    assert merger.ready_count == 1
+    # the next batch merges again
+    out = run(merger, alternating([shards, row("3"), complete("SELECT 1"), ready(b"I")],
+                                  [shards, row("1"), complete("SELECT 1"), ready(b"I")]))
+    assert out == [shards, row("1"), row("3"), complete("SELECT 2"), ready(b"I")]
+
+
+def test_a_collation_the_proxy_cannot_reproduce_is_refused_before_any_row() -> None:
+    shards = description(("name", TEXT))
+    answer = [shards, row("a"), complete("SELECT 1"), ready(b"I")]
+    merger = ResultMerger(2, plan=BY_ID, collation="icu")
+    out = run(merger, alternating(answer, answer))
+    assert [raw[:1] for raw in out] == [b"E", b"Z"]
+    fields = error_fields(out[0])
+    assert fields["C"] == "0A000" and "ICU" in fields["M"]
+
+
+def test_extended_batch_with_describe_of_the_portal_in_binary() -> None:
+    shards = description(("id", INT8), fmt=1)
+    def answer(*numbers: int) -> list[bytes]:
+        rows = [message(b"D", struct.pack("!hi", 1, 8) + struct.pack("!q", number)) for number in numbers]
+        return [PARSE_DONE, BIND_DONE, shards, *rows, complete(f"SELECT {len(rows)}"), ready(b"I")]
+    out = run(ResultMerger(2, plan=BY_ID), alternating(answer(-5, 7), answer(-300, 2, 9)))
+    assert out[:3] == [PARSE_DONE, BIND_DONE, shards]
+    assert [struct.unpack_from("!q", raw, 11)[0] for raw in out[3:-2]] == [-300, -5, 2, 7, 9]
+    assert out[-2:] == [complete("SELECT 5"), ready(b"I")]
+
+
+def test_extended_batch_without_rows_is_unchanged() -> None:
+    first = [PARSE_DONE, BIND_DONE, NO_DATA, complete("UPDATE 1"), ready(b"I")]
+    out = run(ResultMerger(2, plan=BY_ID), alternating(first, first))
+    assert out == [PARSE_DONE, BIND_DONE, NO_DATA, complete("UPDATE 2"), ready(b"I")]
+
+
+def test_rows_after_a_statement_description_need_their_own() -> None:
+    # Parse, Describe (statement), Bind, Execute, Sync: the RowDescription's formats are placeholders
+    hidden = MergePlan(order_by=(SortKey(1),), visible_columns=1)
+    statement = description(("id", INT4), ("_shardgate_hidden_1", INT4))
+    def answer(*pairs: tuple[str, str]) -> list[bytes]:
+        return [PARSE_DONE, PARAMETERS, statement, BIND_DONE, *(row(*pair) for pair in pairs),
+                complete(f"SELECT {len(pairs)}"), ready(b"I")]
+    merger = ResultMerger(2, plan=hidden)
+    out = run(merger, one_after_another(answer(("1", "2")), answer(("2", "1"))))
+    assert out[:3] == [PARSE_DONE, PARAMETERS, ID]  # described without the hidden column
+    assert out[3] == BIND_DONE
+    assert error_fields(out[4])["C"] == "0A000" and "Describe" in error_fields(out[4])["M"]
+    assert out[5:] == [ready(b"I")]
+    merger = ResultMerger(2, plan=hidden)
+    merger.assume_row_description(statement)
+    out = run(merger, one_after_another(answer(("1", "2"), ("3", "3")), answer(("2", "1"))))
+    assert out == [PARSE_DONE, PARAMETERS, ID, BIND_DONE, row("2"), row("1"), row("3"), complete("SELECT 3"),
+                   ready(b"I")]
+
+
+def test_assumed_description_knows_a_source_that_finished_without_rows() -> None:
+    merger = ResultMerger(2, plan=BY_ID)
+    merger.assume_row_description(ID)
+    out = run(merger, one_after_another([BIND_DONE, complete("SELECT 0"), ready(b"I")],
+                                        [BIND_DONE, *ints(2, 1), complete("SELECT 2"), ready(b"I")]))
+    assert out == [BIND_DONE, *ints(2, 1), complete("SELECT 2"), ready(b"I")]  # shard order, nothing to wait for
+
+
+def test_portal_suspended_is_refused_when_rows_are_merged() -> None:
+    answer = [BIND_DONE, ID, *ints(1, 2), SUSPENDED, ready(b"I")]
+    out = run(ResultMerger(2, plan=BY_ID), alternating(answer, answer))
+    assert out[:2] == [BIND_DONE, ID]
+    assert [raw[:1] for raw in out[2:]][-2:] == [b"E", b"Z"]
+    assert error_fields(out[-2])["C"] == "0A000"
+
+
+def test_each_row_set_of_a_batch_is_merged_on_its_own() -> None:
+    first = [ID, *ints(2), complete("SELECT 1"), ID, *ints(5, 6), complete("SELECT 2"), ready(b"I")]
+    second = [ID, *ints(1), complete("SELECT 1"), ID, *ints(4), complete("SELECT 1"), ready(b"I")]
+    out = run(ResultMerger(2, plan=MergePlan(order_by=(SortKey(0),), limit=2)), one_after_another(first, second))
+    assert out == [ID, *ints(1, 2), complete("SELECT 2"), ID, *ints(4, 5), complete("SELECT 2"), ready(b"I")]
+
+
+def test_an_error_from_a_shard_while_rows_are_merged() -> None:
+    failure = error("22012", "division by zero")
+    merger = ResultMerger(2, plan=BY_ID)
+    out = run(merger, [(0, ID), (1, ID), (0, row("1")), (1, failure), (0, row("2")), (0, complete("SELECT 2")),
+                       (0, ready(b"I")), (1, ready(b"I"))])
+    assert out == [ID, failure, ready(b"I")]
+    assert not merger.held(0) and not merger.held(1)
+
+
+def test_window_of_zero_rows_is_refused() -> None:
+    with pytest.raises(ValueError):
+        ResultMerger(2, plan=BY_ID, window_rows=0)
+
+
+def test_a_bug_in_a_merge_fails_the_batch_not_the_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    import routing.merge
+
+    class Broken(RowMerge):
+        def add(self, source: int, row: bytes) -> None:
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(routing.merge, "merge_rows", lambda plan, description, *_: Broken(description, None))  # type: ignore[arg-type]
+    merger = ResultMerger(2, plan=BY_ID)
+    out = run(merger, alternating(select(ints(1)), select(ints(2))))
+    assert [raw[:1] for raw in out] == [b"T", b"E", b"Z"]
+    fields = error_fields(out[1])
+    assert fields["C"] == "XX000" and "boom" in fields["M"]
