@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 
-from auth.claims import reset_settings_sql, session_settings
+from auth.claims import claim_at, reset_settings_sql, session_settings
 from auth.errors import AuthError
 from auth.identity import Identity
 from auth.jwt import check_scope, identity_from_claims
@@ -60,6 +60,18 @@ class Authenticator:
         if user.required_scope:
             check_scope(claims, user.required_scope)
         return identity_from_claims(claims, self.config.jwt, user=user.name, database=database)
+
+    def tenant_of(self, identity: Identity) -> str | None:
+        """The tenant a JWT client's statements are confined to, when the database is sharded by the
+        tenant claim ([jwt] shard_by_tenant_claim); None otherwise. Raises AuthError when the token lacks it."""
+        cfg = self.config.jwt
+        if cfg is None or identity.claims is None or not cfg.tenant_claim or not cfg.shard_by_tenant_claim:
+            return None
+        value = claim_at(identity.claims, cfg.tenant_claim)
+        if value is None or isinstance(value, (dict, list, bool)):
+            raise AuthError(sqlstate.INVALID_AUTHORIZATION,
+                            f"the token has no usable \"{cfg.tenant_claim}\" claim, which picks its shard")
+        return str(value)
 
     def claims_sql(self, identity: Identity) -> tuple[str, str]:
         """(SQL setting this client's claims on a server session, SQL clearing them)."""

@@ -236,9 +236,10 @@ class ClientSession(FanoutRelay):
         assert user is not None
         self.user = user
         try:
-            setup = setup_session(self.rt, user, self.database, jwt=identity.is_jwt)
+            tenant = self.rt.auth.tenant_of(identity) if identity.is_jwt else None
+            setup = setup_session(self.rt, user, self.database, jwt=identity.is_jwt, tenant=tenant)
             pool = self.pool = login_pool(self.rt, user, setup)
-        except ProxyError as exc:
+        except (ProxyError, AuthError) as exc:
             self.fatal(exc.sqlstate, exc.message)
             return
         self.pool_mode = setup.pool_mode

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from proxy.errors import ProxyError, ServerLostError
@@ -12,6 +13,7 @@ from proxy.protocol import codec, sqlstate
 from proxy.server import ServerConnection
 from proxy.session_state import ServerState
 from routing.merge import ResultMerger
+from routing.merge_plan import MergePlan
 
 log = logging.getLogger("shardgate.executor")
 
@@ -94,14 +96,20 @@ class FanoutExecutor:
     sent itself (the client's unnamed statement prepared again), not shown to the client."""
 
     def __init__(self, client: ClientOutput, targets: list[Target], wanted: ServerState, then: str,
-                 hidden_parse_completes: int = 0) -> None:
+                 hidden_parse_completes: int = 0, merge: MergePlan | None = None, collation: str = "C") -> None:
         self.client = client
         self.targets = targets
         self.wanted = wanted
         self.then = then
         self.legs: list[FanoutLeg] = []
-        self.merger = ResultMerger(len(targets), hidden_parse_completes)
+        self.merger = ResultMerger(len(targets), hidden_parse_completes, merge, collation)
         self._done: asyncio.Future[None] | None = None
+
+    def explain(self, rows: tuple[list[bytes], list[bytes]]) -> None:
+        """EXPLAIN: each shard's plan kept together, after its header row; the trailer rows after all."""
+        headers, trailer = rows
+        self.merger = ResultMerger(len(self.targets), self.merger.hidden_parse_completes, by_source=True,
+                                   headers=headers, trailer=trailer)
 
     def servers(self) -> list[ServerConnection]:
         return [leg.server for leg in self.legs]
@@ -120,11 +128,12 @@ class FanoutExecutor:
             server.out = leg
             server.relayed = server.saw_error = False
 
-    def send(self, messages: bytes, syncs: int) -> None:
-        """The same client messages to every server (a batch may come in parts, each ending in Flush)."""
+    def send(self, messages: bytes, syncs: int, for_leg: Callable[[bytes, FanoutLeg], bytes] | None = None) -> None:
+        """The client's messages to every server (a batch may come in parts, each ending in Flush);
+        `for_leg` makes each server's own version of them (renamed statements, its part of a split INSERT)."""
         for leg in self.legs:
             leg.server.outstanding += syncs
-            leg.server.send(messages)
+            leg.server.send(messages if for_leg is None else for_leg(messages, leg))
 
     async def finish(self) -> bytes:
         """Wait until every server answered what it was sent; the merged transaction status. Raises

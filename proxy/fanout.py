@@ -4,21 +4,75 @@ fan-out executor, and the servers it used inside a transaction stay with it unti
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Coroutine
 
 from config.model import UserConfig
 from proxy.errors import ProxyError, ServerLostError
-from proxy.executor import FanoutExecutor, Target
+from proxy.executor import FanoutExecutor, FanoutLeg, Target
 from proxy.protocol import codec
 from proxy.relay import SESSION, Relay
 from proxy.runtime import Runtime
-from proxy.scatter import FanoutPlan, Scatter, next_part, unnamed_parse
+from proxy.scatter import FanoutPlan, Scatter, bind_parameters, next_part, unnamed_parse
 from proxy.server import ServerConnection
 from proxy.session_state import ServerState
+from routing.sharding import ShardDecision
 
-_B = ord("B")
+_Q, _P, _B, _D, _C = (ord(c) for c in "QPBDC")
 _SYNC = codec.message(b"S")
 _UNSYNCED = b"\x00unsynced"  # marks a fan-out part that ends in Flush (never a message: no type 0)
+
+
+def _reordered_types(types: bytes, order: tuple[int, ...]) -> bytes:
+    """A Parse's parameter type OIDs (count, then one u32 each) for parameters renumbered by `order`."""
+    count = int.from_bytes(types[0:2], "big")
+    if count == 0:
+        return types
+    oids = [types[2 + 4 * i : 6 + 4 * i] for i in range(count)]
+    return len(order).to_bytes(2, "big") + b"".join(oids[n - 1] if n <= count else b"\x00\x00\x00\x00" for n in order)
+
+
+def _reordered_bind(message: bytes, order: tuple[int, ...]) -> bytes:
+    """A Bind carrying only the parameters `order` names (1-based), in that order."""
+    portal, statement, rest = codec.split_bind(message[5:])
+    parameters = bind_parameters(rest)
+    formats = [parameters[n - 1][0] for n in order]
+    pos = 2 + 2 * int.from_bytes(rest[0:2], "big")
+    values = int.from_bytes(rest[pos : pos + 2], "big")
+    pos += 2
+    for _ in range(values):
+        length = codec.unpack_u32(rest, pos)[0]
+        pos += 4 + (0 if length == 0xFFFFFFFF else length)
+    results = rest[pos:]
+    body = [len(order).to_bytes(2, "big"), *(f.to_bytes(2, "big") for f in formats), len(order).to_bytes(2, "big")]
+    for n in order:
+        value = parameters[n - 1][1]
+        body.append(b"\xff\xff\xff\xff" if value is None else len(value).to_bytes(4, "big") + value)
+    return codec.build_bind(portal, statement, b"".join(body) + results)
+
+
+def _text_row(value: str) -> bytes:
+    encoded = value.encode()
+    return codec.message(b"D", b"\x00\x01" + len(encoded).to_bytes(4, "big") + encoded)
+
+
+def _explain_rows(plan: FanoutPlan, targets: list[Target], text: bool) -> tuple[list[bytes], list[bytes]]:
+    """EXPLAIN through the proxy: a header row before each shard's plan, then rows saying where the
+    statement went and what decided it (text format only: other formats are each shard's document)."""
+    if not text:
+        return [], []
+    headers, servers = [], []
+    for target in targets:
+        server = target.server
+        pool = target.pool
+        address = server.address if server is not None else pool.address if pool is not None else ("?", 0)
+        headers.append(_text_row(f"Shard {target.shard} ({address[0]}:{address[1]}):"))
+        servers.append(f"{target.shard}")
+    decision = plan.decision
+    reason = decision.reason if decision is not None else "shard hint"
+    trailer = [_text_row(f"Shardgate: shards {', '.join(servers)}{' (a replica where readable)' if plan.reads else ''}"),
+               _text_row(f"Shardgate: decided by {reason}")]
+    return headers, trailer
 
 
 def _binds_unnamed(data: bytes, pos: int) -> bool:
@@ -73,30 +127,37 @@ class FanoutRelay(Relay):
     def _phase_closed(self) -> bool:
         raise NotImplementedError
 
+    def settings_key(self) -> bytes:
+        raise NotImplementedError
+
     # ------------------------------------------------------------ statements for several shards
 
 
     def _fan_out_from(self, data: bytes, pos: int, server: ServerConnection | None) -> bool:
         """The Query, Parse or Bind at `pos` of a sharded database: if it goes to other shards than the
         home one, hand it (and what follows) to a fan-out executor and return True."""
-        assert self.scatter is not None
+        scatter = self.scatter
+        assert scatter is not None
         type_code = data[pos]
         prefix = b""
-        if type_code == _B:
-            unnamed = self.unnamed_fanout
-            if unnamed is None or not _binds_unnamed(data, pos):
-                return False
+        unnamed = self.unnamed_fanout if type_code == _B else None
+        if unnamed is not None and _binds_unnamed(data, pos):
             # the unnamed statement was prepared on several shards: the Bind goes there, the Parse again first
             plan, prefix = unnamed
         else:
             held = set(self.links)
-            if self.server is not None and not self.parked:
-                held.add(0)
-            found = self.scatter.plan(data, pos, frozenset(held), bool(self.links))
+            attached = self.server is not None and not self.parked
+            if attached:
+                held.add(scatter.home)
+            found = scatter.plan(data, pos, frozenset(held), bool(self.links), attached, self.statements.text_of)
             if found is None:
-                self.unnamed_fanout = None  # a Query or unnamed Parse on the home shard replaces it
+                if type_code != _B:
+                    self.unnamed_fanout = None  # a Query or unnamed Parse on the home shard replaces it
+                if not attached and self.split is not None:
+                    self.split.use_shard(scatter.home)
                 return False
             plan = found
+            prefix = found.prefix
         self.waiting = data[pos:] + self.waiting
         self.acquiring = True
         self._start_task(self._run_fan_out(plan, prefix))
@@ -167,17 +228,33 @@ class FanoutRelay(Relay):
         if self.parked and self.server is not None:
             self._unlink_and_release()  # between transactions: its pool may lend it again below
         user = self.user
-        assert user is not None
+        assert user is not None and self.scatter is not None
+        home = self.scatter.home
         targets = []
         for shard in plan.shards:
-            server = self.server if shard == 0 else self.links.get(shard)
+            server = self.server if shard == home else self.links.get(shard)
             if server is not None:
                 targets.append(Target(shard, server, None))
             else:
                 cluster = self.rt.cluster_for(self.database, shard)
                 assert cluster is not None
-                targets.append(Target(shard, None, self.rt.pool_for_server(user, cluster.primary().config)))
-        executor = self.fanout = FanoutExecutor(self, targets, self.snapshot(), then, 1 if prefix else 0)
+                # a read outside a transaction may go to the shard's replicas, as the split would send it
+                reads = status == b"I" and plan.reads and self.rt.splits_reads(cluster)
+                target = cluster.pick_read() if reads else cluster.primary()
+                targets.append(Target(shard, None, self.rt.pool_for_server(user, target.config)))
+        decision = plan.decision
+        merge = decision.merge if decision is not None and plan.explain is None else None
+        collation = "C"
+        if merge is not None and not merge.concatenates:
+            collation = await self._collation()
+        executor = self.fanout = FanoutExecutor(self, targets, self.snapshot(), then, 1 if prefix else 0,
+                                                merge, collation)
+        if plan.explain is not None:
+            executor.explain(_explain_rows(plan, targets, plan.explain == "text"))
+            decision = None  # sent as the client wrote it
+        for_leg = None
+        if self.pool_mode is not SESSION or (decision is not None and (decision.shard_sql or decision.inserts)):
+            for_leg = functools.partial(self._leg_messages, decision)
         part: bytes | None = first
         sent = b""
         try:
@@ -187,7 +264,7 @@ class FanoutRelay(Relay):
                 if not synced:
                     part = part[: -len(_UNSYNCED)]
                 sent += part
-                executor.send(prefix + part, part.count(_SYNC) if plan.extended else 1)
+                executor.send(prefix + part, part.count(_SYNC) if plan.extended else 1, for_leg)
                 prefix = b""
                 part = None if synced else await self._next_part(plan.extended)
             final = await executor.finish()
@@ -214,6 +291,72 @@ class FanoutRelay(Relay):
         if final == b"I" and self.pool_mode is not SESSION:
             self._fan_out_transaction_ended()
 
+    def _leg_messages(self, plan_decision: ShardDecision | None, messages: bytes, leg: FanoutLeg) -> bytes:
+        """One server's version of a fan-out's messages: the SQL its shard runs (a merge's rewrite, its
+        rows of a split INSERT, parameters renumbered) and the client's statements under the names that
+        server has them by (prepared there first when it lacks them)."""
+        shard_sql: str | None = None
+        order: tuple[int, ...] | None = None
+        if plan_decision is not None:
+            if plan_decision.inserts:
+                part = next(p for p in plan_decision.inserts if p.shard == leg.shard)
+                shard_sql, order = part.sql, part.parameters
+            else:
+                shard_sql = plan_decision.shard_sql
+        server = leg.server
+        pooled = self.pool_mode is not SESSION
+        out: list[bytes] = []
+        pos, size = 0, len(messages)
+        while size - pos >= 5:
+            end = pos + 1 + codec.unpack_u32(messages, pos + 1)[0]
+            type_code = messages[pos]
+            message = messages[pos:end]
+            if type_code == _Q and shard_sql is not None:
+                message = codec.query(shard_sql)
+            elif type_code == _P:
+                name, text, types = codec.split_parse(messages[pos + 5 : end])
+                if shard_sql is not None:
+                    text = shard_sql.encode()
+                    if order is not None:
+                        types = _reordered_types(types, order)
+                    message = codec.build_parse(name.decode(), text, types)
+                if name and pooled:
+                    message = self.statements.parse(server, name.decode(), text, types, self.settings_key())
+            elif type_code == _B:
+                if order is not None:
+                    message = _reordered_bind(message, order)
+                if pooled:
+                    renamed = self.statements.rename(server, type_code, message, 0, len(message))
+                    if renamed is not None:
+                        message = renamed
+            elif type_code in (_D, _C) and pooled:
+                renamed = self.statements.rename(server, type_code, messages, pos, end)
+                if renamed is not None:
+                    message = renamed
+            out.append(message)
+            pos = end
+        return b"".join(out)
+
+    async def _collation(self) -> str:
+        """The database's collation, as the merger compares text ("icu" when it cannot): asked once."""
+        known = self.rt.collations.get(self.database)
+        if known is not None:
+            return known
+        cluster = self.rt.cluster_for(self.database, 0)
+        assert cluster is not None and self.user is not None
+        pool = self.rt.pool_for_server(self.user, cluster.primary().config)
+        server = await pool.checkout()
+        try:
+            rows = await server.fetch_rows(
+                "SELECT datcollate, datlocprovider FROM pg_database WHERE datname = current_database()", 10.0)
+        finally:
+            pool.checkin(server)
+        collation = "C"
+        if rows and rows[0][0] is not None:
+            collation = rows[0][0] if rows[0][1] in (None, "c") else "icu"
+        self.rt.collations[self.database] = collation
+        return collation
+
     def _client_status(self) -> bytes:
         """The transaction status the client last saw."""
         home = self.server
@@ -226,6 +369,8 @@ class FanoutRelay(Relay):
     def _file_legs(self, executor: FanoutExecutor, *, keep: bool) -> None:
         """After a fan-out: the session's own servers report to it again; the ones checked out for it join
         the link set (`keep`: the transaction goes on) or go back to their pools."""
+        assert self.scatter is not None
+        home = self.scatter.home
         for leg in executor.legs:
             server = leg.server
             if not leg.borrowed and (not keep or server.broken):
@@ -235,7 +380,7 @@ class FanoutRelay(Relay):
             server.out = self.transport
             if leg.borrowed:
                 continue
-            if leg.shard == 0:
+            if leg.shard == home:
                 self.pool = leg.pool
                 self._link(server)
             else:

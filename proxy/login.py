@@ -27,7 +27,8 @@ class SessionSetup:
     lane_ok: bool  # transaction mode with no routing: the steady-state lane may serve the client
 
 
-def setup_session(runtime: Runtime, user: UserConfig, database: str, *, jwt: bool) -> SessionSetup:
+def setup_session(runtime: Runtime, user: UserConfig, database: str, *, jwt: bool,
+                  tenant: str | None = None) -> SessionSetup:
     """Raises ProxyError (3D000, fatal) for a database the config does not have."""
     cluster = runtime.cluster_for(database)
     if cluster is None:
@@ -45,7 +46,8 @@ def setup_session(runtime: Runtime, user: UserConfig, database: str, *, jwt: boo
     if shard_count > 1:
         effects = runtime.effects
         scatter = Scatter(runtime.router, database, shard_count, pooled=pool_mode is not SESSION, guard=guard,
-                          changes_state=lambda text: bool(effects.effects(text) or effects.parsed_effects(text)))
+                          changes_state=lambda text: bool(effects.effects(text) or effects.parsed_effects(text)),
+                          shards=runtime.shard_router(database), tenant=tenant)
     return SessionSetup(pool_mode, guard, kinds, cluster, split, scatter,
                         lane_ok=pool_mode is TRANSACTION and split is None)
 

@@ -14,7 +14,9 @@ from proxy.cluster import Cluster, build_clusters
 from proxy.pool import Pool, PoolSettings
 from proxy.protocol import codec
 from proxy.session_state import EffectScanner
+from proxy.shardmap import build_shard_router
 from routing.router import Router
+from routing.sharding import ShardRouter
 
 log = logging.getLogger("shardgate")
 
@@ -47,6 +49,8 @@ class Runtime:
         self.clusters = build_clusters(config)
         self.router = Router(config.general.volatile_functions if hasattr(config.general, "volatile_functions") else ())
         self.auth = Authenticator(config)
+        self.collations: dict[str, str] = {}  # database -> its collation as the merger compares text
+        self.shard_routers: dict[str, ShardRouter | None] = {}
 
     # ------------------------------------------------------------ clusters and pools
 
@@ -58,6 +62,15 @@ class Runtime:
         are numbered from 0 without gaps)."""
         found = sorted((shard, cluster) for (name, shard), cluster in self.clusters.items() if name == database)
         return [cluster for _, cluster in found]
+
+    def shard_router(self, database: str) -> ShardRouter | None:
+        """The sharding-key router of a database with sharded tables (one per database, shared by its
+        sessions: its cache is by statement text), None for a database without."""
+        if database in self.shard_routers:
+            return self.shard_routers[database]
+        router = build_shard_router(self.config, database, len(self.shards_of(database)))
+        self.shard_routers[database] = router
+        return router
 
     def splits_reads(self, cluster: Cluster) -> bool:
         """Routing runs only where there is a choice: several servers, or roles found at run time."""

@@ -7,61 +7,173 @@ from collections.abc import Callable
 
 from proxy.guard import Guard
 from proxy.protocol import codec, sqlstate
-from routing.route import Route
+from routing.route import Role, Route
 from routing.router import Router
+from routing.sharding import ShardDecision, ShardRouter, ShardSession
 
-_Q, _P, _S, _X, _H = (ord(c) for c in "QPSXH")
+_Q, _P, _B, _S, _X, _H = (ord(c) for c in "QPBSXH")
 _HINT_MARK = re.compile(rb"shardgate:", re.IGNORECASE)
 
 
 class FanoutPlan:
     """The shards of one statement and whether it is an extended batch (Parse ... Sync) or one Query;
-    `refusal` (sqlstate, message) when it cannot run there, answered by the proxy instead."""
+    `refusal` (sqlstate, message) when it cannot run there, answered by the proxy instead. `decision`:
+    the sharding decision it came from (a merge plan, the SQL each shard runs, a split INSERT)."""
 
-    __slots__ = ("extended", "refusal", "shards")
+    __slots__ = ("decision", "explain", "extended", "prefix", "reads", "refusal", "shards")
 
-    def __init__(self, shards: tuple[int, ...], extended: bool, refusal: tuple[str, str] | None = None) -> None:
+    def __init__(self, shards: tuple[int, ...], extended: bool, refusal: tuple[str, str] | None = None,
+                 decision: ShardDecision | None = None, prefix: bytes = b"") -> None:
         self.shards = shards
         self.extended = extended
         self.refusal = refusal
+        self.decision = decision
+        self.prefix = prefix  # the unnamed statement's Parse, sent first (its ParseComplete hidden)
+        self.reads = False  # a plain read: outside a transaction, shards' replicas may answer it
+        self.explain: str | None = None  # EXPLAIN: its format ("text", "json", ...); plans kept per shard
 
 
 class Scatter:
-    """Plans statements for several shards of one logical database, for one session."""
+    """Plans statements for the shards of one logical database, for one session: the shard a transaction
+    starts on (`home`), and the statements that go elsewhere or to several shards."""
 
     def __init__(self, router: Router, database: str, shard_count: int, *, pooled: bool, guard: Guard,
-                 changes_state: Callable[[bytes], bool]) -> None:
+                 changes_state: Callable[[bytes], bool], shards: ShardRouter | None = None,
+                 tenant: str | None = None) -> None:
         self.router = router
         self.database = database
         self.shard_count = shard_count
         self.pooled = pooled
         self.guard = guard
         self.changes_state = changes_state
+        self.shards = shards
+        self.session = ShardSession(tenant=tenant)
+        self.home = 0  # the shard of the session's home server (chosen when a transaction starts)
+        self.last: ShardDecision | None = None  # the last decision, for EXPLAIN
+        self.unnamed_parse: bytes | None = None  # the client's last Parse of the unnamed statement
 
-    def plan(self, data: bytes, pos: int, held: frozenset[int], multi: bool) -> FanoutPlan | None:
-        """The plan for the Query or Parse at `pos`, or None when it goes to the home shard alone.
+    def plan(self, data: bytes, pos: int, held: frozenset[int], multi: bool, attached: bool,
+             statement_text: Callable[[str], bytes | None]) -> FanoutPlan | None:
+        """The plan for the Query, Parse or Bind at `pos`, or None when it goes to the home shard alone
+        (when not `attached`, a transaction starts: `home` moves to the shard it goes to).
         `held`: the shards the client's transaction holds servers on; `multi`: more than the home one
         (then a COMMIT or ROLLBACK goes to them all)."""
-        extended = data[pos] == _P
+        type_code = data[pos]
+        extended = type_code != _Q
         end = pos + 1 + codec.unpack_u32(data, pos + 1)[0]
+        parameters: list[tuple[int, bytes | None]] | None = None
+        prefix = b""
         try:
-            if extended:
+            if type_code == _P:
                 name, text, _ = codec.split_parse(data[pos + 5 : end])
+                parameters = _next_bind_parameters(data, end, name)
+                if self.shards is not None:
+                    if not name:
+                        self.unnamed_parse = data[pos:end]
+                    if parameters is None:
+                        return None  # prepared on the home shard; its Binds are routed
+            elif type_code == _B:
+                _, statement, rest = codec.split_bind(data[pos + 5 : end])
+                if self.shards is None:
+                    return None
+                if statement:
+                    found_text = statement_text(statement.decode("utf-8", "replace"))
+                    if found_text is None:
+                        return None  # unknown statement: the server says so
+                    text = found_text
+                else:
+                    if self.unnamed_parse is None:
+                        return None  # no unnamed statement: the server says so
+                    prefix = self.unnamed_parse
+                    text = codec.split_parse(prefix[5:])[1]
+                parameters = bind_parameters(rest)
+                name = b""
             else:
                 name, text = b"", data[pos + 5 : end - 1]
-        except ValueError:
+        except (ValueError, UnicodeDecodeError):
             return None  # malformed: the relay refuses it
-        if not multi and _HINT_MARK.search(text) is None:
-            return None  # only a shard hint sends a statement elsewhere (until sharding keys exist)
-        route = self.router.route_statement(text.decode("utf-8", "replace"))
-        shards: tuple[int, ...] | None
+        if self.shards is None:
+            if not multi and _HINT_MARK.search(text) is None:
+                return None  # only a shard hint sends a statement elsewhere (no sharded tables)
+        elif _SESSION_MARK.search(text) is not None:
+            refusal = self._session_setting(text)
+            if refusal is not None:
+                return FanoutPlan((self.home,), extended, refusal)
+            return None
+        sql = text.decode("utf-8", "replace")
+        route = self.router.route_statement(sql)
+        explain = None
+        if self.shards is not None and (found_explain := _EXPLAIN.match(sql)) is not None:
+            explain = _explain_format(found_explain.group(1) or "")
+            sql = sql[found_explain.end():]
         if multi and route.ends_transaction:
-            shards = tuple(sorted(held))
+            held_shards = tuple(sorted(held))
+            return FanoutPlan(held_shards, extended, self._refusal(route, text, bool(name), held_shards, multi))
+        decision = None
+        if self.shards is not None:
+            decision = self.shards.decide(sql, parameters, self.session)
+            self.last = decision
+            if decision.refusal is not None:
+                return FanoutPlan(decision.shards, extended, decision.refusal, decision)
+            if decision.anywhere:
+                return None  # the home shard answers it (or the transaction's first statement with a key)
+            shards = decision.shards
         else:
-            shards = self._shards_of(route)
-            if shards is None:
+            found = self._shards_of(route)
+            if found is None:
                 return None
-        return FanoutPlan(shards, extended, self._refusal(route, text, bool(name), shards, multi))
+            shards = found
+        if explain is not None:
+            refusal = self._refusal(route, text, bool(name), shards, multi)
+            if refusal is None and decision_rewrites(decision):
+                refusal = (sqlstate.FEATURE_NOT_SUPPORTED,
+                           "EXPLAIN of an INSERT split over several shards is not supported: EXPLAIN one row")
+            planned = FanoutPlan(shards, extended, refusal, decision, prefix)
+            planned.explain = explain
+            return planned
+        if len(shards) == 1 and not decision_rewrites(decision):
+            shard = shards[0]
+            if not attached and shard < self.shard_count:
+                self.home = shard
+                return None
+            if shard == self.home:
+                return None
+        refusal = self._refusal(route, text, bool(name), shards, multi)
+        if refusal is None and extended and self.shards is not None and _binds_before_sync(data, pos) > 1:
+            refusal = (sqlstate.FEATURE_NOT_SUPPORTED,
+                       "a pipeline whose statements go to different shards is not supported: "
+                       "send a Sync after each statement, or use a shard hint")
+        planned = FanoutPlan(shards, extended, refusal, decision, prefix)
+        planned.reads = not route.write and route.role is not Role.PRIMARY
+        return planned
+
+    def _session_setting(self, text: bytes) -> tuple[str, str] | None:
+        """SET/RESET shardgate.shard or shardgate.sharding_key (they also reach PostgreSQL, as custom
+        settings, so SHOW answers them); RESET ALL and DISCARD ALL forget them. A refusal for a bad value."""
+        sql = text.decode("utf-8", "replace")
+        match = _SET_SHARD_SETTING.match(sql)
+        session = self.session
+        if match is not None:
+            setting, value = match.group(1).lower(), _setting_value(match.group(2))
+            if setting == "shard":
+                if value is None or value.lower() in ("default", "none", ""):
+                    session.shard = None
+                    return None
+                if not value.isdigit() or int(value) >= self.shard_count:
+                    return (sqlstate.INVALID_PARAMETER_VALUE,
+                            f'database "{self.database}" has shards 0 to {self.shard_count - 1}, not {value!r}')
+                session.shard = int(value)
+            else:
+                session.key = None if value is None or value.lower() == "default" else value
+            return None
+        match = _RESET_SHARD_SETTING.match(sql)
+        if match is not None:
+            which = match.group(1).lower()
+            if which in ("all", "shardgate.shard"):
+                session.shard = None
+            if which in ("all", "shardgate.sharding_key"):
+                session.key = None
+        return None
 
     def _shards_of(self, route: Route) -> tuple[int, ...] | None:
         if route.shards is None:
@@ -79,7 +191,7 @@ class Scatter:
         if not self.pooled:
             return (sqlstate.FEATURE_NOT_SUPPORTED,
                     'statements for several shards need pool_mode = "transaction" or "statement"')
-        if named:
+        if named and self.shards is None:
             return (sqlstate.FEATURE_NOT_SUPPORTED,
                     "a named prepared statement cannot be sent to several shards yet: use the unnamed statement")
         if self.changes_state(text):
@@ -93,6 +205,97 @@ class Scatter:
         if refusal is not None:
             return refusal[0], refusal[1]
         return None
+
+
+def decision_rewrites(decision: ShardDecision | None) -> bool:
+    """The statement is not sent as the client wrote it (a split INSERT)."""
+    return decision is not None and bool(decision.inserts)
+
+
+_SESSION_MARK = re.compile(rb"shardgate\.(?:shard|sharding_key)\b|\b(?:reset|discard)\s+all\b", re.IGNORECASE)
+_SET_SHARD_SETTING = re.compile(
+    r"\s*set\s+(?:session\s+|local\s+)?shardgate\.(shard|sharding_key)\s*(?:=|\bto\b)\s*(.*?)\s*;?\s*$",
+    re.IGNORECASE | re.DOTALL)
+_RESET_SHARD_SETTING = re.compile(r"\s*(?:reset|discard)\s+(all|shardgate\.shard|shardgate\.sharding_key)\b",
+                                  re.IGNORECASE)
+
+
+def _setting_value(raw: str) -> str | None:
+    raw = raw.strip()
+    if len(raw) >= 2 and raw[0] == raw[-1] == "'":
+        return raw[1:-1].replace("''", "'")
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        return raw[1:-1]
+    return raw or None
+
+
+def bind_parameters(rest: bytes) -> list[tuple[int, bytes | None]]:
+    """A Bind's parameters after its two names: (format code, value or None), in order. ValueError when
+    it is malformed."""
+    unpack = codec.unpack_u32
+    count = int.from_bytes(rest[0:2], "big")
+    formats = [int.from_bytes(rest[2 + 2 * i : 4 + 2 * i], "big") for i in range(count)]
+    pos = 2 + 2 * count
+    values = int.from_bytes(rest[pos : pos + 2], "big")
+    pos += 2
+    if count not in (0, 1, values):
+        raise ValueError("format codes do not match the parameters")
+    out: list[tuple[int, bytes | None]] = []
+    for index in range(values):
+        if pos + 4 > len(rest):
+            raise ValueError("truncated Bind")
+        length = unpack(rest, pos)[0]
+        pos += 4
+        format_code = formats[index] if count == values else formats[0] if count == 1 else 0
+        if length == 0xFFFFFFFF:
+            out.append((format_code, None))
+            continue
+        out.append((format_code, rest[pos : pos + length]))
+        pos += length
+    return out
+
+
+_EXPLAIN = re.compile(
+    r"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*explain\b\s*(\([^)]*\)\s*|(?:(?:analy[sz]e|verbose)\b\s*)*)",
+    re.IGNORECASE | re.DOTALL)
+_FORMAT_OPTION = re.compile(r"\bformat\s+(\w+)", re.IGNORECASE)
+
+
+def _explain_format(options: str) -> str:
+    found = _FORMAT_OPTION.search(options)
+    return found.group(1).lower() if found is not None else "text"
+
+
+def _binds_before_sync(data: bytes, pos: int) -> int:
+    """How many Binds the batch from `pos` holds up to its Sync (or the end of what has arrived)."""
+    size = len(data)
+    binds = 0
+    while size - pos >= 5:
+        type_code = data[pos]
+        if type_code == _S:
+            break
+        if type_code == _B:
+            binds += 1
+        pos += 1 + codec.unpack_u32(data, pos + 1)[0]
+    return binds
+
+
+def _next_bind_parameters(data: bytes, pos: int, name: bytes) -> list[tuple[int, bytes | None]] | None:
+    """The parameters of the Bind of statement `name` that follows its Parse in the same batch (before
+    its Sync), None when there is none yet."""
+    size = len(data)
+    while size - pos >= 5:
+        end = pos + 1 + codec.unpack_u32(data, pos + 1)[0]
+        if end > size:
+            return None
+        type_code = data[pos]
+        if type_code == _B:
+            _, statement, rest = codec.split_bind(data[pos + 5 : end])
+            return bind_parameters(rest) if statement == name else None
+        if type_code in (_S, _P, _Q):
+            return None
+        pos = end
+    return None
 
 
 def next_part(data: bytes, extended: bool) -> tuple[int, bool] | None:

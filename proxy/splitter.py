@@ -218,6 +218,15 @@ class ReadWriteSplit:
         if name not in self.statement_routes:
             self.statement_routes[name] = self.rt.router.route_statement(query_text.decode("utf-8", "replace"))
 
+    def use_shard(self, shard: int) -> None:
+        """A transaction starts on `shard` of the database: its servers serve it."""
+        cluster = self.cluster
+        if cluster.shard != shard:
+            found = self.rt.cluster_for(cluster.name, shard)
+            if found is not None:
+                self.cluster = found
+                self.sticky = None
+
     def pool_for_route(self) -> Pool:
         cluster, user = self.cluster, self.user
         if self.role is Role.REPLICA:

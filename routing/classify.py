@@ -7,7 +7,7 @@ Transaction control, session commands, COPY, maintenance and DDL are decided her
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
@@ -125,12 +125,13 @@ def _comment_hint(body: str) -> Role | None:
 
 
 _SHARD_HINT_RE = re.compile(r"shardgate:\s*shard\s*=\s*(all|[0-9]+(?:\s*,\s*[0-9]+)*)\s*", re.IGNORECASE)
+_KEY_HINT_RE = re.compile(r"shardgate:\s*sharding_key\s*=\s*(?:'((?:[^']|'')*)'|\"((?:[^\"]|\"\")*)\"|(\S+))\s*",
+                          re.IGNORECASE)
 ALL_SHARDS: tuple[int, ...] = ()
 
 
-def shard_hint(sql: str) -> tuple[int, ...] | None:
-    """The shards a leading `/* shardgate: shard=N */` (or `shard=1,2`, `shard=all`) comment names:
-    ALL_SHARDS for all, None without such a comment."""
+def _leading_comments(sql: str) -> Iterator[str]:
+    """The bodies of the comments before the statement's first word."""
     pos = 0
     length = len(sql)
     while pos < length:
@@ -139,20 +140,41 @@ def shard_hint(sql: str) -> tuple[int, ...] | None:
             pos = space.end()
         if sql.startswith("/*", pos):
             end = _block_comment_end(sql, pos)
-            body = sql[pos + 2 : max(pos + 2, end - 2)]
+            yield sql[pos + 2 : max(pos + 2, end - 2)]
         elif sql.startswith("--", pos):
             newline = sql.find("\n", pos + 2)
             end = length if newline < 0 else newline + 1
-            body = sql[pos + 2 : end]
+            yield sql[pos + 2 : end]
         else:
-            return None
+            return
+        pos = end
+
+
+def shard_hint(sql: str) -> tuple[int, ...] | None:
+    """The shards a leading `/* shardgate: shard=N */` (or `shard=1,2`, `shard=all`) comment names:
+    ALL_SHARDS for all, None without such a comment."""
+    for body in _leading_comments(sql):
         match = _SHARD_HINT_RE.fullmatch(body.strip())
         if match is not None:
             value = match.group(1).lower()
             if value == "all":
                 return ALL_SHARDS
             return tuple(sorted({int(part) for part in value.split(",")}))
-        pos = end
+    return None
+
+
+def sharding_key_hint(sql: str) -> str | None:
+    """The value a leading `/* shardgate: sharding_key=v */` comment names (quoted 'v' or "v" may hold
+    spaces; a doubled quote stands for one), None without such a comment."""
+    for body in _leading_comments(sql):
+        match = _KEY_HINT_RE.fullmatch(body.strip())
+        if match is not None:
+            quoted, double, bare = match.groups()
+            if quoted is not None:
+                return quoted.replace("''", "'")
+            if double is not None:
+                return double.replace('""', '"')
+            return bare
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Sequence
 
 from routing.merge_plan import MergePlan
 from routing.rows import MergeError, RowMerge, client_description, merge_rows
@@ -59,12 +60,32 @@ class ResultMerger:
     the rows will come in: rows of an Execute without a Describe of its portal are refused (0A000) unless
     the caller gave their description with `assume_row_description`."""
 
-    __slots__ = ("_collation", "_combining", "_described_statement", "_discarding", "_execute_description",
-                 "_hidden_parse_completes", "_out", "_parameters", "_plan", "_queues", "_ready_count", "_rows",
-                 "_sources", "_stopped_at", "_stopped_count", "_window_rows", "copy_sources")
+    __slots__ = (
+        "_by_source",
+        "_collation",
+        "_combining",
+        "_described_statement",
+        "_discarding",
+        "_execute_description",
+        "_headers",
+        "_hidden_parse_completes",
+        "_out",
+        "_parameters",
+        "_plan",
+        "_queues",
+        "_ready_count",
+        "_rows",
+        "_sources",
+        "_stopped_at",
+        "_stopped_count",
+        "_trailer",
+        "_window_rows",
+        "copy_sources",
+    )
 
     def __init__(self, sources: int, hidden_parse_completes: int = 0, plan: MergePlan | None = None,
-                 collation: str = "C", window_rows: int = 1000) -> None:
+                 collation: str = "C", window_rows: int = 1000, *, by_source: bool = False,
+                 headers: Sequence[bytes] = (), trailer: Sequence[bytes] = ()) -> None:
         if sources < 1:
             raise ValueError("a merger needs at least one source")
         if window_rows < 1:
@@ -87,6 +108,11 @@ class ResultMerger:
         self._rows: RowMerge | None = None  # the merge of the current row set
         self._described_statement = False  # the last barrier sent was a ParameterDescription
         self._execute_description: bytes | None = None
+        # EXPLAIN: each source's rows kept together (a plan is a few rows), sent source by source at the
+        # CommandComplete, each after its header row, then the trailer rows
+        self._by_source: list[list[bytes]] | None = [[] for _ in range(sources)] if by_source else None
+        self._headers = tuple(headers)
+        self._trailer = tuple(trailer)
 
     def feed(self, source: int, message: bytes | memoryview) -> None:
         """One whole backend message (type, length, body) from server `source`."""
@@ -97,6 +123,8 @@ class ResultMerger:
         elif data[0] == _ROW and not self._discarding:
             if self._combining:
                 self._row(source, data)
+            elif self._by_source is not None:
+                self._by_source[source].append(data)
             else:
                 self._out.append(data)
         else:
@@ -125,6 +153,10 @@ class ResultMerger:
         """The RowDescription of rows that come without one (an Execute of a statement described earlier,
         with the formats its Bind asked for: routing.rows.with_result_formats), so a plan can merge them."""
         self._execute_description = description
+
+    @property
+    def hidden_parse_completes(self) -> int:
+        return self._hidden_parse_completes
 
     @property
     def ready_count(self) -> int:
@@ -322,6 +354,14 @@ class ResultMerger:
                 if rows is not None:  # the rows the client got, not the shards' total
                     tag = _with_count(tag, rows.rows_sent)
                     self._rows = None
+                grouped = self._by_source
+                if grouped is not None:
+                    for source, kept in enumerate(grouped):
+                        if source < len(self._headers) and self._headers[source]:
+                            self._out.append(self._headers[source])
+                        self._out.extend(kept)
+                        kept.clear()
+                    self._out.extend(self._trailer)
                 self._out.append(_command_complete(tag))
         elif kind == _PARSE_COMPLETE and self._hidden_parse_completes:
             self._hidden_parse_completes -= 1

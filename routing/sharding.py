@@ -1,0 +1,421 @@
+"""Which shards one statement of a sharded database goes to, from its SQL, its parameters and the session."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import sqlglot
+from sqlglot import exp
+
+from routing.classify import shard_hint, sharding_key_hint
+from routing.errors import RoutingError
+from routing.merge_plan import MergePlan, plan_select
+from routing.shard_key import (
+    KeyFinding,
+    KeyRef,
+    Literal,
+    Param,
+    ParamArray,
+    ShardedColumn,
+    find_keys,
+    split_insert,
+)
+
+FEATURE_NOT_SUPPORTED = "0A000"
+INSUFFICIENT_PRIVILEGE = "42501"
+INVALID_PARAMETER_VALUE = "22023"
+_MAX_CACHED = 4096
+_COPY = re.compile(r"\s*(?:/\*.*?\*/\s*)*copy\b", re.IGNORECASE | re.DOTALL)
+_MAX_CACHED_SQL_LENGTH = 16384
+
+
+class Placement(Protocol):
+    """Where a sharded column's values live (routing.shard builds one per sharded table)."""
+
+    def shard_of_text(self, text: str) -> int: ...
+
+    def shard_of_binary(self, data: bytes) -> int: ...
+
+    def same_key(self, left: str, right: str) -> bool: ...
+
+
+# One Bind's parameters: (format code, value or None for NULL), in order.
+Parameters = Sequence[tuple[int, bytes | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ShardInsert:
+    """One shard's part of a split INSERT: its SQL and the client's parameter numbers in their new order."""
+
+    shard: int
+    sql: str
+    parameters: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ShardDecision:
+    """Where one statement goes. `shards` sorted, never empty. `refusal` (sqlstate, message): answered by
+    the proxy instead. `merge`/`shard_sql`: a SELECT on several shards, how to merge and what each runs
+    (None: the client's text). `inserts`: an INSERT split by key, one part per shard."""
+
+    shards: tuple[int, ...]
+    reason: str
+    refusal: tuple[str, str] | None = None
+    merge: MergePlan | None = None
+    shard_sql: str | None = None
+    inserts: tuple[ShardInsert, ...] = ()
+    write: bool = False
+    anywhere: bool = False  # no sharded table in it: any shard answers it alike (the session's home does)
+
+
+@dataclass(slots=True)
+class ShardSession:
+    """What a session says about its shard: `SET shardgate.shard`, `SET shardgate.sharding_key`, and the
+    tenant of a JWT client when the database is sharded by the tenant claim."""
+
+    shard: int | None = None
+    key: str | None = None
+    tenant: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Analysis:
+    """What a statement's text says, whatever its parameters: cached by text."""
+
+    sql: str
+    finding: KeyFinding
+    hint_shards: tuple[int, ...] | None
+    hint_key: str | None
+    merge: MergePlan | None = None
+    merge_sql: str | None = None
+    merge_refusal: tuple[str, str] | None = None
+    write: bool = False
+
+
+@dataclass(slots=True)
+class ShardRouter:
+    """Routes the statements of one sharded logical database (shards 0..shard_count-1)."""
+
+    database: str
+    shard_count: int
+    columns: Sequence[ShardedColumn]
+    placements: dict[ShardedColumn, Placement]
+    omnisharded: frozenset[str] = frozenset()
+    allow_cross_shard_writes: bool = False
+    tenant_column: ShardedColumn | None = None  # the sharded column the JWT tenant claim is a value of
+    _cache: dict[str, _Analysis] = field(default_factory=dict)
+    decisions: dict[str, int] = field(default_factory=lambda: {"single": 0, "multi": 0, "all": 0})
+
+    def decide(self, sql: str, parameters: Parameters | None = None,
+               session: ShardSession | None = None) -> ShardDecision:
+        analysis = self._analysis(sql)
+        decision = self._decide(analysis, parameters, session)
+        if decision.refusal is None:
+            count = len(decision.shards)
+            self.decisions["single" if count == 1 else "all" if count == self.shard_count else "multi"] += 1
+        return decision
+
+    def _analysis(self, sql: str) -> _Analysis:
+        cached = self._cache.get(sql)
+        if cached is not None:
+            return cached
+        finding = find_keys(sql, self.columns, self.omnisharded)
+        if finding.sharded_tables and _COPY.match(sql) is not None:
+            finding = replace(finding, refusal=(
+                FEATURE_NOT_SUPPORTED, f"COPY of a sharded table ({', '.join(finding.sharded_tables)}) is not "
+                                       "supported yet: use INSERT (rows are split by key) or a shard hint"))
+        hints = "shardgate:" in sql.lower()
+        hint_shards = shard_hint(sql) if hints else None
+        hint_key = sharding_key_hint(sql) if hints else None
+        write = finding.statement in ("insert", "update", "delete") or (
+            finding.statement == "other" and bool(finding.omnisharded_tables))
+        merge = merge_sql = merge_refusal = None
+        if finding.statement == "select" and finding.refusal is None:
+            try:
+                merge_sql, merge = plan_select(sql)
+            except RoutingError as exc:
+                merge_refusal = (exc.sqlstate, str(exc))
+            if merge_sql == sql:
+                merge_sql = None
+            if merge_refusal is None:
+                merge_refusal = _nested_refusal(sql)
+        analysis = _Analysis(sql, finding, hint_shards, hint_key, merge, merge_sql, merge_refusal, write)
+        if len(sql) <= _MAX_CACHED_SQL_LENGTH:
+            if len(self._cache) >= _MAX_CACHED:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[sql] = analysis
+        return analysis
+
+    def _decide(self, analysis: _Analysis, parameters: Parameters | None,
+                session: ShardSession | None) -> ShardDecision:
+        finding = analysis.finding
+        if analysis.hint_shards is not None:
+            shards = analysis.hint_shards or tuple(range(self.shard_count))
+            return self._fanned(analysis, shards, "comment hint shard", hinted=True)
+        if finding.refusal is not None:
+            return ShardDecision((0,), "refused", refusal=finding.refusal)
+        tenant = session.tenant if session is not None else None
+        try:
+            if analysis.hint_key is not None:
+                return self._fanned(analysis, (self._shard_of_value(analysis.hint_key),),
+                                    f"comment hint sharding_key={analysis.hint_key}", hinted=True)
+            if session is not None and tenant is None:
+                if session.shard is not None:
+                    return self._fanned(analysis, (session.shard,), "SET shardgate.shard", hinted=True)
+                if session.key is not None:
+                    return self._fanned(analysis, (self._shard_of_value(session.key),),
+                                        "SET shardgate.sharding_key", hinted=True)
+            if finding.insert is not None and not finding.omnisharded_tables:
+                return self._insert(analysis, parameters, tenant)
+            if finding.keys is not None and finding.sharded_tables:
+                shards = self._shards_of_keys(finding.keys, parameters, tenant, self._placement(finding))
+                return self._fanned(analysis, shards, f"{self._column_of(finding)} = "
+                                                      f"{_described(finding.keys, parameters)}")
+            if tenant is not None:
+                return self._fanned(analysis, (self._shard_of_value(tenant),), "tenant claim", hinted=True)
+        except RoutingError as exc:
+            return ShardDecision((0,), "refused", refusal=(exc.sqlstate, str(exc)))
+        if finding.omnisharded_tables and not finding.sharded_tables:
+            if analysis.write:
+                return ShardDecision(tuple(range(self.shard_count)), "omnisharded table: every shard",
+                                     write=True)
+            return ShardDecision((0,), "omnisharded table: one shard", anywhere=True)
+        if not finding.sharded_tables:
+            return ShardDecision((0,), "no sharded table", anywhere=True)
+        return self._fanned(analysis, tuple(range(self.shard_count)), "no sharding key: all shards")
+
+
+
+    def _fanned(self, analysis: _Analysis, shards: tuple[int, ...], reason: str, *,
+                hinted: bool = False) -> ShardDecision:
+        unknown = [shard for shard in shards if not 0 <= shard < self.shard_count]
+        if unknown:
+            return ShardDecision((0,), "refused", refusal=(
+                INVALID_PARAMETER_VALUE,
+                f'database "{self.database}" has shards 0 to {self.shard_count - 1}, not {unknown[0]}'))
+        write = analysis.write
+        if len(shards) == 1:
+            return ShardDecision(shards, reason, write=write)
+        finding = analysis.finding
+        if write and not hinted:
+            if finding.statement == "insert":
+                column = self._column_of(finding)
+                return ShardDecision((0,), "refused", refusal=(
+                    FEATURE_NOT_SUPPORTED, f"no sharding key in INSERT into {_tables(finding)}: add {column} "
+                                           "or a /* shardgate: shard=N */ hint"))
+            if not self.allow_cross_shard_writes:
+                return ShardDecision((0,), "refused", refusal=(
+                    FEATURE_NOT_SUPPORTED,
+                    f"{finding.statement.upper()} of {_tables(finding)} without its sharding key "
+                    f"({self._column_of(finding)}) would change every shard: add the key to the WHERE clause, "
+                    "a /* shardgate: shard=N */ hint, or set allow_cross_shard_writes = true"))
+        if finding.statement == "select":
+            if analysis.merge_refusal is not None:
+                return ShardDecision((0,), "refused", refusal=analysis.merge_refusal)
+            return ShardDecision(shards, reason, merge=analysis.merge, shard_sql=analysis.merge_sql)
+        return ShardDecision(shards, reason, write=write)
+
+    def _insert(self, analysis: _Analysis, parameters: Parameters | None, tenant: str | None) -> ShardDecision:
+        finding = analysis.finding
+        assert finding.insert is not None
+        placement = self._placement(finding)
+        rows = finding.insert.rows
+        groups: dict[int, list[int]] = {}
+        for index, ref in enumerate(rows):
+            (shard,) = self._shards_of_keys((ref,), parameters, tenant, placement)
+            groups.setdefault(shard, []).append(index)
+        if len(groups) == 1:
+            return ShardDecision(tuple(groups), "sharding key in INSERT", write=True)
+        shards = tuple(sorted(groups))
+        parts = split_insert(analysis.sql, [groups[shard] for shard in shards])
+        inserts = tuple(ShardInsert(shard, sql, order) for shard, (sql, order) in zip(shards, parts, strict=True))
+        return ShardDecision(shards, "INSERT rows split by sharding key", inserts=inserts, write=True)
+
+    def _shards_of_keys(self, keys: Sequence[KeyRef], parameters: Parameters | None, tenant: str | None,
+                        placement: Placement | None = None) -> tuple[int, ...]:
+        if placement is None:
+            placement = self._first_placement()
+        shards: set[int] = set()
+        for ref in keys:
+            for text, binary in _values(ref, parameters):
+                if text is None and binary is None:
+                    raise RoutingError(f"the sharding key of a row is NULL: {self.database} has no shard for NULL",
+                                       INVALID_PARAMETER_VALUE)
+                if tenant is not None and (text is None or not placement.same_key(text, tenant)):
+                    raise RoutingError("the statement names another tenant's sharding key than the token's",
+                                       INSUFFICIENT_PRIVILEGE)
+                shards.add(placement.shard_of_text(text) if text is not None
+                           else placement.shard_of_binary(binary or b""))
+        if not shards:  # key IN () or an empty array: no rows anywhere; any one shard answers that
+            return (0,)
+        return tuple(sorted(shards))
+
+    def _shard_of_value(self, value: str) -> int:
+        return self._first_placement().shard_of_text(value)
+
+    def _first_placement(self) -> Placement:
+        column = self.tenant_column or self.columns[0]
+        return self.placements[column]
+
+    def _placement(self, finding: KeyFinding) -> Placement:
+        for column in self.columns:
+            if column.table is not None and column.table in finding.sharded_tables:
+                return self.placements[column]
+        return self._first_placement()
+
+    def _column_of(self, finding: KeyFinding) -> str:
+        for column in self.columns:
+            if column.table is None or column.table in finding.sharded_tables:
+                return column.column
+        return self.columns[0].column
+
+
+def _described(keys: Sequence[KeyRef], parameters: Parameters | None) -> str:
+    """The key values as EXPLAIN shows them: literals as written, parameters with their values."""
+    parts = []
+    for ref in keys[:8]:
+        if isinstance(ref, Literal):
+            parts.append(repr(ref.text) if ref.text is not None else "NULL")
+            continue
+        value = None
+        if parameters is not None and 1 <= ref.number <= len(parameters):
+            format_code, raw = parameters[ref.number - 1]
+            value = raw.decode("utf-8", "replace")[:40] if raw is not None and format_code == 0 else (
+                "(binary)" if raw is not None else "NULL")
+        shown = f"${ref.number}" + (f" ({value})" if value is not None else "")
+        parts.append(f"ANY({shown})" if isinstance(ref, ParamArray) else shown)
+    if len(keys) > 8:
+        parts.append(f"... {len(keys)} values")
+    return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
+
+
+def _tables(finding: KeyFinding) -> str:
+    return ", ".join(finding.sharded_tables) or "the table"
+
+
+def _values(ref: KeyRef, parameters: Parameters | None) -> list[tuple[str | None, bytes | None]]:
+    """A key reference's values: (text, None) for text, (None, bytes) for a binary parameter."""
+    if isinstance(ref, Literal):
+        return [(ref.text, None)]
+    if parameters is None:
+        raise RoutingError("the sharding key is a parameter whose value has not arrived (send Bind with Parse)",
+                           FEATURE_NOT_SUPPORTED)
+    number = ref.number
+    if not 1 <= number <= len(parameters):
+        raise RoutingError(f"the sharding key is parameter ${number}, which the Bind does not have",
+                           "08P01")
+    format_code, value = parameters[number - 1]
+    if isinstance(ref, Param):
+        if value is None:
+            return [(None, None)]
+        if format_code == 0:
+            return [(value.decode("utf-8"), None)]
+        return [(None, value)]
+    assert isinstance(ref, ParamArray)
+    if value is None:
+        return []
+    if format_code == 0:
+        return [(element, None) for element in parse_text_array(value.decode("utf-8"))]
+    return [(None, element) for element in parse_binary_array(value)]
+
+
+def parse_text_array(text: str) -> list[str]:
+    """A one-dimensional array literal `{1,2,"a b"}`; NULL elements are refused (no shard holds NULL)."""
+    text = text.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        raise RoutingError(f"malformed array literal for the sharding key: {text[:60]!r}", "22P02")
+    body = text[1:-1]
+    elements: list[str] = []
+    pos, length = 0, len(body)
+    while pos < length:
+        if body[pos] == '"':
+            pos += 1
+            chars: list[str] = []
+            while pos < length and body[pos] != '"':
+                if body[pos] == "\\" and pos + 1 < length:
+                    pos += 1
+                chars.append(body[pos])
+                pos += 1
+            pos += 1
+            elements.append("".join(chars))
+        else:
+            end = body.find(",", pos)
+            end = length if end < 0 else end
+            element = body[pos:end].strip()
+            if element.upper() == "NULL":
+                raise RoutingError("a NULL sharding key has no shard", INVALID_PARAMETER_VALUE)
+            if element.startswith("{"):
+                raise RoutingError("a multi-dimensional array of sharding keys is not supported", FEATURE_NOT_SUPPORTED)
+            elements.append(element)
+            pos = end
+        while pos < length and body[pos] in " ,":
+            pos += 1
+    return elements
+
+
+def parse_binary_array(data: bytes) -> list[bytes]:
+    """The elements of a one-dimensional array in binary format (ndim, flags, element type, dims...)."""
+    try:
+        ndim = int.from_bytes(data[0:4], "big", signed=True)
+        if ndim == 0:
+            return []
+        if ndim != 1:
+            raise RoutingError("a multi-dimensional array of sharding keys is not supported", FEATURE_NOT_SUPPORTED)
+        count = int.from_bytes(data[12:16], "big", signed=True)
+        pos = 20
+        elements = []
+        for _ in range(count):
+            length = int.from_bytes(data[pos : pos + 4], "big", signed=True)
+            pos += 4
+            if length < 0:
+                raise RoutingError("a NULL sharding key has no shard", INVALID_PARAMETER_VALUE)
+            elements.append(data[pos : pos + length])
+            pos += length
+        if pos != len(data):
+            raise ValueError("trailing bytes")
+        return elements
+    except (IndexError, ValueError) as exc:
+        raise RoutingError(f"malformed binary array for the sharding key: {exc}", "22P02") from None
+
+
+def decision_rows(decision: ShardDecision) -> list[str]:
+    """The lines EXPLAIN adds to say where a statement went."""
+    return [f"Shardgate: shards {', '.join(map(str, decision.shards))}", f"Shardgate: decided by {decision.reason}"]
+
+
+_NESTED_MARK = re.compile(r"\(\s*select\b|\bwith\b", re.IGNORECASE)
+
+
+def _nested_refusal(sql: str) -> tuple[str, str] | None:
+    """A subquery or CTE that aggregates, groups, deduplicates or limits: on several shards each would see
+    only its shard's rows, and the merged answer would be wrong."""
+    if _NESTED_MARK.search(sql) is None:
+        return None
+    try:
+        tree = sqlglot.parse_one(sql, read="postgres")
+    except sqlglot.errors.SqlglotError:
+        return (FEATURE_NOT_SUPPORTED, "a statement for several shards that the proxy cannot parse is not sent")
+    if tree is None:
+        return None
+    for select in tree.find_all(exp.Select):
+        if select is tree:
+            continue
+        if (select.args.get("group") or select.args.get("limit") or select.args.get("distinct")
+                or select.args.get("offset") or select.args.get("having")
+                or any(isinstance(node, exp.AggFunc) for node in select.find_all(exp.AggFunc)
+                       if _owner(node) is select)):
+            return (FEATURE_NOT_SUPPORTED, "a subquery or CTE that aggregates, groups, deduplicates or limits "
+                                           "rows of a sharded table would see one shard's rows on each shard: "
+                                           "filter it by the sharding key, or use a shard hint")
+    return None
+
+
+def _owner(node: Any) -> Any:
+    """The SELECT a node belongs to."""
+    parent = node.parent
+    while parent is not None and not isinstance(parent, exp.Select):
+        parent = parent.parent
+    return parent
