@@ -132,8 +132,10 @@ class FanoutExecutor:
         """The client's messages to every server (a batch may come in parts, each ending in Flush);
         `for_leg` makes each server's own version of them (renamed statements, its part of a split INSERT)."""
         for leg in self.legs:
+            # made before the Syncs are counted: a renamed statement's reply is matched to this batch
+            own = messages if for_leg is None else for_leg(messages, leg)
             leg.server.outstanding += syncs
-            leg.server.send(messages if for_leg is None else for_leg(messages, leg))
+            leg.server.send(own)
 
     async def finish(self) -> bytes:
         """Wait until every server answered what it was sent; the merged transaction status. Raises

@@ -315,6 +315,7 @@ class FanoutRelay(Relay):
                 message = codec.query(shard_sql)
             elif type_code == _P:
                 name, text, types = codec.split_parse(messages[pos + 5 : end])
+                client_text = text
                 if shard_sql is not None:
                     text = shard_sql.encode()
                     if order is not None:
@@ -322,9 +323,17 @@ class FanoutRelay(Relay):
                     message = codec.build_parse(name.decode(), text, types)
                 if name and pooled:
                     message = self.statements.parse(server, name.decode(), text, types, self.settings_key())
+                    if text is not client_text:  # later Binds are routed by what the client wrote
+                        self.statements.client_texts[name.decode()] = client_text
             elif type_code == _B:
                 if order is not None:
                     message = _reordered_bind(message, order)
+                if pooled and shard_sql is not None:
+                    # a Bind of a named statement whose shards run the merge's SQL: prepared as that
+                    _, statement, _ = codec.split_bind(message[5:])
+                    if statement:
+                        out.append(self.statements.prepare_as(server, statement.decode(), shard_sql.encode(),
+                                                              self.settings_key()))
                 if pooled:
                     renamed = self.statements.rename(server, type_code, message, 0, len(message))
                     if renamed is not None:

@@ -139,6 +139,10 @@ class Scatter:
             if shard == self.home:
                 return None
         refusal = self._refusal(route, text, bool(name), shards, multi)
+        if refusal is None and name and decision_rewrites(decision):
+            refusal = (sqlstate.FEATURE_NOT_SUPPORTED,
+                       "a named prepared INSERT whose rows go to different shards is not supported: "
+                       "use the unnamed statement, or one row per statement")
         if refusal is None and extended and self.shards is not None and _binds_before_sync(data, pos) > 1:
             refusal = (sqlstate.FEATURE_NOT_SUPPORTED,
                        "a pipeline whose statements go to different shards is not supported: "

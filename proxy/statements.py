@@ -30,16 +30,22 @@ class PreparedStatements:
     """The client's statement names -> (proxy-wide name, the Parse that prepares it). Each server of the
     client's link set learns a statement the first time a message of the client's names it."""
 
-    __slots__ = ("known",)
+    __slots__ = ("client_texts", "known")
 
     def __init__(self) -> None:
         self.known: dict[str, tuple[str, bytes]] = {}
+        # the client's own text of a statement prepared rewritten (a cross-shard merge's shard SQL)
+        self.client_texts: dict[str, bytes] = {}
 
     def clear(self) -> None:
         self.known.clear()
+        self.client_texts.clear()
 
     def text_of(self, name: str) -> bytes | None:
         """The statement text the client prepared as `name`, or None."""
+        text = self.client_texts.get(name)
+        if text is not None:
+            return text
         known = self.known.get(name)
         return codec.split_parse(known[1][5:])[1] if known is not None else None
 
@@ -50,12 +56,33 @@ class PreparedStatements:
         global_name = statement_global_name(query_text, param_types, settings_key)
         parse_message = codec.build_parse(global_name, query_text, param_types)
         self.known[name] = (global_name, parse_message)
+        self.client_texts.pop(name, None)
         if global_name in server.prepared:
             server.expect_rewrite(EXPECT_CLOSE_AS_PARSE)
             return NOOP_CLOSE
         Pool.mark_prepared(server, global_name)
         server.expect_rewrite(EXPECT_PARSE, global_name)
         return parse_message
+
+    def prepare_as(self, server: ServerConnection, name: str, query_text: bytes, settings_key: bytes) -> bytes:
+        """The client's statement `name` from now on means `query_text` (the SQL a cross-shard merge runs
+        for it, same parameters): what to send `server` before a message naming it (b"" when it has it;
+        else a Parse whose ParseComplete the client does not see). The client's own text stays its text."""
+        known = self.known.get(name)
+        if known is None:
+            return b""
+        _, client_text, param_types = codec.split_parse(known[1][5:])
+        if name not in self.client_texts:
+            if client_text == query_text:
+                return b""
+            self.client_texts[name] = client_text
+        global_name = statement_global_name(query_text, param_types, settings_key)
+        self.known[name] = (global_name, codec.build_parse(global_name, query_text, param_types))
+        if global_name in server.prepared:
+            return b""
+        Pool.mark_prepared(server, global_name)
+        server.expect_rewrite(EXPECT_PARSE_DROP, global_name)
+        return self.known[name][1]
 
     def rename(self, server: ServerConnection, type_code: int, data: bytes, pos: int, end: int) -> bytes | None:
         """A Bind, Describe or Close at `pos` naming a client statement: its renamed form for `server`
@@ -78,6 +105,7 @@ class PreparedStatements:
             return None
         if type_code == _C:
             self.known.pop(name, None)
+            self.client_texts.pop(name, None)
             server.expect_rewrite(EXPECT_CLOSE)
             return NOOP_CLOSE
         return self._with_statement(server, name, lambda g: codec.message(b"D", b"S" + g.encode() + b"\x00"))

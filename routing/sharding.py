@@ -41,6 +41,8 @@ class Placement(Protocol):
 
     def same_key(self, left: str, right: str) -> bool: ...
 
+    def parse_binary(self, data: bytes) -> object: ...
+
 
 # One Bind's parameters: (format code, value or None for NULL), in order.
 Parameters = Sequence[tuple[int, bytes | None]]
@@ -173,7 +175,7 @@ class ShardRouter:
             if finding.keys is not None and finding.sharded_tables:
                 shards = self._shards_of_keys(finding.keys, parameters, tenant, self._placement(finding))
                 return self._fanned(analysis, shards, f"{self._column_of(finding)} = "
-                                                      f"{_described(finding.keys, parameters)}")
+                                                      f"{_described(finding.keys, parameters, self._placement(finding))}")
             if tenant is not None:
                 return self._fanned(analysis, (self._shard_of_value(tenant),), "tenant claim", hinted=True)
         except RoutingError as exc:
@@ -273,7 +275,7 @@ class ShardRouter:
         return self.columns[0].column
 
 
-def _described(keys: Sequence[KeyRef], parameters: Parameters | None) -> str:
+def _described(keys: Sequence[KeyRef], parameters: Parameters | None, placement: Placement) -> str:
     """The key values as EXPLAIN shows them: literals as written, parameters with their values."""
     parts = []
     for ref in keys[:8]:
@@ -283,8 +285,15 @@ def _described(keys: Sequence[KeyRef], parameters: Parameters | None) -> str:
         value = None
         if parameters is not None and 1 <= ref.number <= len(parameters):
             format_code, raw = parameters[ref.number - 1]
-            value = raw.decode("utf-8", "replace")[:40] if raw is not None and format_code == 0 else (
-                "(binary)" if raw is not None else "NULL")
+            if raw is None:
+                value = "NULL"
+            elif format_code == 0:
+                value = raw.decode("utf-8", "replace")[:40]
+            else:
+                try:
+                    value = str(placement.parse_binary(raw))[:40]
+                except RoutingError:
+                    value = "binary"
         shown = f"${ref.number}" + (f" ({value})" if value is not None else "")
         parts.append(f"ANY({shown})" if isinstance(ref, ParamArray) else shown)
     if len(keys) > 8:
