@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -69,6 +70,14 @@ class RuntimeCollector:
                 lag_s.add_metric(labels, float(row["lag_ms"]) / 1000)  # type: ignore[arg-type]
         yield from (up, lag_bytes, lag_s)
 
+        statements = CounterMetricFamily("shardgate_shard_statements", "Statements of sharded databases by how "
+                                         "many shards they went to (single, multi, all)", labels=["database", "kind"])
+        for database, shard_router in list(rt.shard_routers.items()):
+            if shard_router is not None:
+                for kind, count in shard_router.decisions.items():
+                    statements.add_metric([database, kind], count)
+        yield statements
+
         jwt = rt.auth.jwt
         if jwt is not None:
             cache = jwt.cache
@@ -84,6 +93,26 @@ class RuntimeCollector:
             for reason, count in jwt.validator.rejections.items():
                 rejections.add_metric([reason], count)
             yield rejections
+
+
+def shards_report(runtime: Runtime) -> dict[str, object]:
+    """/api/shards: every logical database's shards, their servers, and how its statements were routed."""
+    databases: dict[str, object] = {}
+    names = sorted({name for name, _ in runtime.clusters})
+    for name in names:
+        clusters = runtime.shards_of(name)
+        shard_router = runtime.shard_router(name)
+        databases[name] = {
+            "shards": [{"shard": cluster.shard, "servers": [
+                {"host": row["host"], "port": row["port"], "role": row["role"],
+                 "healthy": bool(row["healthy"]) and not row["banned"]} for row in cluster.stats()]}
+                for cluster in clusters],
+            "sharded_tables": [{"table": table.table, "column": table.column, "data_type": table.data_type,
+                                "method": table.method} for table in runtime.config.sharded_tables_for(name)],
+            "omnisharded_tables": list(runtime.config.omnisharded_tables_for(name)),
+            "statements": dict(shard_router.decisions) if shard_router is not None else {},
+        }
+    return {"databases": databases}
 
 
 class AdminProtocol(asyncio.Protocol):
@@ -114,6 +143,9 @@ class AdminProtocol(asyncio.Protocol):
             self._respond(405, "text/plain", b"method not allowed\n")
         elif path == "/metrics":
             self._respond(200, CONTENT_TYPE_METRICS, generate_latest(self.registry), head=method == "HEAD")
+        elif path == "/api/shards":
+            body = json.dumps(shards_report(self.runtime), indent=2).encode() + b"\n"
+            self._respond(200, "application/json", body, head=method == "HEAD")
         elif path == "/health":
             self._respond(200, "text/plain", b"ok\n", head=method == "HEAD")
         elif path == "/ready":

@@ -432,3 +432,26 @@ def test_generated_selects_match_one_server(proxy: ProxyFactory, two: dict[str, 
             else:
                 assert sorted(got, key=repr) == sorted(expected, key=repr), f"seed {seed}: {sql}"
     assert refused < len(queries) // 10, f"{refused} of {len(queries)} refused"
+
+
+def test_api_shards_and_metrics(proxy: ProxyFactory, two: dict[str, Any]) -> None:
+    import json
+    import urllib.request
+
+    shardgate = _proxy(proxy, two)
+    with psycopg.connect(shardgate.dsn(), autocommit=True) as conn:
+        conn.execute("SELECT * FROM orders WHERE tenant_id = 1").fetchall()
+        conn.execute("SELECT * FROM orders WHERE tenant_id = 2").fetchall()
+        conn.execute("SELECT count(*) FROM orders").fetchall()
+    with urllib.request.urlopen(shardgate.admin_url + "/api/shards", timeout=10) as response:
+        report = json.loads(response.read())
+    app = report["databases"]["app"]
+    assert [shard["shard"] for shard in app["shards"]] == [0, 1]
+    assert [shard["servers"][0]["port"] for shard in app["shards"]] == [s.port for s in two["shards"][:2]]
+    assert app["sharded_tables"] == [{"table": "orders", "column": "tenant_id", "data_type": "bigint",
+                                      "method": "hash"}]
+    assert app["omnisharded_tables"] == ["countries"]
+    assert app["statements"]["single"] >= 2 and app["statements"]["all"] >= 1
+    with urllib.request.urlopen(shardgate.admin_url + "/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    assert 'shardgate_shard_statements_total{database="app",kind="all"}' in metrics
