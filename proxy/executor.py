@@ -96,13 +96,14 @@ class FanoutExecutor:
     sent itself (the client's unnamed statement prepared again), not shown to the client."""
 
     def __init__(self, client: ClientOutput, targets: list[Target], wanted: ServerState, then: str,
-                 hidden_parse_completes: int = 0, merge: MergePlan | None = None, collation: str = "C") -> None:
+                 hidden_parse_completes: int = 0, merge: MergePlan | None = None, collation: str = "C", *,
+                 copy: bool = False) -> None:
         self.client = client
         self.targets = targets
         self.wanted = wanted
         self.then = then
         self.legs: list[FanoutLeg] = []
-        self.merger = ResultMerger(len(targets), hidden_parse_completes, merge, collation)
+        self.merger = ResultMerger(len(targets), hidden_parse_completes, merge, collation, copy=copy)
         self._done: asyncio.Future[None] | None = None
 
     def explain(self, rows: tuple[list[bytes], list[bytes]]) -> None:

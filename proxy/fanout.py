@@ -16,11 +16,15 @@ from proxy.runtime import Runtime
 from proxy.scatter import FanoutPlan, Scatter, bind_parameters, next_part, unnamed_parse
 from proxy.server import ServerConnection
 from proxy.session_state import ServerState
+from routing.copy_split import CopySplitter
+from routing.errors import RoutingError
 from routing.sharding import ShardDecision
 
 _Q, _P, _B, _D, _C = (ord(c) for c in "QPBDC")
 _SYNC = codec.message(b"S")
-_UNSYNCED = b"\x00unsynced"  # marks a fan-out part that ends in Flush (never a message: no type 0)
+_UNSYNCED = b"\x00unsynced"
+_COPY_DATA, _COPY_DONE, _COPY_FAIL = (ord(c) for c in "dcf")
+_COPY_ABORTED = codec.message(b"f", codec.cstr("the client left during COPY"))  # marks a fan-out part that ends in Flush (never a message: no type 0)
 
 
 def _reordered_types(types: bytes, order: tuple[int, ...]) -> bytes:
@@ -247,8 +251,9 @@ class FanoutRelay(Relay):
         collation = "C"
         if merge is not None and not merge.concatenates:
             collation = await self._collation()
+        plan_decision = decision
         executor = self.fanout = FanoutExecutor(self, targets, self.snapshot(), then, 1 if prefix else 0,
-                                                merge, collation)
+                                                merge, collation, copy=decision is not None and decision.copy is not None)
         if plan.explain is not None:
             executor.explain(_explain_rows(plan, targets, plan.explain == "text"))
             decision = None  # sent as the client wrote it
@@ -267,6 +272,8 @@ class FanoutRelay(Relay):
                 executor.send(prefix + part, part.count(_SYNC) if plan.extended else 1, for_leg)
                 prefix = b""
                 part = None if synced else await self._next_part(plan.extended)
+            if plan_decision is not None and plan_decision.copy is not None and plan_decision.copy.incoming:
+                await self._copy_in(executor, plan_decision)
             final = await executor.finish()
         except ServerLostError as exc:  # after the batch was sent: the client cannot know what ran
             self._file_legs(executor, keep=False)
@@ -290,6 +297,64 @@ class FanoutRelay(Relay):
         self._file_legs(executor, keep=final != b"I")
         if final == b"I" and self.pool_mode is not SESSION:
             self._fan_out_transaction_ended()
+
+    async def _copy_in(self, executor: FanoutExecutor, decision: ShardDecision) -> None:
+        """COPY FROM STDIN on several shards: the client's CopyData cut into rows, each row to its key's
+        shard (every shard for an omnisharded table), then CopyDone (or the client's CopyFail) to all. A row
+        with no shard makes the proxy send CopyFail to every shard: nothing is copied anywhere."""
+        assert decision.copy is not None and self.scatter is not None and self.scatter.shards is not None
+        shard_router = self.scatter.shards
+        table = decision.copy.table or ""
+        placement = shard_router.placement_of(table)
+        legs = {leg.shard: leg for leg in executor.legs}
+        splitter = CopySplitter(decision.copy, decision.copy_key, tuple(legs), placement.shard_of_text,
+                                table and ", ".join(c.column for c in shard_router.columns if c.table in (table, None)))
+        while True:
+            message = await self._next_message()
+            if message is None:
+                for leg in legs.values():
+                    leg.server.send(_COPY_ABORTED)
+                return
+            kind = message[0]
+            try:
+                if kind == _COPY_DATA:
+                    rows = splitter.feed(message[5:])
+                elif kind == _COPY_DONE:
+                    rows = splitter.finish()
+                elif kind == _COPY_FAIL:
+                    for leg in legs.values():
+                        leg.server.send(message)
+                    return
+                else:
+                    continue  # Flush and Sync mean nothing in COPY mode
+            except RoutingError as exc:
+                failure = codec.message(b"f", codec.cstr(f"{exc} (SQLSTATE {exc.sqlstate})"))
+                for leg in legs.values():
+                    leg.server.send(failure)
+                return  # what the client still sends of the COPY reaches a server outside COPY: ignored there
+            for shard, chunk in rows.items():
+                legs[shard].server.send(codec.message(b"d", b"".join(chunk)))
+            if kind == _COPY_DONE:
+                for leg in legs.values():
+                    leg.server.send(message)
+                return
+
+    async def _next_message(self) -> bytes | None:
+        """The next whole message the client sent during a fan-out (waiting for it); None if it left."""
+        while True:
+            data = self.waiting
+            if len(data) >= 5:
+                end = 1 + codec.unpack_u32(data, 1)[0]
+                if len(data) >= end:
+                    self.waiting = data[end:]
+                    return data[:end]
+            if self._phase_closed():
+                return None
+            self._more_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._more_waiter
+            finally:
+                self._more_waiter = None
 
     def _leg_messages(self, plan_decision: ShardDecision | None, messages: bytes, leg: FanoutLeg) -> bytes:
         """One server's version of a fan-out's messages: the SQL its shard runs (a merge's rewrite, its

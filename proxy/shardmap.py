@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from routing.shard_key import ShardedColumn
-
 from config.model import Config
 from routing.shard import make_sharder
+from routing.shard_key import ShardedColumn
 from routing.sharding import Placement, ShardRouter
 
 

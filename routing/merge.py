@@ -16,6 +16,7 @@ _PASS_THROUGH = frozenset(b"DNA")
 # Where each source stops until every source has reached one; the message is then sent once, combined.
 _BARRIERS = frozenset(b"TCI123tnsZ")
 _COPY_RESPONSES = frozenset(b"GHW")
+_COPY_DATA, _COPY_DONE = b"dc"
 _COUNTED_VERBS = frozenset(("SELECT", "UPDATE", "DELETE", "MERGE", "COPY", "FETCH", "MOVE"))
 _MESSAGE_NAMES = {
     ord("T"): "RowDescription", ord("C"): "CommandComplete", ord("I"): "EmptyQueryResponse",
@@ -64,6 +65,7 @@ class ResultMerger:
         "_by_source",
         "_collation",
         "_combining",
+        "_copy",
         "_described_statement",
         "_discarding",
         "_execute_description",
@@ -85,7 +87,7 @@ class ResultMerger:
 
     def __init__(self, sources: int, hidden_parse_completes: int = 0, plan: MergePlan | None = None,
                  collation: str = "C", window_rows: int = 1000, *, by_source: bool = False,
-                 headers: Sequence[bytes] = (), trailer: Sequence[bytes] = ()) -> None:
+                 headers: Sequence[bytes] = (), trailer: Sequence[bytes] = (), copy: bool = False) -> None:
         if sources < 1:
             raise ValueError("a merger needs at least one source")
         if window_rows < 1:
@@ -113,6 +115,9 @@ class ResultMerger:
         self._by_source: list[list[bytes]] | None = [[] for _ in range(sources)] if by_source else None
         self._headers = tuple(headers)
         self._trailer = tuple(trailer)
+        # a COPY the caller runs on every shard: CopyInResponse, CopyOutResponse and CopyDone are sent
+        # once (each a barrier), CopyData passes through
+        self._copy = copy
 
     def feed(self, source: int, message: bytes | memoryview) -> None:
         """One whole backend message (type, length, body) from server `source`."""
@@ -182,6 +187,10 @@ class ResultMerger:
             self._discard()
         elif kind == _PARAMETER:
             self._parameter(data)
+        elif self._copy and (kind in _COPY_RESPONSES or kind == _COPY_DONE):
+            self._stop(source, data)
+        elif self._copy and kind == _COPY_DATA:
+            self._out.append(data)
         elif kind in _COPY_RESPONSES:
             self.copy_sources.add(source)
             self._fail("COPY is not supported across shards")

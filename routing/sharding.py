@@ -11,6 +11,7 @@ import sqlglot
 from sqlglot import exp
 
 from routing.classify import shard_hint, sharding_key_hint
+from routing.copy_split import CopyStatement, parse_copy
 from routing.errors import RoutingError
 from routing.merge_plan import MergePlan, plan_select
 from routing.shard_key import (
@@ -71,6 +72,8 @@ class ShardDecision:
     inserts: tuple[ShardInsert, ...] = ()
     write: bool = False
     anywhere: bool = False  # no sharded table in it: any shard answers it alike (the session's home does)
+    copy: CopyStatement | None = None  # a COPY for several shards
+    copy_key: int | None = None  # COPY FROM STDIN: the key's column in each row (None: every row everywhere)
 
 
 @dataclass(slots=True)
@@ -95,6 +98,7 @@ class _Analysis:
     merge_sql: str | None = None
     merge_refusal: tuple[str, str] | None = None
     write: bool = False
+    copy: CopyStatement | None = None
 
 
 @dataclass(slots=True)
@@ -125,10 +129,18 @@ class ShardRouter:
         if cached is not None:
             return cached
         finding = find_keys(sql, self.columns, self.omnisharded)
-        if finding.sharded_tables and _COPY.match(sql) is not None:
-            finding = replace(finding, refusal=(
-                FEATURE_NOT_SUPPORTED, f"COPY of a sharded table ({', '.join(finding.sharded_tables)}) is not "
-                                       "supported yet: use INSERT (rows are split by key) or a shard hint"))
+        copy = None
+        if _COPY.match(sql) is not None:
+            copy = parse_copy(sql)
+            if copy is not None and copy.query is not None:
+                inner = find_keys(copy.query, self.columns, self.omnisharded)
+                finding = replace(inner, statement="copy")
+            elif copy is not None:
+                finding = replace(finding, statement="copy")
+            elif finding.sharded_tables or finding.omnisharded_tables:
+                finding = replace(finding, refusal=(
+                    FEATURE_NOT_SUPPORTED, "a COPY of a sharded table other than FROM STDIN or TO STDOUT is not "
+                                           "supported"))
         hints = "shardgate:" in sql.lower()
         hint_shards = shard_hint(sql) if hints else None
         hint_key = sharding_key_hint(sql) if hints else None
@@ -144,7 +156,18 @@ class ShardRouter:
                 merge_sql = None
             if merge_refusal is None:
                 merge_refusal = _nested_refusal(sql)
-        analysis = _Analysis(sql, finding, hint_shards, hint_key, merge, merge_sql, merge_refusal, write)
+        if copy is not None and copy.query is not None and finding.refusal is None:
+            try:
+                merge_sql, merge = plan_select(copy.query)
+            except RoutingError as exc:
+                merge_refusal = (exc.sqlstate, str(exc))
+            if merge_refusal is None and merge is not None and not merge.concatenates:
+                merge_refusal = (FEATURE_NOT_SUPPORTED, "COPY (query) TO STDOUT over several shards only "
+                                 "concatenates rows: ORDER BY, LIMIT, aggregates and DISTINCT need a SELECT")
+            merge, merge_sql = None, None
+        if copy is not None and copy.incoming:
+            write = True
+        analysis = _Analysis(sql, finding, hint_shards, hint_key, merge, merge_sql, merge_refusal, write, copy)
         if len(sql) <= _MAX_CACHED_SQL_LENGTH:
             if len(self._cache) >= _MAX_CACHED:
                 self._cache.pop(next(iter(self._cache)))
@@ -170,6 +193,8 @@ class ShardRouter:
                 if session.key is not None:
                     return self._fanned(analysis, (self._shard_of_value(session.key),),
                                         "SET shardgate.sharding_key", hinted=True)
+            if analysis.copy is not None:
+                return self._copy(analysis, parameters, tenant)
             if finding.insert is not None and not finding.omnisharded_tables:
                 return self._insert(analysis, parameters, tenant)
             if finding.keys is not None and finding.sharded_tables:
@@ -219,6 +244,53 @@ class ShardRouter:
                 return ShardDecision((0,), "refused", refusal=analysis.merge_refusal)
             return ShardDecision(shards, reason, merge=analysis.merge, shard_sql=analysis.merge_sql)
         return ShardDecision(shards, reason, write=write)
+
+    def _copy(self, analysis: _Analysis, parameters: Parameters | None, tenant: str | None) -> ShardDecision:
+        """COPY FROM STDIN into a sharded table: every shard, rows split by key; COPY ... TO STDOUT: the
+        shards its query's key names (every shard without one), rows concatenated."""
+        copy = analysis.copy
+        finding = analysis.finding
+        assert copy is not None
+        everywhere = tuple(range(self.shard_count))
+        if tenant is not None:
+            shard = (self._shard_of_value(tenant),)
+            if copy.incoming and finding.sharded_tables:
+                return ShardDecision((0,), "refused", refusal=(
+                    FEATURE_NOT_SUPPORTED, "COPY FROM STDIN is not available to a client confined to its tenant"))
+            return ShardDecision(shard, "tenant claim", write=copy.incoming)
+        if not copy.incoming:
+            if not finding.sharded_tables:
+                return ShardDecision((0,), "no sharded table", anywhere=True)
+            shards = everywhere
+            if finding.keys is not None:
+                shards = self._shards_of_keys(finding.keys, parameters, None, self._placement(finding))
+            if len(shards) == 1:
+                return ShardDecision(shards, "sharding key in the COPY query")
+            if analysis.merge_refusal is not None:
+                return ShardDecision((0,), "refused", refusal=analysis.merge_refusal)
+            if copy.format == "binary" or copy.header:
+                return ShardDecision((0,), "refused", refusal=(
+                    FEATURE_NOT_SUPPORTED, "COPY TO STDOUT over several shards in binary format or with HEADER "
+                                           "is not supported: each shard would send its own header"))
+            return ShardDecision(shards, "no sharding key: all shards", copy=copy)
+        table = copy.table or ""
+        if table in self.omnisharded:
+            return ShardDecision(everywhere, "omnisharded table: every shard", write=True, copy=copy)
+        if not finding.sharded_tables:
+            return ShardDecision((0,), "no sharded table", anywhere=True)
+        key = _key_of(table, self.columns)
+        if copy.columns is None or key not in copy.columns:
+            return ShardDecision((0,), "refused", refusal=(
+                FEATURE_NOT_SUPPORTED, f"COPY into sharded table {table} needs a column list naming {key}"))
+        return ShardDecision(everywhere, "COPY rows split by sharding key", write=True, copy=copy,
+                             copy_key=copy.columns.index(key))
+
+    def placement_of(self, table: str) -> Placement:
+        """The placement of a table's rows (its [[sharded_tables]] entry, or the table-less one)."""
+        for column in self.columns:
+            if column.table == table:
+                return self.placements[column]
+        return self._first_placement()
 
     def _insert(self, analysis: _Analysis, parameters: Parameters | None, tenant: str | None) -> ShardDecision:
         finding = analysis.finding
@@ -273,6 +345,13 @@ class ShardRouter:
             if column.table is None or column.table in finding.sharded_tables:
                 return column.column
         return self.columns[0].column
+
+
+def _key_of(table: str, columns: Sequence[ShardedColumn]) -> str:
+    for column in columns:
+        if column.table == table:
+            return column.column
+    return next((column.column for column in columns if column.table is None), columns[0].column)
 
 
 def _described(keys: Sequence[KeyRef], parameters: Parameters | None, placement: Placement) -> str:

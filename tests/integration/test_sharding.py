@@ -455,3 +455,37 @@ def test_api_shards_and_metrics(proxy: ProxyFactory, two: dict[str, Any]) -> Non
     with urllib.request.urlopen(shardgate.admin_url + "/metrics", timeout=10) as response:
         metrics = response.read().decode()
     assert 'shardgate_shard_statements_total{database="app",kind="all"}' in metrics
+
+
+def test_copy_in_splits_rows_and_copy_out_streams_from_every_shard(proxy: ProxyFactory, two: dict[str, Any]) -> None:
+    shardgate = _proxy(proxy, two)
+    tenants = list(range(100, 140))
+    with psycopg.connect(shardgate.dsn(), autocommit=True) as conn:
+        with conn.cursor() as cursor:
+            with cursor.copy("COPY orders (tenant_id, id, note) FROM STDIN") as copy:
+                for tenant in tenants:
+                    copy.write_row((tenant, 1, f"copied\t{tenant}"))
+            assert cursor.rowcount == len(tenants)
+            with cursor.copy("COPY orders (id, tenant_id, note) FROM STDIN WITH (FORMAT csv, HEADER true)") as copy:
+                copy.write('id,tenant_id,note\n2,100,"line\nbreak, and ""quotes"""\n2,101,plain\n')
+            assert cursor.rowcount == 2
+            # a row without a key: nothing is copied anywhere
+            with pytest.raises(psycopg.Error, match="tenant_id"), \
+                    cursor.copy("COPY orders (tenant_id, id) FROM STDIN") as copy:
+                copy.write("300\t1\n\\N\t2\n")
+        assert conn.execute("SELECT count(*) FROM orders WHERE tenant_id = 300").fetchone() == (0,)
+        lines = []
+        with conn.cursor() as cursor, \
+                cursor.copy("COPY (SELECT tenant_id, id FROM orders WHERE note LIKE 'copied%') TO STDOUT") as copy:
+            for row in copy.rows():
+                lines.append((int(row[0]), int(row[1])))
+        assert sorted(lines) == [(tenant, 1) for tenant in tenants]
+        assert conn.execute("SELECT 'usable'").fetchone() == ("usable",)
+    for tenant in tenants:
+        shard = _shard_of(two["reference"], tenant, 2)
+        assert _on_shard(two, shard, f"SELECT note FROM orders WHERE tenant_id = {tenant} AND id = 1") == [
+            (f"copied\t{tenant}",)]
+        assert _on_shard(two, 1 - shard, f"SELECT 1 FROM orders WHERE tenant_id = {tenant}") == []
+    shard = _shard_of(two["reference"], 100, 2)
+    assert _on_shard(two, shard, "SELECT note FROM orders WHERE tenant_id = 100 AND id = 2") == [
+        ('line\nbreak, and "quotes"',)]
