@@ -489,3 +489,30 @@ def test_copy_in_splits_rows_and_copy_out_streams_from_every_shard(proxy: ProxyF
     shard = _shard_of(two["reference"], 100, 2)
     assert _on_shard(two, shard, "SELECT note FROM orders WHERE tenant_id = 100 AND id = 2") == [
         ('line\nbreak, and "quotes"',)]
+
+
+def test_a_shard_with_a_replica_serves_its_reads(proxy: ProxyFactory, pg: Any, two: dict[str, Any]) -> None:
+    """Shard 1 gets a streaming replica: with exclude_primary its key's reads (one shard or a fan-out
+    leg) run on the replica, its writes on its primary; shard 0 has none and serves both."""
+    shard1 = two["shards"][1]
+    replica = pg.add_replica("sharding_shard1_replica", primary=shard1)
+    try:
+        from tests.harness import wait_wal
+
+        wait_wal(shard1, [replica])
+        databases = database_entries(two["shards"][0], shard=0) + database_entries(shard1, [replica], shard=1)
+        shardgate = proxy(pool_mode="transaction", pool_size=4, databases=databases, extra_toml=SHARDED,
+                          general={"read_write_split": "exclude_primary", "healthcheck_interval_ms": 200})
+        assert isinstance(shardgate, ProxyProcess)
+        on_one = next(t for t in range(1, 50) if _shard_of(two["reference"], t, 2) == 1)
+        with psycopg.connect(shardgate.dsn(), autocommit=True) as conn:
+            spot = conn.execute("SELECT inet_server_port(), pg_is_in_recovery() FROM orders WHERE tenant_id = %s "
+                                "LIMIT 1", (on_one,)).fetchone()
+            assert spot == (replica.port, True)
+            ports = {row[0] for row in conn.execute("SELECT DISTINCT inet_server_port() FROM orders").fetchall()}
+            assert ports == {two["shards"][0].port, replica.port}
+            cursor = conn.execute("UPDATE orders SET note = note WHERE tenant_id = %s RETURNING inet_server_port()",
+                                  (on_one,))
+            assert {row[0] for row in cursor.fetchall()} == {shard1.port}
+    finally:
+        replica.stop()
