@@ -16,7 +16,7 @@ def build_shard_router(config: Config, database: str, shard_count: int) -> Shard
     columns: list[ShardedColumn] = []
     placements: dict[ShardedColumn, Placement] = {}
     for entry in tables:
-        column = ShardedColumn(entry.column, entry.table)
+        column = ShardedColumn(entry.column, entry.table, data_type=entry.data_type)
         values: dict[int, list[int | str]] = {}
         for listed in entry.values:
             values.setdefault(listed.shard, []).extend(listed.values)

@@ -1,394 +1,1668 @@
-"""What in one SQL statement decides its shard: key values in WHERE, IN, ANY and INSERT VALUES (sqlglot).
-
-Conservative by design: a key is trusted only where it can only restrict rows; anything unsure leaves the
-statement without a key (every shard), and what cannot be answered correctly on shards (a join of sharded
-tables off the key, a key changed by UPDATE) is refused.
-"""
+"""Sharding keys in SQL: the key values one statement is restricted to, found with sqlglot as plain data
+(independent of parameter values, so it can be cached by statement text), and INSERTs split by row."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
-from typing import Any
+import bisect
+import itertools
+import re
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, TypeAlias
 
-import sqlglot
 from sqlglot import exp
+from sqlglot.dialects.postgres import Postgres
+from sqlglot.errors import TokenError
+from sqlglot.tokens import TokenType
 
 FEATURE_NOT_SUPPORTED = "0A000"
+
+# One dialect instance: sqlglot.parse(..., read="postgres") looks the dialect up again on every call.
+_POSTGRES = Postgres()
 
 
 @dataclass(frozen=True, slots=True)
 class ShardedColumn:
-    column: str  # lower-cased unless quoted
-    table: str | None = None  # None: any table (see find_keys)
+    """A sharding key column as configured: of one table, or (table None) of any table that has it."""
+
+    column: str  # lower-cased unless quoted ("TenantId" in double quotes keeps its case)
+    table: str | None = None  # None: any table that has this column
+    data_type: str | None = None  # bigint | integer | text | uuid: which casts of the column keep keys apart
 
 
 @dataclass(frozen=True, slots=True)
 class Literal:
-    text: str | None  # the literal's value as text; None for NULL
+    """A key written in the SQL: its value as text (quotes removed, E'' escapes resolved, numbers as
+    written, e.g. "-42"); None for NULL."""
+
+    text: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class Param:
-    number: int  # $n, 1-based
+    """A key given as parameter $number (1-based)."""
+
+    number: int
 
 
 @dataclass(frozen=True, slots=True)
 class ParamArray:
-    number: int  # key = ANY($n): every element of the array parameter
+    """key = ANY($number): every element of the array parameter is a key."""
+
+    number: int
 
 
-KeyRef = Literal | Param | ParamArray
+KeyRef: TypeAlias = Literal | Param | ParamArray
+Keys: TypeAlias = tuple[KeyRef, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class InsertPlan:
-    rows: tuple[KeyRef, ...]  # the key of each VALUES row, in order
+    """INSERT ... VALUES into a sharded table: the key of each VALUES row, in order."""
+
+    rows: tuple[KeyRef, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class KeyFinding:
+    """What decides one statement's shards.
+
+    `keys` None: no key restricts it (all shards); otherwise it touches only the shards of these values
+    (a union). `refusal` (sqlstate, message): the statement cannot be answered correctly on shards."""
+
     statement: str  # "select" | "insert" | "update" | "delete" | "other"
-    keys: tuple[KeyRef, ...] | None  # None: no key restricts it; else only the shards of these values
+    keys: Keys | None
     sharded_tables: tuple[str, ...]
     omnisharded_tables: tuple[str, ...]
     insert: InsertPlan | None = None
     refusal: tuple[str, str] | None = None
+    parsed: bool = True  # False: sqlglot could not parse it; the tables are configured names its words match
 
 
-_KINDS: dict[type, str] = {exp.Select: "select", exp.Insert: "insert", exp.Update: "update",
-                                            exp.Delete: "delete", exp.Union: "select", exp.Intersect: "select",
-                                            exp.Except: "select"}
+class _Refused(Exception):
+    """Ends the analysis of a statement that cannot be answered correctly on shards (0A000)."""
 
 
-def _name(identifier: Any) -> str:
-    if identifier is None:
-        return ""
-    text = identifier.name
-    return text if isinstance(identifier, exp.Identifier) and identifier.quoted else text.lower()
-
-
-def _table_name(table: exp.Table) -> str:
-    return _name(table.this)
-
-
-class _Scope:
-    """The sharded tables one SELECT/UPDATE/DELETE reads directly, by the names its columns use for them."""
-
-    def __init__(self, node: Any, columns: Sequence[ShardedColumn], omni: Collection[str],
-                 ctes: set[str]) -> None:
-        self.node = node
-        self.by_alias: dict[str, tuple[str, str]] = {}  # alias or name -> (table, key column)
-        tables: list[exp.Table] = []
-        if isinstance(node, exp.Update | exp.Delete) and isinstance(node.this, exp.Table):
-            tables.append(node.this)
-        from_ = node.args.get("from_") or node.args.get("from")
-        if from_ is not None and isinstance(from_.this, exp.Table):
-            tables.append(from_.this)
-        for join in node.args.get("joins") or []:
-            if isinstance(join.this, exp.Table):
-                tables.append(join.this)
-        for using in node.args.get("using") or []:
-            if isinstance(using, exp.Table):
-                tables.append(using)
-        for table in tables:
-            name = _table_name(table)
-            if name in ctes or name in omni:
-                continue
-            column = _key_column(name, columns)
-            if column is None:
-                continue
-            alias = _alias(table) or name
-            self.by_alias[alias] = (name, column)
-
-    def is_key(self, column: Any) -> str | None:
-        """The table whose sharding key `column` is, or None."""
-        if not isinstance(column, exp.Column):
-            return None
-        name = _name(column.this)
-        qualifier = _name(column.args.get("table")) if column.args.get("table") is not None else ""
-        if qualifier:
-            found = self.by_alias.get(qualifier)
-            return found[0] if found is not None and found[1] == name else None
-        matches = [table for table, key in self.by_alias.values() if key == name]
-        return matches[0] if matches else None
-
-
-def _alias(table: Any) -> str:
-    alias = table.args.get("alias")
-    return _name(alias.this) if alias is not None else ""
-
-
-def _cte_names(trees: Sequence[Any]) -> set[str]:
-    return {_alias(cte) for tree in trees for cte in tree.find_all(exp.CTE)} - {""}
-
-
-def _key_column(table: str, columns: Sequence[ShardedColumn]) -> str | None:
-    for column in columns:
-        if column.table == table:
-            return column.column
-    for column in columns:
-        if column.table is None:
-            return column.column
-    return None
-
-
-def _value(node: Any) -> KeyRef | None:
-    """A literal, NULL or $n (through casts and parentheses), else None."""
-    while isinstance(node, exp.Cast | exp.Paren):
-        node = node.this
-    if isinstance(node, exp.Null):
-        return Literal(None)
-    if isinstance(node, exp.Literal):
-        return Literal(str(node.this))
-    if isinstance(node, exp.Neg) and isinstance(node.this, exp.Literal) and not node.this.is_string:
-        return Literal("-" + str(node.this.this))
-    if isinstance(node, exp.Parameter) and isinstance(node.this, exp.Literal):
-        try:
-            return Param(int(node.this.this))
-        except ValueError:
-            return None
-    return None
-
-
-def _any_values(node: Any) -> tuple[KeyRef, ...] | None:
-    """The values of `= ANY(...)`: an array parameter, ARRAY[...] or an array literal '{...}'."""
-    inner = node.this
-    while isinstance(inner, exp.Paren | exp.Cast):
-        inner = inner.this
-    if isinstance(inner, exp.Parameter):
-        found = _value(inner)
-        return (ParamArray(found.number),) if isinstance(found, Param) else None
-    if isinstance(inner, exp.Array):
-        values = [_value(item) for item in inner.expressions]
-        return None if any(v is None for v in values) else tuple(v for v in values if v is not None)
-    if isinstance(inner, exp.Literal) and inner.is_string:
-        text = str(inner.this).strip()
-        if not (text.startswith("{") and text.endswith("}")) or '"' in text:
-            return None
-        body = text[1:-1].strip()
-        return tuple(Literal(part.strip()) for part in body.split(",")) if body else ()
-    return None
-
-
-def _keys_of(condition: Any, scope: _Scope) -> tuple[KeyRef, ...] | None:
-    """The key values `condition` restricts the scope's sharded rows to, or None."""
-    if condition is None:
-        return None
-    if isinstance(condition, exp.Where):
-        return _keys_of(condition.this, scope)
-    if isinstance(condition, exp.Paren):
-        return _keys_of(condition.this, scope)
-    if isinstance(condition, exp.And):
-        left = _keys_of(condition.this, scope)
-        return left if left is not None else _keys_of(condition.expression, scope)
-    if isinstance(condition, exp.Or):
-        left = _keys_of(condition.this, scope)
-        right = _keys_of(condition.expression, scope)
-        return None if left is None or right is None else left + right
-    if isinstance(condition, exp.EQ):
-        for column, other in ((condition.this, condition.expression), (condition.expression, condition.this)):
-            if scope.is_key(column) is None:
-                continue
-            if isinstance(other, exp.Any):
-                return _any_values(other)
-            found = _value(other)
-            if found is not None:
-                return (found,)
-        return None
-    if isinstance(condition, exp.In) and scope.is_key(condition.this) is not None:
-        if condition.args.get("query") is not None or not condition.expressions:
-            return None
-        values = [_value(item) for item in condition.expressions]
-        return None if any(v is None for v in values) else tuple(v for v in values if v is not None)
-    return None
-
-
-def _joined_on_key(scope: _Scope, node: Any) -> bool:
-    """Every sharded table of the scope is joined to the others on the sharding key (colocated)."""
-    tables = {table for table, _ in scope.by_alias.values()}
-    if len(scope.by_alias) < 2:
-        return True
-    linked: dict[str, set[str]] = {alias: set() for alias in scope.by_alias}
-    conditions: list[Any] = []
-    where = node.args.get("where")
-    if where is not None:
-        conditions.append(where)
-    for join in node.args.get("joins") or []:
-        on = join.args.get("on")
-        if on is not None:
-            conditions.append(on)
-    for condition in conditions:
-        for equality in condition.find_all(exp.EQ):
-            left, right = equality.this, equality.expression
-            if not (isinstance(left, exp.Column) and isinstance(right, exp.Column)):
-                continue
-            a = _name(left.args.get("table")) if left.args.get("table") is not None else ""
-            b = _name(right.args.get("table")) if right.args.get("table") is not None else ""
-            if a in scope.by_alias and b in scope.by_alias and scope.is_key(left) and scope.is_key(right):
-                linked[a].add(b)
-                linked[b].add(a)
-    aliases = list(scope.by_alias)
-    for join in node.args.get("joins") or []:
-        using = [_name(column) for column in join.args.get("using") or []]
-        joined = join.this
-        if isinstance(joined, exp.Table) and using:
-            alias = _alias(joined) or _table_name(joined)
-            if alias in linked and scope.by_alias[alias][1] in using:
-                for other in aliases:
-                    if other != alias and scope.by_alias[other][1] in using:
-                        linked[alias].add(other)
-                        linked[other].add(alias)
-    start = aliases[0]
-    seen, todo = {start}, [start]
-    while todo:
-        for neighbour in linked[todo.pop()]:
-            if neighbour not in seen:
-                seen.add(neighbour)
-                todo.append(neighbour)
-    return len(seen) == len(linked) or len(tables) < 1
+# --- public entry points ----------------------------------------------------------------------------
 
 
 def find_keys(sql: str, sharded: Sequence[ShardedColumn], omnisharded: Collection[str]) -> KeyFinding:
+    """The sharding keys that restrict `sql` (one or more statements), the sharded and omnisharded tables
+    it touches, and a refusal when running it on shards could give a wrong answer."""
+    catalog = _Catalog(sharded, omnisharded)
     try:
-        statements = sqlglot.parse(sql, read="postgres")
-    except (sqlglot.errors.SqlglotError, ValueError, RecursionError):
+        statements = _parse(sql)
+    except Exception:  # ParseError, TokenError, RecursionError on deep nesting: the caller decides
+        return _unparsed(sql, catalog)
+    results: list[_Result] = []
+    for statement in statements:
+        analyzer = _Analyzer(catalog)
+        try:
+            results.append(analyzer.statement(statement))
+        except _Refused as refused:
+            return KeyFinding(analyzer.kind, None, tuple(analyzer.sharded), tuple(analyzer.omnisharded),
+                              refusal=(FEATURE_NOT_SUPPORTED, str(refused)))
+        except RecursionError:
+            return _unparsed(sql, catalog)
+    if not results:
         return KeyFinding("other", None, (), ())
-    statements = [s for s in statements if s is not None]
-    if len(statements) != 1:
-        return KeyFinding("other", None, _sharded_names(statements, sharded, omnisharded),
-                          _omni_names(statements, omnisharded))
-    tree: Any = statements[0]
-    kind = _KINDS.get(type(tree), "other")
-    sharded_tables = _sharded_names([tree], sharded, omnisharded)
-    omni_tables = _omni_names([tree], omnisharded)
-    if not sharded_tables:
-        return KeyFinding(kind, None, (), omni_tables)
-    if kind == "insert":
-        return _insert(tree, sharded, omnisharded, sharded_tables, omni_tables)
-    if kind == "other":
-        return KeyFinding(kind, None, sharded_tables, omni_tables)
-    ctes = _cte_names([tree])
-    if isinstance(tree, exp.Update):
-        for assignment in tree.expressions:
-            target = assignment.this if isinstance(assignment, exp.EQ) else None
-            scope = _Scope(tree, sharded, omnisharded, ctes)
-            if target is not None and isinstance(target, exp.Column) and _name(target.this) in {
-                    key for _, key in scope.by_alias.values()}:
-                return KeyFinding(kind, None, sharded_tables, omni_tables,
-                                  refusal=(FEATURE_NOT_SUPPORTED, f"UPDATE cannot change the sharding key "
-                                           f"{_name(target.this)}: the row would have to move to another shard"))
-    union: list[KeyRef] = []
-    restricted = True
-    nodes: list[Any] = [tree, *(n for n in tree.find_all(exp.Select, exp.Update, exp.Delete) if n is not tree)]
-    for node in nodes:
-        scope = _Scope(node, sharded, omnisharded, ctes)
-        if not scope.by_alias:
-            continue
-        if not _joined_on_key(scope, node):
-            names = sorted({table for table, _ in scope.by_alias.values()})
-            key_names = sorted({key for _, key in scope.by_alias.values()})
-            return KeyFinding(kind, None, sharded_tables, omni_tables, refusal=(
-                FEATURE_NOT_SUPPORTED, f"a join of {' and '.join(names)} that is not on the sharding key "
-                                       f"({', '.join(key_names)}) would need rows from several shards: join on the key"))
-        keys = _keys_of(node.args.get("where"), scope)
-        if keys is None:
-            restricted = False
-        else:
-            union.extend(keys)
-    return KeyFinding(kind, tuple(union) if restricted else None, sharded_tables, omni_tables)
-
-
-def _tables_in(trees: Sequence[Any]) -> list[str]:
-    return [_table_name(table) for tree in trees for table in tree.find_all(exp.Table) if table.name]
-
-
-def _sharded_names(trees: Sequence[Any], columns: Sequence[ShardedColumn],
-                   omni: Collection[str]) -> tuple[str, ...]:
-    ctes = _cte_names(trees)
-    names = []
-    for name in _tables_in(trees):
-        if name in ctes or name in omni or name in names:
-            continue
-        if _key_column(name, columns) is not None:
-            names.append(name)
-    return tuple(names)
-
-
-def _omni_names(trees: Sequence[Any], omni: Collection[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(name for name in _tables_in(trees) if name in omni))
-
-
-def _insert(tree: Any, columns: Sequence[ShardedColumn], omni: Collection[str],
-            sharded_tables: tuple[str, ...], omni_tables: tuple[str, ...]) -> KeyFinding:
-    target = tree.this
-    schema = target if isinstance(target, exp.Schema) else None
-    table = schema.this if schema is not None else target
-    if not isinstance(table, exp.Table):
-        return KeyFinding("insert", None, sharded_tables, omni_tables)
-    name = _table_name(table)
-    key = _key_column(name, columns) if name not in omni else None
-    if key is None:  # into an unsharded or omnisharded table (maybe reading sharded ones)
-        source = tree.expression
-        if isinstance(source, exp.Select | exp.Union) and _sharded_names([source], columns, omni):
-            return KeyFinding("insert", None, sharded_tables, omni_tables, refusal=(
-                FEATURE_NOT_SUPPORTED, f"INSERT into {name} from a SELECT of sharded tables is not supported"))
-        return KeyFinding("insert", None, (), omni_tables)
-    def refuse(message: str) -> KeyFinding:
-        return KeyFinding("insert", None, (name,), omni_tables, refusal=(FEATURE_NOT_SUPPORTED, message))
-    names = [_name(c) for c in schema.expressions] if schema is not None else []
-    if key not in names:
-        if schema is None:
-            return refuse(f"INSERT into sharded table {name} needs a column list naming {key}")
-        return refuse(f"no sharding key in INSERT into {name}: add column {key} or a /* shardgate: shard=N */ hint")
-    position = names.index(key)
-    conflict = tree.args.get("conflict")
-    if conflict is not None:
-        for assignment in conflict.find_all(exp.EQ):
-            if isinstance(assignment.this, exp.Column) and _name(assignment.this.this) == key and (
-                    assignment.find_ancestor(exp.OnConflict) is conflict and assignment.parent is not None
-                    and not isinstance(assignment.parent, exp.Where)):
-                return refuse(f"ON CONFLICT DO UPDATE cannot change the sharding key {key}")
-    source = tree.expression
-    if not isinstance(source, exp.Values):
-        return refuse(f"INSERT into sharded table {name} from a query is not supported: use VALUES with {key}")
-    rows: list[KeyRef] = []
-    for index, row in enumerate(source.expressions):
-        values = row.expressions if isinstance(row, exp.Tuple) else [row]
-        if position >= len(values):
-            return refuse(f"row {index + 1} of the INSERT into {name} has no value for {key}")
-        found = _value(values[position])
-        if found is None:
-            return refuse(f"the sharding key of row {index + 1} of the INSERT into {name} is an expression: "
-                          f"give {key} as a literal or a parameter")
-        rows.append(found)
-    return KeyFinding("insert", tuple(rows), (name,), omni_tables, insert=InsertPlan(tuple(rows)))
+    if len(results) == 1:
+        return results[0].finding
+    return _combine(results)
 
 
 def split_insert(sql: str, groups: Sequence[Sequence[int]]) -> list[tuple[str, tuple[int, ...]]]:
-    """The INSERT ... VALUES once per group of row indexes: its SQL with only those rows, parameters
-    renumbered from $1, and the original parameter numbers in their new order."""
-    tree = sqlglot.parse_one(sql, read="postgres")
-    total = len(tree.expression.expressions)
-    out: list[tuple[str, tuple[int, ...]]] = []
+    """An INSERT ... VALUES statement rewritten once per group of row indexes (0-based, into
+    InsertPlan.rows): each result is the SQL text with only those rows, parameters renumbered from $1,
+    and the original parameter numbers in their new order (new $k is original number result[1][k-1]).
+
+    Everything else (WITH, column list, ON CONFLICT, RETURNING, comments) is kept as the client wrote it,
+    and so is every value of the rows kept: the text is cut at the rows sqlglot's tokens delimit (the
+    tree regenerated by sqlglot only if those cannot be found). One group of every row returns the text
+    unchanged, with parameters in their own order."""
+    try:
+        statements = _parse(sql)
+    except TokenError:
+        raise ValueError("split_insert: the statement cannot be tokenized") from None
+    if len(statements) != 1 or not isinstance(statements[0], exp.Insert):
+        raise ValueError("split_insert: not a single INSERT statement")
+    insert = statements[0]
+    values = insert.args.get("expression")
+    if not isinstance(values, exp.Values):
+        raise ValueError("split_insert: not an INSERT ... VALUES statement")
+    row_count = len(values.expressions)
     for group in groups:
-        if len(group) == total and list(group) == list(range(total)):
-            numbers = sorted({int(p.this.this) for p in tree.find_all(exp.Parameter)
-                              if isinstance(p.this, exp.Literal)})
-            out.append((sql, tuple(numbers)))
+        if not group or any(not 0 <= index < row_count for index in group):
+            raise ValueError(f"split_insert: row indexes must be non-empty and in 0..{row_count - 1}")
+    tokens = _tokens(sql)
+    parameters = _parameter_tokens(tokens)
+    if len(groups) == 1 and sorted(groups[0]) == list(range(row_count)):
+        highest = max((number for _, _, number in parameters), default=0)
+        return [(sql, tuple(range(1, highest + 1)))]
+    spans = _row_spans(tokens, row_count)
+    if spans is None:
+        return [_regenerated(insert, group) for group in groups]
+    head = (0, spans[0][0])
+    tail = (spans[-1][1], len(sql))
+    return [_spliced(sql, [head, *(spans[index] for index in group), tail], parameters) for group in groups]
+
+
+# --- parsing ----------------------------------------------------------------------------------------
+
+
+def _parse(sql: str) -> list[exp.Expr]:
+    try:
+        parsed = _POSTGRES.parse(sql)
+    except TokenError:
+        # sqlglot reads `$1,$2` as the start of a dollar quote: a space after each parameter avoids that.
+        parsed = _POSTGRES.parse(_space_parameters(sql)[0])
+    return [statement for statement in parsed if statement is not None and not isinstance(statement, exp.Semicolon)]
+
+
+_MARK_RE = re.compile(r"""'|"|--|/\*|\$""")
+_PARAMETER_RE = re.compile(r"\$[0-9]+")
+_DOLLAR_TAG_RE = re.compile(r"\$(?:[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_\x80-\U0010ffff]*)?\$")
+_IDENT_CHAR_RE = re.compile(r"[A-Za-z0-9_$\x80-\U0010ffff]")
+_ESCAPE_BODY_RE = re.compile(r"(?:[^'\\]++|''|\\.)*+", re.DOTALL)
+_QUOTED_BODY_RE = {"'": re.compile(r"(?:[^']++|'')*+"), '"': re.compile(r'(?:[^"]++|"")*+')}
+_COMMENT_MARK_RE = re.compile(r"/\*|\*/")
+
+
+def _space_parameters(sql: str) -> tuple[str, list[int]]:
+    """`sql` with a space after every $n parameter that has none (outside strings, identifiers, comments
+    and dollar quotes), and where in `sql` the spaces went."""
+    pieces: list[str] = []
+    inserted: list[int] = []
+    pos = done = 0
+    while (mark := _MARK_RE.search(sql, pos)) is not None:
+        at, text = mark.start(), mark.group()
+        if text in ("'", '"'):
+            escaped = text == "'" and at > 0 and sql[at - 1] in "eE" and (
+                at < 2 or _IDENT_CHAR_RE.match(sql[at - 2]) is None)
+            body = (_ESCAPE_BODY_RE if escaped else _QUOTED_BODY_RE[text]).match(sql, at + 1)
+            pos = (body.end() if body is not None else at + 1) + 1
+        elif text == "--":
+            newline = sql.find("\n", at)
+            pos = len(sql) if newline < 0 else newline + 1
+        elif text == "/*":
+            pos = _comment_end(sql, at)
+        elif at > 0 and _IDENT_CHAR_RE.match(sql[at - 1]) is not None:
+            pos = at + 1  # a '$' inside an identifier (a$1)
+        elif (parameter := _PARAMETER_RE.match(sql, at)) is not None:
+            pos = parameter.end()
+            if pos < len(sql) and not sql[pos].isspace():
+                pieces.append(sql[done:pos])
+                pieces.append(" ")
+                inserted.append(pos)
+                done = pos
+        elif (tag := _DOLLAR_TAG_RE.match(sql, at)) is not None:
+            close = sql.find(tag.group(), tag.end())
+            pos = len(sql) if close < 0 else close + len(tag.group())
+        else:
+            pos = at + 1
+    pieces.append(sql[done:])
+    return "".join(pieces), inserted
+
+
+def _comment_end(sql: str, pos: int) -> int:
+    """End of the block comment opening at `pos`; PostgreSQL block comments nest."""
+    depth = 0
+    while (mark := _COMMENT_MARK_RE.search(sql, pos)) is not None:
+        depth += 1 if mark.group() == "/*" else -1
+        pos = mark.end()
+        if depth == 0:
+            return pos
+    return len(sql)
+
+
+class _Token(NamedTuple):
+    kind: TokenType
+    text: str
+    start: int  # in the client's text
+    stop: int  # exclusive
+
+
+def _tokens(sql: str) -> list[_Token]:
+    """sqlglot's tokens of `sql`, placed in `sql` even when parameters had to be spaced out to tokenize."""
+    try:
+        return [_Token(t.token_type, t.text, t.start, t.end + 1) for t in _POSTGRES.tokenize(sql)]
+    except TokenError:
+        spaced, inserted = _space_parameters(sql)
+    shifted = [position + count for count, position in enumerate(inserted)]  # the spaces, in `spaced`
+
+    def placed(position: int) -> int:
+        return position - bisect.bisect_left(shifted, position)
+
+    return [_Token(t.token_type, t.text, placed(t.start), placed(t.end + 1)) for t in _POSTGRES.tokenize(spaced)]
+
+
+def _unparsed(sql: str, catalog: _Catalog) -> KeyFinding:
+    """A statement sqlglot cannot parse: no keys, and the configured tables its words name."""
+    sharded: dict[str, None] = {}
+    omnisharded: dict[str, None] = {}
+    try:
+        tokens = _tokens(sql)
+    except Exception:
+        tokens = []
+    for token in tokens:
+        if token.kind == TokenType.VAR:
+            name = token.text.lower()
+        elif token.kind == TokenType.IDENTIFIER:
+            name = token.text
+        else:
             continue
-        copy = tree.copy()
-        values = copy.expression
-        values.set("expressions", [values.expressions[index] for index in group])
-        order: list[int] = []
-        renumbered: dict[int, int] = {}
-        for parameter in list(copy.find_all(exp.Parameter)):
-            if not isinstance(parameter.this, exp.Literal):
+        for _, role in catalog.tables.get(name, ()):
+            (sharded if role.kind == "sharded" else omnisharded).setdefault(role.name, None)
+    return KeyFinding("other", None, tuple(sharded), tuple(omnisharded), parsed=False)
+
+
+# --- split_insert helpers ---------------------------------------------------------------------------
+
+
+def _parameter_tokens(tokens: list[_Token]) -> list[tuple[int, int, int]]:
+    """(start, end exclusive, number) of every $n in the text, from sqlglot's tokens ('$' then a number)."""
+    found = []
+    for previous, token in itertools.pairwise(tokens):
+        if (previous.kind == TokenType.PARAMETER and token.kind == TokenType.NUMBER
+                and token.start == previous.stop and token.text.isdigit()):
+            found.append((previous.start, token.stop, int(token.text)))
+    return found
+
+
+def _row_spans(tokens: list[_Token], row_count: int) -> list[tuple[int, int]] | None:
+    """Character spans (start, end exclusive) of the VALUES rows of the top-level INSERT; None when the
+    tokens do not show exactly `row_count` rows."""
+    depth = 0
+    index = 0
+    seen_insert = False
+    while index < len(tokens):
+        kind = tokens[index].kind
+        if kind == TokenType.L_PAREN:
+            depth += 1
+        elif kind == TokenType.R_PAREN:
+            depth -= 1
+        elif depth == 0 and kind == TokenType.INSERT:
+            seen_insert = True
+        elif depth == 0 and seen_insert and kind == TokenType.VALUES:
+            break
+        index += 1
+    spans: list[tuple[int, int]] = []
+    index += 1
+    while index < len(tokens) and tokens[index].kind == TokenType.L_PAREN:
+        start = tokens[index].start
+        depth = 0
+        while index < len(tokens):
+            kind = tokens[index].kind
+            depth += 1 if kind == TokenType.L_PAREN else -1 if kind == TokenType.R_PAREN else 0
+            if depth == 0:
+                break
+            index += 1
+        if index >= len(tokens):
+            return None
+        spans.append((start, tokens[index].stop))
+        index += 1
+        if index < len(tokens) and tokens[index].kind == TokenType.COMMA:
+            index += 1
+        else:
+            break
+    return spans if len(spans) == row_count else None
+
+
+def _spliced(text: str, pieces: list[tuple[int, int]], parameters: list[tuple[int, int, int]]
+             ) -> tuple[str, tuple[int, ...]]:
+    """The text of `pieces` (head, rows, tail spans), rows joined by ", ", parameters renumbered in order."""
+    order: dict[int, int] = {}
+    out: list[str] = []
+    last = len(pieces) - 1
+    for position, (start, end) in enumerate(pieces):
+        if 1 < position < last:
+            out.append(", ")
+        cursor = start
+        for at, stop, number in parameters:
+            if start <= at and stop <= end:
+                out.append(text[cursor:at])
+                out.append(f"${order.setdefault(number, len(order) + 1)}")
+                cursor = stop
+        out.append(text[cursor:end])
+    return "".join(out), tuple(order)
+
+
+def _regenerated(insert: exp.Insert, group: Sequence[int]) -> tuple[str, tuple[int, ...]]:
+    """The INSERT with only the rows of `group`, regenerated from the parsed tree (sqlglot postgres)."""
+    copy = insert.copy()
+    values = copy.args["expression"]
+    rows = values.expressions
+    values.set("expressions", [rows[index] for index in group])
+    order: dict[int, int] = {}
+    for node in copy.walk():
+        if isinstance(node, exp.Parameter) and isinstance(node.this, exp.Literal) and node.this.name.isdigit():
+            number = order.setdefault(int(node.this.name), len(order) + 1)
+            node.set("this", exp.Literal.number(number))
+    return copy.sql(dialect=_POSTGRES), tuple(order)
+
+
+# --- tables -----------------------------------------------------------------------------------------
+
+
+def _ident(identifier: exp.Expr | None) -> str:
+    """An identifier as PostgreSQL resolves it: unquoted lower-cased."""
+    if not isinstance(identifier, exp.Identifier):
+        return identifier.name.lower() if identifier is not None else ""
+    return identifier.name if identifier.quoted else identifier.name.lower()
+
+
+def _config_part(part: str) -> str:
+    part = part.strip()
+    if len(part) >= 2 and part[0] == '"' and part[-1] == '"':
+        return part[1:-1].replace('""', '"')
+    return part.lower()
+
+
+def _config_name(name: str) -> tuple[str | None, str]:
+    """(schema or None, table) of a configured table name."""
+    parts = [_config_part(part) for part in name.split(".")]
+    return (parts[-2] if len(parts) > 1 else None), parts[-1]
+
+
+_CATALOG_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Role:
+    """What a table reference is: sharded (by `column`), omnisharded, or other (on every shard, unknown)."""
+
+    kind: str  # "sharded" | "omnisharded" | "other"
+    name: str  # as reported: the configured name, or the table's own for "any table with the column"
+    column: str = ""
+    data_type: str | None = None
+
+
+class _Catalog:
+    """The configured tables, looked up by the name a statement uses (schema-qualified or not)."""
+
+    def __init__(self, sharded: Sequence[ShardedColumn], omnisharded: Collection[str]) -> None:
+        self.tables: dict[str, list[tuple[str | None, _Role]]] = {}
+        self.any_column: ShardedColumn | None = None
+        for column in sharded:
+            if column.table is None:
+                self.any_column = self.any_column or column
                 continue
-            original = int(parameter.this.this)
-            if original not in renumbered:
-                order.append(original)
-                renumbered[original] = len(order)
-            parameter.set("this", exp.Literal.number(renumbered[original]))
-        out.append((copy.sql(dialect="postgres"), tuple(order)))
-    return out
+            schema, table = _config_name(column.table)
+            role = _Role("sharded", column.table, _config_part(column.column), column.data_type)
+            self.tables.setdefault(table, []).append((schema, role))
+        for name in omnisharded:
+            schema, table = _config_name(name)
+            self.tables.setdefault(table, []).append((schema, _Role("omnisharded", name)))
+
+    def role(self, table: exp.Table) -> _Role:
+        name = _ident(table.this)
+        schema = _ident(table.args.get("db")) if table.args.get("db") is not None else None
+        for configured_schema, role in self.tables.get(name, ()):
+            if configured_schema is None or schema is None or configured_schema == schema:
+                return role
+        if schema in _CATALOG_SCHEMAS or (schema is None and name.startswith("pg_")):
+            return _Role("other", name)
+        if self.any_column is not None:
+            column = self.any_column
+            return _Role("sharded", name, _config_part(column.column), column.data_type)
+        return _Role("other", name)
+
+
+# --- key values -------------------------------------------------------------------------------------
+
+_INTEGER_RE = re.compile(r"-?[0-9]+")
+_ARRAY_WEIGHT = 1000  # an array parameter may hold many keys: any explicit list is narrower
+_TEXT_TYPES = frozenset({exp.DataType.Type.TEXT, exp.DataType.Type.VARCHAR})
+_INTEGER_TYPES = frozenset({exp.DataType.Type.BIGINT, exp.DataType.Type.INT, exp.DataType.Type.SMALLINT,
+                            exp.DataType.Type.DECIMAL})
+_PADDING_TYPES = frozenset({exp.DataType.Type.CHAR, exp.DataType.Type.NCHAR, exp.DataType.Type.NAME})
+
+
+def _is_array_type(to: exp.Expr | None) -> bool:
+    return isinstance(to, exp.DataType) and to.this == exp.DataType.Type.ARRAY
+
+
+def _value_cast_keeps(to: exp.Expr | None) -> bool:
+    """A cast of a key value that keeps it: no length or precision (varchar(3) would truncate it)."""
+    return isinstance(to, exp.DataType) and not to.expressions and to.this not in _PADDING_TYPES
+
+
+def _column_cast_keeps(to: exp.Expr | None, data_type: str | None) -> bool:
+    """A cast of the key column under which two different keys stay different (text does for every key
+    type; bigint does for integers, not for text: '05'::bigint = '5'::bigint)."""
+    if not isinstance(to, exp.DataType) or (to.expressions and to.this != exp.DataType.Type.DECIMAL):
+        return False
+    if to.this in _TEXT_TYPES:
+        return True
+    kind = (data_type or "").lower()
+    if kind in ("bigint", "integer"):
+        return to.this in _INTEGER_TYPES
+    return kind == "uuid" and to.this == exp.DataType.Type.UUID
+
+
+def _key_ref(value: exp.Expr, cast: bool = False) -> KeyRef | None:
+    """The key a value expression stands for: a literal, NULL or $n (through parentheses and casts)."""
+    if isinstance(value, exp.Paren):
+        return _key_ref(value.this, cast)
+    if isinstance(value, exp.Cast):
+        if not _value_cast_keeps(value.args.get("to")):
+            return None
+        return _key_ref(value.this, True)
+    if isinstance(value, exp.Literal):
+        if value.is_string:
+            return Literal(value.this)
+        # A cast of 5.7 to an integer type rounds it: only integers keep their text under a cast.
+        return Literal(value.this) if not cast or _INTEGER_RE.fullmatch(value.this) else None
+    if isinstance(value, exp.Neg) and isinstance(value.this, exp.Literal) and not value.this.is_string:
+        text = "-" + value.this.this
+        return Literal(text) if not cast or _INTEGER_RE.fullmatch(text) else None
+    if isinstance(value, (exp.ByteString, exp.RawString)):  # E'...' (escapes resolved) and $$...$$
+        return Literal(value.this)
+    if isinstance(value, exp.Null):
+        return Literal(None)
+    return _parameter(value)
+
+
+def _parameter(value: exp.Expr) -> Param | None:
+    if isinstance(value, exp.Parameter) and isinstance(value.this, exp.Literal) and value.this.this.isdigit():
+        return Param(int(value.this.this))
+    return None
+
+
+def _array_keys(value: exp.Expr) -> Keys | None:
+    """The keys of `key = ANY(value)`: an array parameter, ARRAY[...] or a '{...}' literal (NULLs, which
+    match no row, left out)."""
+    while isinstance(value, (exp.Paren, exp.Cast)):
+        if isinstance(value, exp.Cast) and not _is_array_type(value.args.get("to")):
+            return None
+        value = value.this
+    parameter = _parameter(value)
+    if parameter is not None:
+        return (ParamArray(parameter.number),)
+    if isinstance(value, exp.Array):
+        refs = [_key_ref(element) for element in value.expressions]
+        if any(ref is None for ref in refs):
+            return None
+        return _distinct(ref for ref in refs if ref is not None and ref != Literal(None))
+    if isinstance(value, exp.Literal) and value.is_string:
+        elements = _array_elements(value.this)
+        if elements is None:
+            return None
+        return _distinct(Literal(element) for element in elements if element is not None)
+    return None
+
+
+def _array_elements(text: str) -> list[str | None] | None:
+    """The elements of a one-dimensional array literal `{1,2,"a b"}` (NULL as None); None if malformed."""
+    text = text.strip()
+    if len(text) < 2 or text[0] != "{" or text[-1] != "}":
+        return None
+    body = text[1:-1]
+    elements: list[str | None] = []
+    pos, length = 0, len(body)
+    while pos < length:
+        while pos < length and body[pos].isspace():
+            pos += 1
+        if pos < length and body[pos] == '"':
+            pos += 1
+            chars: list[str] = []
+            while pos < length and body[pos] != '"':
+                if body[pos] == "\\" and pos + 1 < length:
+                    pos += 1
+                chars.append(body[pos])
+                pos += 1
+            if pos >= length:
+                return None
+            pos += 1
+            elements.append("".join(chars))
+        else:
+            end = body.find(",", pos)
+            end = length if end < 0 else end
+            element = body[pos:end].strip()
+            if not element or "{" in element or '"' in element or "\\" in element:
+                return None
+            elements.append(None if element.upper() == "NULL" else element)
+            pos = end
+        while pos < length and body[pos].isspace():
+            pos += 1
+        if pos < length:
+            if body[pos] != ",":
+                return None
+            pos += 1
+    return elements
+
+
+def _distinct(refs: Iterable[KeyRef]) -> Keys:
+    return tuple(dict.fromkeys(refs))
+
+
+def _weight(keys: Keys) -> int:
+    return sum(_ARRAY_WEIGHT if isinstance(key, ParamArray) else 1 for key in keys)
+
+
+def _narrowest(left: Keys | None, right: Keys | None) -> Keys | None:
+    """Of two restrictions of the same rows (both hold), the one naming fewer keys."""
+    if left is None:
+        return right
+    if right is None:
+        return left
+    return left if _weight(left) <= _weight(right) else right
+
+
+Restriction: TypeAlias = dict[int, Keys]  # node index -> the keys its rows are restricted to
+
+
+def _both(left: Restriction, right: Restriction) -> Restriction:
+    """AND: each side's restriction holds; where both restrict a node, the narrower one."""
+    merged = dict(left)
+    for index, keys in right.items():
+        merged[index] = _narrowest(merged.get(index), keys) or keys
+    return merged
+
+
+def _either(left: Restriction, right: Restriction) -> Restriction:
+    """OR: only nodes both sides restrict stay restricted, to the union of their keys."""
+    return {index: _distinct((*keys, *right[index])) for index, keys in left.items() if index in right}
+
+
+# --- scopes -----------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Node:
+    """A key variable: the key column of one sharded table reference, or a key column of a derived table."""
+
+    index: int
+    table: str | None  # the sharded table of a table reference; None for a derived table's column
+    column: str
+    data_type: str | None
+    scope: _Scope
+
+
+@dataclass(eq=False, slots=True)
+class _Source:
+    """A FROM item as a scope sees it: the key columns visible through it."""
+
+    columns: dict[str, list[_Node]]
+    partitioned: bool  # its rows are split across shards
+    scope: _Scope | None = None  # a derived table's or CTE's query
+    table_node: _Node | None = None  # a sharded table's reference
+    preserved: bool = True  # not on the nullable side of an outer join
+
+
+@dataclass(eq=False, slots=True)
+class _Cte:
+    name: str
+    scope: _Scope | None  # None while a recursive CTE's own body is read
+    references: int = 0
+    dml: bool = False
+
+
+@dataclass(eq=False)
+class _Scope:
+    """One query level (SELECT, set operation, DML, other) and what it says about keys."""
+
+    parent: _Scope | None
+    kind: str = "select"  # "select" | "setop" | "dml" | "other"
+    sources: dict[str, _Source] = field(default_factory=dict)
+    source_list: list[_Source] = field(default_factory=list)
+    using: set[str] = field(default_factory=set)
+    ctes: dict[str, _Cte] = field(default_factory=dict)
+    children: list[_Scope] = field(default_factory=list)
+    branches: list[_Scope] = field(default_factory=list)
+    projections: list[exp.Expr] = field(default_factory=list)
+    outputs: list[list[_Node]] | None = None  # key nodes of each output column; None: unknown positions
+    named: dict[str, list[_Node]] = field(default_factory=dict)
+    partitioned: bool = False  # its rows are split across shards (each made on one shard only)
+    nonlocal_reason: str | None = None  # why its rows are not the union of per-shard results
+    correlated: bool = False  # a conjunct equates one of its keys with an outer query's key
+
+    def lookup_cte(self, name: str) -> _Cte | None:
+        scope: _Scope | None = self
+        while scope is not None:
+            if name in scope.ctes:
+                return scope.ctes[name]
+            scope = scope.parent
+        return None
+
+
+def _own_nodes(expression: exp.Expr) -> Iterator[exp.Expr]:
+    """The nodes of an expression, not descending into nested queries."""
+    stack = [expression]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(child for child in node.iter_expressions() if not isinstance(child, exp.Query))
+
+
+def _conjuncts(condition: exp.Expr) -> Iterator[exp.Expr]:
+    if isinstance(condition, exp.Paren):
+        yield from _conjuncts(condition.this)
+    elif isinstance(condition, exp.And):
+        yield from _conjuncts(condition.this)
+        yield from _conjuncts(condition.expression)
+    else:
+        yield condition
+
+
+def _unwrap_query(node: exp.Expr) -> exp.Expr:
+    while isinstance(node, exp.Subquery):
+        node = node.this
+    return node
+
+
+def _output_name(projection: exp.Expr) -> str | None:
+    if isinstance(projection, exp.Alias):
+        return _ident(projection.args.get("alias"))
+    if isinstance(projection, exp.Column) and not isinstance(projection.this, exp.Star):
+        return _ident(projection.this)
+    return None
+
+
+def _args(node: exp.Expr, *keys: str) -> list[exp.Expr]:
+    """The expressions under some arguments of a node (list arguments flattened)."""
+    found: list[exp.Expr] = []
+    for key in keys:
+        value = node.args.get(key)
+        if isinstance(value, list):
+            found.extend(part for part in value if isinstance(part, exp.Expr))
+        elif isinstance(value, exp.Expr):
+            found.append(value)
+    return found
+
+
+@dataclass(slots=True)
+class _Result:
+    finding: KeyFinding
+    writes_omnisharded: bool
+
+
+_DML_KINDS: dict[type[exp.Expr], str] = {exp.Insert: "insert", exp.Update: "update", exp.Delete: "delete"}
+_Edge: TypeAlias = tuple[str, int, int]  # ("sym" | "sub" (a's keys within b's) | "co" (colocated only), a, b)
+
+
+class _Analyzer:
+    """Reads one statement into scopes, key nodes, restrictions and links between keys, then decides.
+
+    A key node is a sharded table reference's key (or a derived table's key column). Restrictions say
+    which keys a node's rows are limited to; links say two nodes' rows only meet with equal keys: `sym`
+    both ways (an equality in WHERE), `sub` one way (an outer join's ON, a correlated subquery, a derived
+    table that cannot be narrowed from outside), `co` only colocation (FULL JOIN, IN (SELECT) anywhere)."""
+
+    def __init__(self, catalog: _Catalog) -> None:
+        self.catalog = catalog
+        self.kind = "other"
+        self.nodes: list[_Node] = []
+        self.scopes: list[_Scope] = []
+        self.restrict: Restriction = {}  # from filters that restrict the rows of a node's own scope
+        self.side_restrict: Restriction = {}  # from outer joins' ON: restrict only the nullable side's rows
+        self.edges: list[_Edge] = []
+        self.cte_links: list[tuple[_Node, list[_Node], _Cte]] = []
+        self.sharded: dict[str, None] = {}
+        self.omnisharded: dict[str, None] = {}
+        self.writes: list[str] = []
+        self.omnisharded_writes: list[str] = []
+        self.single_required: list[str] = []  # refusals unless the whole statement has one key
+        self.key_updates: list[tuple[KeyRef | None, str, str]] = []  # SET key = value: allowed if it is the key
+        self.by_query: dict[int, _Scope] = {}
+        self.insert_rows: tuple[KeyRef, ...] | None = None
+        self.insert_query: _Scope | None = None  # INSERT ... SELECT: the rows it writes are this query's
+        self.insert_select: tuple[_Scope, int, str, str] | None = None  # into a sharded table
+
+    # -- statements --
+
+    def statement(self, statement: exp.Expr) -> _Result:
+        node = _unwrap_query(statement)
+        if isinstance(node, (exp.Select, exp.SetOperation, exp.Values)):
+            self.kind = "select"
+            scope = self.query(statement, None)
+            tops = scope.branches or [scope]
+        elif isinstance(node, (exp.Insert, exp.Update, exp.Delete)):
+            self.kind = _DML_KINDS[type(node)]
+            scope = self.dml(node, None, top=True)
+            tops = [self.insert_query] if self.insert_query is not None else [scope]
+        else:
+            return self.other(statement)
+        if self.kind == "select" and self.writes:
+            self.kind = self.writes[0]  # WITH x AS (UPDATE ...) SELECT ...: a write
+        keys = self.solve(tops)
+        insert = None
+        if self.insert_rows is not None:
+            insert = InsertPlan(self.insert_rows)
+            keys = _distinct(self.insert_rows)
+        finding = KeyFinding(self.kind, keys if self.sharded else None, tuple(self.sharded),
+                             tuple(self.omnisharded), insert)
+        return _Result(finding, bool(self.omnisharded_writes))
+
+    def other(self, statement: exp.Expr) -> _Result:
+        """A statement that is neither a query nor INSERT/UPDATE/DELETE: its tables, no keys."""
+        ctes = {_ident(cte.args["alias"].this) for cte in statement.find_all(exp.CTE)
+                if isinstance(cte.args.get("alias"), exp.TableAlias)}
+        for table in statement.find_all(exp.Table):
+            if isinstance(table.this, exp.Identifier) and (table.args.get("db") or _ident(table.this) not in ctes):
+                self.note_table(self.catalog.role(table))
+        if isinstance(statement, exp.Merge) and self.sharded:
+            raise _Refused(f"MERGE into sharded table {next(iter(self.sharded))} is not supported: use INSERT ... "
+                           "ON CONFLICT, or UPDATE/DELETE with the sharding key")
+        return _Result(KeyFinding("other", None, tuple(self.sharded), tuple(self.omnisharded)),
+                       bool(self.omnisharded))
+
+    def note_table(self, role: _Role) -> None:
+        if role.kind == "sharded":
+            self.sharded.setdefault(role.name, None)
+        elif role.kind == "omnisharded":
+            self.omnisharded.setdefault(role.name, None)
+
+    # -- building scopes --
+
+    def new_scope(self, parent: _Scope | None, kind: str = "select") -> _Scope:
+        scope = _Scope(parent, kind)
+        self.scopes.append(scope)
+        if parent is not None:
+            parent.children.append(scope)
+        return scope
+
+    def new_node(self, table: str | None, column: str, data_type: str | None, scope: _Scope) -> _Node:
+        node = _Node(len(self.nodes), table, column, data_type, scope)
+        self.nodes.append(node)
+        return node
+
+    def query(self, node: exp.Expr, parent: _Scope | None) -> _Scope:
+        """The scope of a query (memoized by node, so a subquery met twice is one scope)."""
+        known = self.by_query.get(id(node))
+        if known is not None:
+            return known
+        inner = _unwrap_query(node)
+        if isinstance(inner, exp.Select):
+            scope = self.select(inner, parent)
+        elif isinstance(inner, exp.SetOperation):
+            scope = self.set_operation(inner, parent)
+        elif isinstance(inner, (exp.Insert, exp.Update, exp.Delete)):
+            scope = self.dml(inner, parent, top=False)
+        else:
+            scope = self.new_scope(parent, "other")
+            self.expressions(inner, scope)
+        outer = node
+        while isinstance(outer, exp.Subquery):  # (SELECT ...) LIMIT 1
+            if outer.args.get("limit") or outer.args.get("offset"):
+                scope.nonlocal_reason = scope.nonlocal_reason or "LIMIT or OFFSET"
+            outer = outer.this
+        self.by_query[id(node)] = scope
+        self.by_query[id(inner)] = scope
+        return scope
+
+    def with_clause(self, node: exp.Expr, scope: _Scope) -> None:
+        clause = node.args.get("with_")
+        if not isinstance(clause, exp.With):
+            return
+        recursive = bool(clause.args.get("recursive"))
+        ctes = [cte for cte in clause.expressions if isinstance(cte, exp.CTE)]
+        if recursive:
+            for cte in ctes:
+                name = _ident(cte.args["alias"].this)
+                scope.ctes[name] = _Cte(name, None)
+        for cte in ctes:
+            alias = cte.args["alias"]
+            name = _ident(alias.this)
+            body = self.query(cte.this, scope)
+            if recursive and body.kind == "setop":
+                body.nonlocal_reason = "a recursive CTE"
+            if alias.columns:
+                body.named = self.exposed(body, alias)
+            dml = isinstance(_unwrap_query(cte.this), (exp.Insert, exp.Update, exp.Delete))
+            scope.ctes[name] = _Cte(name, body, dml=dml)
+
+    def select(self, node: exp.Select, parent: _Scope | None) -> _Scope:
+        scope = self.new_scope(parent)
+        self.with_clause(node, scope)
+        from_ = node.args.get("from_")
+        if isinstance(from_, exp.From):
+            scope.partitioned = self.join_tree(from_.this, _args(node, "joins"), scope)
+        where = node.args.get("where")
+        if isinstance(where, exp.Where):
+            self.filter(where.this, scope)
+        scope.projections = list(node.expressions)
+        self.outputs(scope)
+        for part in _args(node, "expressions", "group", "having", "qualify", "order", "windows", "distinct",
+                          "limit", "offset"):
+            self.expressions(part, scope)
+        scope.nonlocal_reason = scope.nonlocal_reason or self.select_nonlocal(node, scope)
+        return scope
+
+    def select_nonlocal(self, node: exp.Select, scope: _Scope) -> str | None:
+        """Why a SELECT's rows are not the union of what each shard would give for its own rows."""
+        if node.args.get("limit") or node.args.get("offset"):
+            return "LIMIT or OFFSET"
+        found = [n for part in _args(node, "expressions", "having", "order", "qualify") for n in _own_nodes(part)]
+        key_column = self.key_column_name(scope)
+        if any(isinstance(n, exp.Window) for n in found):
+            return "a window function"
+        group = node.args.get("group")
+        # An unknown function might be an aggregate: only GROUP BY the key makes it per key for sure.
+        aggregates = any(isinstance(n, (exp.AggFunc, exp.Anonymous)) for n in found)
+        if group is not None or aggregates or node.args.get("having") is not None:
+            grouped = isinstance(group, exp.Group) and not any(
+                group.args.get(name) for name in ("rollup", "cube", "grouping_sets")) and any(
+                self.grouping_nodes(expression, scope) for expression in group.expressions)
+            if not grouped:
+                return f"an aggregate or GROUP BY without {key_column}"
+        distinct = node.args.get("distinct")
+        if isinstance(distinct, exp.Distinct):
+            on = distinct.args.get("on")
+            if on is not None:
+                keyed = on.expressions if isinstance(on, exp.Tuple) else [on]
+                has_key = any(self.grouping_nodes(expression, scope) for expression in keyed)
+            else:
+                has_key = (scope.outputs is None and any(s.columns for s in scope.source_list)) or any(
+                    scope.outputs or [])
+            if not has_key:
+                return f"DISTINCT without {key_column}"
+        return None
+
+    def key_column_name(self, scope: _Scope) -> str:
+        for node in self.subtree_nodes(scope):
+            return node.column
+        return "the sharding key"
+
+    def grouping_nodes(self, expression: exp.Expr, scope: _Scope) -> list[_Node]:
+        """Key nodes a GROUP BY / DISTINCT ON item names: a column, an output ordinal or an output name."""
+        if isinstance(expression, exp.Literal) and not expression.is_string and expression.this.isdigit():
+            position = int(expression.this) - 1
+            if scope.outputs is not None and 0 <= position < len(scope.outputs):
+                return scope.outputs[position]
+            return []
+        resolved = self.resolve(expression, scope)
+        if resolved is not None and resolved[1]:
+            return resolved[0]
+        if isinstance(expression, exp.Column) and expression.args.get("table") is None:
+            return scope.named.get(_ident(expression.this), [])
+        return []
+
+    def outputs(self, scope: _Scope) -> None:
+        """The key columns a scope's rows carry: by position (None after a *) and by name."""
+        outputs: list[list[_Node]] | None = []
+        named: dict[str, list[_Node]] = {}
+        for projection in scope.projections:
+            if isinstance(projection, exp.Star) or (
+                    isinstance(projection, exp.Column) and isinstance(projection.this, exp.Star)):
+                outputs = None
+                qualifier = projection.args.get("table") if isinstance(projection, exp.Column) else None
+                sources = scope.source_list if qualifier is None else [
+                    s for s in [scope.sources.get(_ident(qualifier))] if s is not None]
+                for source in sources:
+                    for column, nodes in source.columns.items():
+                        named.setdefault(column, nodes)
+                continue
+            resolved = self.resolve(projection.unalias(), scope)
+            nodes = resolved[0] if resolved is not None and resolved[1] else []
+            name = _output_name(projection)
+            if name is not None and nodes:
+                named.setdefault(name, nodes)
+            if outputs is not None:
+                outputs.append(nodes)
+        scope.outputs = outputs
+        scope.named = named
+
+    def set_operation(self, node: exp.SetOperation, parent: _Scope | None) -> _Scope:
+        scope = self.new_scope(parent, "setop")
+        self.with_clause(node, scope)
+        branches: list[_Scope] = []
+        stack: list[exp.Expr] = [node]
+        while stack:  # the branches of a chain of the same set operation, left to right
+            part = stack.pop()
+            if (isinstance(part, exp.SetOperation) and type(part) is type(node)
+                    and part.args.get("distinct") == node.args.get("distinct")
+                    and (part is node or not _args(part, "with_", "limit", "offset", "order"))):
+                stack.extend([part.expression, part.this])
+            else:
+                branches.append(self.query(part, scope))
+        scope.branches = branches
+        scope.partitioned = all(branch.partitioned for branch in branches)
+        first = branches[0]
+        scope.named = {}
+        if all(branch.outputs is not None for branch in branches):
+            width = len(first.outputs or [])
+            outputs: list[list[_Node]] = [[] for _ in range(width)]
+            for branch in branches:
+                for position, nodes in enumerate((branch.outputs or [])[:width]):
+                    outputs[position].extend(nodes)
+            scope.outputs = outputs
+            names = [_output_name(projection) for projection in first.projections]
+            scope.named = {name: outputs[position] for position, name in enumerate(names[:width])
+                           if name is not None and outputs[position]}
+        if isinstance(node, exp.Union) and node.args.get("distinct") is False:
+            scope.nonlocal_reason = next((b.nonlocal_reason for b in branches if b.nonlocal_reason), None)
+        else:
+            scope.nonlocal_reason = f"{type(node).__name__.upper()} (not ALL)"
+        if node.args.get("limit") or node.args.get("offset"):
+            scope.nonlocal_reason = "LIMIT or OFFSET"
+        for part in _args(node, "order", "limit", "offset"):
+            self.expressions(part, scope)
+        return scope
+
+    def join_tree(self, first: exp.Expr, joins: list[exp.Expr], scope: _Scope) -> bool:
+        """Register the FROM items of `scope`; True when the joined rows are split across shards (each
+        result row made on one shard only: not so for unsharded rows outer-joined to sharded ones)."""
+        seen, partitioned = self.from_item(first, scope)
+        seen = list(seen)
+        for join in joins:
+            if not isinstance(join, exp.Join):
+                continue
+            new_sources, new_partitioned = self.from_item(join.this, scope)
+            side = (join.side or "").upper()
+            if side == "LEFT":
+                for source in new_sources:
+                    source.preserved = False
+            elif side == "RIGHT":
+                for source in seen:
+                    source.preserved = False
+                partitioned = new_partitioned
+            elif side == "FULL":
+                for source in (*seen, *new_sources):
+                    source.preserved = False
+                partitioned = partitioned and new_partitioned
+            else:
+                partitioned = partitioned or new_partitioned
+            self.join_condition(join, side, new_sources, seen, scope)
+            seen.extend(new_sources)
+        return partitioned
+
+    def join_condition(self, join: exp.Join, side: str, new: list[_Source], seen: list[_Source],
+                       scope: _Scope) -> None:
+        names: list[str] = [_ident(name) for name in _args(join, "using")]
+        if str(join.args.get("method") or "").upper() == "NATURAL":
+            names = [name for s in new for name in s.columns if any(name in o.columns for o in seen)]
+        for name in names:
+            scope.using.add(name)
+            old_nodes = [n for source in seen for n in source.columns.get(name, ())]
+            for node in (n for source in new for n in source.columns.get(name, ())):
+                for other in old_nodes[:1]:
+                    self.join_edge(side, node, other)
+        on = join.args.get("on")
+        if on is None:
+            return
+        if side in ("LEFT", "RIGHT", "FULL"):
+            self.expressions(on, scope)
+            self.outer_on(on, side, new, scope)
+        else:
+            self.filter(on, scope)
+
+    def join_edge(self, side: str, new: _Node, old: _Node) -> None:
+        """An equality of keys in a join condition: which side's rows it restricts to the other's keys."""
+        if side == "LEFT":
+            self.edges.append(("sub", new.index, old.index))
+        elif side == "RIGHT":
+            self.edges.append(("sub", old.index, new.index))
+        elif side == "FULL":
+            self.edges.append(("co", new.index, old.index))
+        else:
+            self.edges.append(("sym", new.index, old.index))
+
+    def outer_on(self, on: exp.Expr, side: str, new: list[_Source], scope: _Scope) -> None:
+        """An outer join's ON: restricts the nullable side's rows only, links keys one way."""
+        new_nodes = {n.index for source in new for nodes in source.columns.values() for n in nodes}
+        for conjunct in _conjuncts(on):
+            pair = self.key_equality(conjunct, scope)
+            if pair is None:
+                continue
+            (left, left_local), (right, right_local) = pair
+            if not (left_local and right_local):
+                continue
+            for a in left:
+                for b in right:
+                    if a.index in new_nodes and b.index not in new_nodes:
+                        self.join_edge(side, a, b)
+                    elif b.index in new_nodes and a.index not in new_nodes:
+                        self.join_edge(side, b, a)
+        for index, keys in self.restriction(on, scope).items():
+            nullable = {"LEFT": index in new_nodes, "RIGHT": index not in new_nodes}.get(side, True)
+            if nullable:
+                self.side_restrict[index] = _narrowest(self.side_restrict.get(index), keys) or keys
+
+    def from_item(self, item: exp.Expr, scope: _Scope) -> tuple[list[_Source], bool]:
+        """Register one FROM item (a parenthesized join registers each of its tables)."""
+        if isinstance(item, exp.Subquery) and not isinstance(_unwrap_query(item), exp.Query):
+            item = _unwrap_query(item)  # (a JOIN b ON ...): the join's tables, in this scope
+        if isinstance(item, exp.Table) and item.args.get("joins"):
+            bare = item.copy()
+            bare.set("joins", None)
+            sources_before = len(scope.source_list)
+            partitioned = self.join_tree(bare, list(item.args["joins"]), scope)
+            return scope.source_list[sources_before:], partitioned
+        alias = item.args.get("alias")
+        alias = alias if isinstance(alias, exp.TableAlias) else None
+        if isinstance(item, exp.Lateral) and isinstance(item.this, exp.Subquery):
+            return self.derived(item.this, alias, scope)
+        if isinstance(item, exp.Subquery):
+            return self.derived(item, alias, scope)
+        if isinstance(item, exp.Table) and isinstance(item.this, exp.Identifier):
+            return self.table(item, alias, scope)
+        self.expressions(item, scope)  # VALUES, functions, UNNEST: rows on every shard
+        source = _Source({}, False)
+        self.register(scope, source, _ident(alias.this) if alias is not None and alias.this else None)
+        return [source], False
+
+    def register(self, scope: _Scope, source: _Source, name: str | None) -> None:
+        scope.source_list.append(source)
+        if name:
+            scope.sources[name] = source
+
+    def table(self, item: exp.Table, alias: exp.TableAlias | None, scope: _Scope) -> tuple[list[_Source], bool]:
+        name = _ident(alias.this) if alias is not None and alias.this is not None else _ident(item.this)
+        cte = scope.lookup_cte(_ident(item.this)) if item.args.get("db") is None else None
+        if cte is not None:
+            return self.cte_source(cte, alias, name, scope)
+        role = self.catalog.role(item)
+        self.note_table(role)
+        if role.kind != "sharded":
+            source = _Source({}, False)
+        else:
+            node = self.new_node(role.name, role.column, role.data_type, scope)
+            renamed = alias is not None and bool(alias.columns)  # orders AS o(a, b): the key's name is unknown
+            source = _Source({} if renamed else {role.column: [node]}, True, table_node=node)
+        self.register(scope, source, name)
+        return [source], source.partitioned
+
+    def derived(self, item: exp.Subquery, alias: exp.TableAlias | None, scope: _Scope
+                ) -> tuple[list[_Source], bool]:
+        body = self.query(item, scope)
+        source = _Source({}, body.partitioned, scope=body)
+        for name, inner in self.exposed(body, alias).items():
+            node = self.column_node(name, inner, scope)
+            source.columns[name] = [node]
+            kind = "co" if body.kind == "setop" else "sym" if body.nonlocal_reason is None else "sub"
+            self.edges.extend((kind, node.index, target.index) for target in inner)
+        self.register(scope, source, _ident(alias.this) if alias is not None and alias.this is not None else None)
+        return [source], source.partitioned
+
+    def cte_source(self, cte: _Cte, alias: exp.TableAlias | None, name: str, scope: _Scope
+                   ) -> tuple[list[_Source], bool]:
+        if cte.scope is None:  # a recursive CTE read inside its own body
+            source = _Source({}, False)
+            self.register(scope, source, name)
+            return [source], False
+        cte.references += 1
+        source = _Source({}, cte.scope.partitioned, scope=cte.scope)
+        for column, inner in self.exposed(cte.scope, alias).items():
+            node = self.column_node(column, inner, scope)
+            source.columns[column] = [node]
+            self.cte_links.append((node, inner, cte))
+        self.register(scope, source, name)
+        return [source], source.partitioned
+
+    def exposed(self, body: _Scope, alias: exp.TableAlias | None) -> dict[str, list[_Node]]:
+        """The key columns a derived table or CTE shows, by name (renamed by a column alias list)."""
+        if alias is not None and alias.columns:
+            if body.outputs is None:
+                return {}
+            return {_ident(name): nodes for name, nodes in zip(alias.columns, body.outputs, strict=False) if nodes}
+        return dict(body.named)
+
+    def column_node(self, name: str, inner: list[_Node], scope: _Scope) -> _Node:
+        types = {n.data_type for n in inner}
+        return self.new_node(None, name, types.pop() if len(types) == 1 else None, scope)
+
+    # -- DML --
+
+    def dml(self, node: exp.Expr, parent: _Scope | None, top: bool) -> _Scope:
+        scope = self.new_scope(parent, "dml")
+        self.with_clause(node, scope)
+        if isinstance(node, exp.Insert):
+            self.insert(node, scope, top)
+        else:
+            target = node.this
+            if not isinstance(target, exp.Table):
+                raise _Refused(f"{type(node).__name__.upper()} of this target cannot be routed")
+            role = self.target(target, scope, "update" if isinstance(node, exp.Update) else "delete")
+            items = _args(node.args["from_"], "this") if isinstance(node.args.get("from_"), exp.From) else []
+            items += _args(node, "using") if isinstance(node, exp.Delete) else []
+            for item in items:
+                _, partitioned = self.from_item(item, scope)
+                scope.partitioned = scope.partitioned or partitioned
+            where = node.args.get("where")
+            if isinstance(where, exp.Where):
+                self.filter(where.this, scope)
+            if isinstance(node, exp.Update):
+                for assignment in node.expressions:
+                    self.expressions(assignment, scope)
+                    if role.kind == "sharded":
+                        self.check_key_update(assignment, role)
+        returning = node.args.get("returning")
+        if isinstance(returning, exp.Returning):
+            scope.projections = list(returning.expressions)
+            self.expressions(returning, scope)
+        self.outputs(scope)
+        return scope
+
+    def target(self, table: exp.Table, scope: _Scope, kind: str, keyed: bool = True) -> _Role:
+        """Register the table a DML statement writes; `keyed` False: the keys of the rows it writes are
+        not known from the target (INSERT ... SELECT: they come from the query)."""
+        role = self.catalog.role(table)
+        self.note_table(role)
+        if role.kind in ("sharded", "omnisharded"):
+            self.writes.append(kind)
+        if role.kind == "omnisharded":
+            self.omnisharded_writes.append(role.name)
+        alias = table.args.get("alias")
+        name = _ident(alias.this) if isinstance(alias, exp.TableAlias) and alias.this else _ident(table.this)
+        if role.kind == "sharded" and keyed:
+            node = self.new_node(role.name, role.column, role.data_type, scope)
+            source = _Source({role.column: [node]}, True, table_node=node)
+            scope.partitioned = True
+        else:
+            source = _Source({}, False)
+        self.register(scope, source, name)
+        return role
+
+    def check_key_update(self, assignment: exp.Expr, role: _Role) -> None:
+        """UPDATE ... SET key = ...: noted, allowed later only when it sets the one key the rows have."""
+        if not isinstance(assignment, exp.EQ):
+            return
+        columns, values = assignment.this, assignment.expression
+        pairs: list[tuple[exp.Expr, exp.Expr | None]]
+        if isinstance(columns, exp.Tuple):
+            if isinstance(values, exp.Tuple) and len(values.expressions) == len(columns.expressions):
+                pairs = list(zip(columns.expressions, values.expressions, strict=True))
+            else:
+                pairs = [(column, None) for column in columns.expressions]
+        else:
+            pairs = [(columns, values)]
+        for column, value in pairs:
+            if isinstance(column, exp.Column) and _ident(column.this) == role.column:
+                self.key_updates.append((_key_ref(value) if value is not None else None, role.name, role.column))
+
+    def insert(self, node: exp.Insert, scope: _Scope, top: bool) -> None:
+        target = node.this
+        columns: list[str] | None = None
+        if isinstance(target, exp.Schema):
+            columns = [_ident(column) for column in target.expressions]
+            target = target.this
+        if not isinstance(target, exp.Table):
+            raise _Refused("INSERT into this target cannot be routed")
+        self.note_table(self.catalog.role(target))  # the written table is named first
+        source_query = node.args.get("expression")
+        query_scope = None
+        if source_query is not None and not isinstance(source_query, exp.Values):
+            query_scope = self.query(source_query, scope)  # before the target: the query cannot see it
+            if top:
+                self.insert_query = query_scope
+        role = self.target(target, scope, "insert", keyed=query_scope is None)
+        if role.kind == "sharded":
+            self.sharded_insert(node, role, columns, source_query, query_scope, scope, top)
+        elif isinstance(source_query, exp.Values):
+            self.expressions(source_query, scope)
+        conflict = node.args.get("conflict")
+        if isinstance(conflict, exp.OnConflict):
+            self.expressions(conflict, scope)
+            if role.kind == "sharded":
+                self.check_conflict_update(conflict, role)
+
+    def sharded_insert(self, node: exp.Insert, role: _Role, columns: list[str] | None,
+                       source_query: exp.Expr | None, query_scope: _Scope | None, scope: _Scope, top: bool) -> None:
+        missing = (f"no sharding key in INSERT into {role.name}: add column {role.column} or a "
+                   "/* shardgate: shard=N */ hint")
+        if node.args.get("default") or source_query is None:
+            raise _Refused(missing)
+        if columns is None:
+            raise _Refused(f"INSERT into sharded table {role.name} without a column list: name the columns "
+                           f"({role.column} among them) so the sharding key can be found")
+        if role.column not in columns:
+            raise _Refused(missing)
+        position = columns.index(role.column)
+        if query_scope is not None:
+            if not top:
+                raise _Refused(f"INSERT ... SELECT into sharded table {role.name} inside WITH is not supported: "
+                               "send it as a statement of its own")
+            self.insert_select = (query_scope, position, role.name, role.column)
+            return
+        assert isinstance(source_query, exp.Values)
+        rows: list[KeyRef] = []
+        for number, row in enumerate(source_query.expressions, start=1):
+            items = row.expressions if isinstance(row, exp.Tuple) else [row]
+            ref = _key_ref(items[position]) if position < len(items) else None
+            if ref is None:
+                raise _Refused(f"the sharding key of row {number} is an expression or DEFAULT in INSERT into "
+                               f"{role.name}: write {role.column} as a literal or a parameter")
+            rows.append(ref)
+        self.expressions(source_query, scope)
+        target_node = scope.source_list[-1].table_node
+        assert target_node is not None
+        self.restrict[target_node.index] = _distinct(rows)
+        if top:
+            self.insert_rows = tuple(rows)
+        else:
+            self.single_required.append(f"an INSERT into sharded table {role.name} inside WITH must use the one "
+                                        f"{role.column} the rest of the statement is restricted to")
+
+    def check_conflict_update(self, conflict: exp.OnConflict, role: _Role) -> None:
+        """ON CONFLICT DO UPDATE SET key = ...: refused, unless it is EXCLUDED.key and the conflict is on
+        the key (the row keeps its key)."""
+        keys = _args(conflict, "conflict_keys")
+        target_columns = {_ident(key.this.this) for key in keys
+                          if isinstance(key, exp.Ordered) and isinstance(key.this, exp.Column)}
+        target_columns |= {_ident(key.this) for key in keys if isinstance(key, exp.Column)}
+        for assignment in conflict.expressions:
+            if not isinstance(assignment, exp.EQ) or not isinstance(assignment.this, exp.Column):
+                continue
+            if _ident(assignment.this.this) != role.column:
+                continue
+            value = assignment.expression
+            unchanged = (isinstance(value, exp.Column) and _ident(value.args.get("table")) == "excluded"
+                         and _ident(value.this) == role.column and role.column in target_columns)
+            if not unchanged:
+                raise _Refused(f"INSERT ... ON CONFLICT DO UPDATE sets the sharding key {role.column} of "
+                               f"{role.name}: moving a row to another shard is not supported")
+
+    # -- expressions and filters --
+
+    def expressions(self, expression: exp.Expr, scope: _Scope) -> None:
+        """Build the scopes of the queries nested in an expression; link keys compared with IN (SELECT)."""
+        stack = [expression]
+        while stack:
+            node = stack.pop()
+            for child in node.iter_expressions():
+                if isinstance(child, exp.Query):
+                    self.query(child, scope)
+                else:
+                    stack.append(child)
+            semi = self.semi_join(node, scope)
+            if semi is not None:
+                nodes, _, inner, _ = semi
+                self.edges.extend(("co", a.index, b.index) for a in nodes for b in inner)
+
+    def semi_join(self, node: exp.Expr, scope: _Scope) -> tuple[list[_Node], bool, list[_Node], _Scope] | None:
+        """`key IN (SELECT key ...)` or `key = ANY (SELECT key ...)`: (outer nodes, whether they are this
+        scope's own, the subquery's key nodes, its scope)."""
+        query: exp.Expr | None = None
+        column: exp.Expr | None = None
+        if isinstance(node, exp.In) and node.args.get("query") is not None:
+            column, query = node.this, node.args["query"]
+        elif isinstance(node, exp.EQ):
+            for a, b in ((node.this, node.expression), (node.expression, node.this)):
+                if isinstance(b, exp.Any) and isinstance(b.this, exp.Subquery):
+                    column, query = a, b.this
+        if query is None or column is None:
+            return None
+        inner_scope = self.query(query, scope)
+        resolved = self.resolve(column, scope)
+        if resolved is None or inner_scope.outputs is None or len(inner_scope.outputs) != 1:
+            return None
+        return resolved[0], resolved[1], inner_scope.outputs[0], inner_scope
+
+    def filter(self, condition: exp.Expr, scope: _Scope) -> None:
+        """WHERE or an inner join's ON: every conjunct holds for every row the scope makes."""
+        self.expressions(condition, scope)
+        for conjunct in _conjuncts(condition):
+            pair = self.key_equality(conjunct, scope)
+            if pair is not None:
+                (left, left_local), (right, right_local) = pair
+                if left_local and right_local:
+                    self.edges.extend(("sym", a.index, b.index) for a in left for b in right)
+                elif left_local or right_local:
+                    inner, outer = (left, right) if left_local else (right, left)
+                    self.edges.extend(("sub", a.index, b.index) for a in inner for b in outer)
+                    scope.correlated = True
+                continue
+            semi = self.semi_join(conjunct, scope)
+            if semi is not None and semi[1] and semi[3].kind != "setop":
+                nodes, _, inner, inner_scope = semi
+                kind = "sym" if inner_scope.nonlocal_reason is None else "sub"
+                self.edges.extend((kind, a.index, b.index) for a in nodes for b in inner)
+        for index, keys in self.restriction(condition, scope).items():
+            self.restrict[index] = _narrowest(self.restrict.get(index), keys) or keys
+
+    def key_equality(self, conjunct: exp.Expr, scope: _Scope
+                     ) -> tuple[tuple[list[_Node], bool], tuple[list[_Node], bool]] | None:
+        """`a.key = b.key`: both sides' key nodes and whether each is this scope's own."""
+        while isinstance(conjunct, exp.Paren):
+            conjunct = conjunct.this
+        if not isinstance(conjunct, (exp.EQ, exp.NullSafeEQ)):
+            return None
+        left = self.resolve(conjunct.this, scope)
+        right = self.resolve(conjunct.expression, scope)
+        if left is None or right is None:
+            return None
+        return left, right
+
+    def resolve(self, expression: exp.Expr, scope: _Scope) -> tuple[list[_Node], bool] | None:
+        """The key nodes a column expression names (through parentheses and value-keeping casts), and
+        whether they are this scope's own (False: an outer query's, a correlation)."""
+        casts: list[exp.Expr | None] = []
+        while isinstance(expression, (exp.Paren, exp.Cast)):
+            if isinstance(expression, exp.Cast):
+                casts.append(expression.args.get("to"))
+            expression = expression.this
+        if not isinstance(expression, exp.Column) or isinstance(expression.this, exp.Star):
+            return None
+        name = _ident(expression.this)
+        qualifier = expression.args.get("table")
+        nodes: list[_Node] | None = None
+        local = True
+        if qualifier is None:
+            # Only this scope's tables: an unqualified name may belong to an unknown table here rather than
+            # to an outer query's sharded one. Two candidates are one column only when joined USING it.
+            candidates = [source for source in scope.source_list if name in source.columns]
+            if len(candidates) == 1 or (candidates and name in scope.using):
+                nodes = candidates[0].columns[name]
+        else:
+            table_name = _ident(qualifier)
+            level: _Scope | None = scope
+            while level is not None:
+                source = level.sources.get(table_name)
+                if source is not None:
+                    nodes = source.columns.get(name)
+                    break
+                level = level.parent
+                local = False
+        if not nodes:
+            return None
+        if casts and not all(_column_cast_keeps(to, node.data_type) for to in casts for node in nodes):
+            return None
+        return nodes, local
+
+    def restriction(self, condition: exp.Expr, scope: _Scope) -> Restriction:
+        """The keys a condition restricts this scope's key nodes to (AND narrows, OR unites)."""
+        if isinstance(condition, exp.Paren):
+            return self.restriction(condition.this, scope)
+        if isinstance(condition, exp.And):
+            return _both(self.restriction(condition.this, scope), self.restriction(condition.expression, scope))
+        if isinstance(condition, exp.Or):
+            return _either(self.restriction(condition.this, scope), self.restriction(condition.expression, scope))
+        if isinstance(condition, (exp.EQ, exp.NullSafeEQ)):
+            left, right = condition.this, condition.expression
+            if isinstance(left, exp.Tuple) and isinstance(right, exp.Tuple):  # (key, x) = (1, 2)
+                found: Restriction = {}
+                for a, b in zip(left.expressions, right.expressions, strict=False):
+                    found = _both(found, _both(self.comparison(a, b, scope), self.comparison(b, a, scope)))
+                return found
+            return _both(self.comparison(left, right, scope), self.comparison(right, left, scope))
+        if isinstance(condition, exp.In) and not condition.args.get("query") and not condition.args.get("unnest"):
+            return self.in_list(condition, scope)
+        return {}
+
+    def comparison(self, column: exp.Expr, value: exp.Expr, scope: _Scope) -> Restriction:
+        """`key = value` or `key = ANY(array)`: the key's restriction."""
+        resolved = self.resolve(column, scope)
+        if resolved is None or not resolved[1]:
+            return {}
+        keys: Keys | None
+        if isinstance(value, exp.Any):
+            keys = None if isinstance(value.this, exp.Subquery) else _array_keys(value.this)
+        else:
+            ref = _key_ref(value)
+            keys = None if ref is None else () if ref == Literal(None) else (ref,)  # = NULL matches no row
+        if keys is None:
+            return {}
+        return {node.index: keys for node in resolved[0]}
+
+    def in_list(self, condition: exp.In, scope: _Scope) -> Restriction:
+        """`key IN (1, 2)` or `(key, x) IN ((1, 2), (3, 4))`: the union of the keys listed."""
+        this = condition.this
+        position = None
+        if isinstance(this, exp.Tuple):
+            for index, part in enumerate(this.expressions):
+                if self.resolve(part, scope) is not None:
+                    position, this = index, part
+                    break
+            if position is None:
+                return {}
+        resolved = self.resolve(this, scope)
+        if resolved is None or not resolved[1]:
+            return {}
+        refs: list[KeyRef] = []
+        for item in condition.expressions:
+            if position is not None:
+                if not isinstance(item, exp.Tuple) or position >= len(item.expressions):
+                    return {}
+                item = item.expressions[position]
+            ref = _key_ref(item)
+            if ref is None:
+                return {}
+            if ref != Literal(None):  # NULL in an IN list matches no row
+                refs.append(ref)
+        keys = _distinct(refs)
+        return {node.index: keys for node in resolved[0]}
+
+    # -- deciding --
+
+    def subtree_scopes(self, scope: _Scope) -> Iterator[_Scope]:
+        stack = [scope]
+        while stack:
+            current = stack.pop()
+            yield current
+            stack.extend(current.children)
+
+    def subtree_nodes(self, scope: _Scope) -> Iterator[_Node]:
+        """The sharded table references in a scope and the scopes nested in it."""
+        members = {id(s) for s in self.subtree_scopes(scope)}
+        return (node for node in self.nodes if node.table is not None and id(node.scope) in members)
+
+    def out_nodes(self, scope: _Scope) -> list[_Node]:
+        """Key nodes whose restriction restricts the rows `scope` makes: its tables' and those of the
+        derived tables it reads on the preserved side of its joins."""
+        found: list[_Node] = []
+        for source in scope.source_list:
+            if source.table_node is not None:
+                found.append(source.table_node)
+            elif source.scope is not None and source.preserved and source.scope.kind != "setop":
+                found.extend(n for nodes in source.columns.values() for n in nodes)
+                found.extend(self.out_nodes(source.scope))
+        return found
+
+    def solve(self, tops: list[_Scope]) -> Keys | None:
+        """The statement's keys: one key every sharded reference is restricted to (one shard, whatever the
+        query does), or, for several shards or all, a statement each shard answers for its own rows."""
+        for column_node, inner, cte in self.cte_links:
+            assert cte.scope is not None
+            if cte.scope.kind == "setop":
+                kind = "co"
+            elif cte.references == 1 and not cte.dml and cte.scope.nonlocal_reason is None:
+                kind = "sym"  # like a derived table; a CTE read twice cannot be narrowed from one reader
+            else:
+                kind = "sub"
+            self.edges.extend((kind, column_node.index, target.index) for target in inner)
+        tables = [node for node in self.nodes if node.table is not None]
+        if self.omnisharded_writes and tables:
+            raise _Refused(f"a write to omnisharded table {self.omnisharded_writes[0]} cannot read sharded table "
+                           f"{tables[0].table}: every shard would write different rows")
+        full = self.full_bounds()
+        single = self.single_key(tables, full)
+        keys: Keys | None
+        if single is not None:
+            keys = (single,)
+        elif not tables:
+            keys = None
+        else:
+            if self.single_required:
+                raise _Refused(self.single_required[0])
+            keys = self.colocated(tables, tops)
+        if self.insert_select is not None:
+            keys = self.insert_select_keys(tables, full, single, keys)
+        for value, table, column in self.key_updates:
+            if value is None or keys != (value,):
+                raise _Refused(f"UPDATE of {table} sets its sharding key {column}: moving rows between shards is "
+                               "not supported (delete them and insert them again)")
+        return keys
+
+    def full_bounds(self) -> dict[int, Keys]:
+        """Every node's restriction, carried along the links until nothing narrows: the keys of the rows
+        of each reference that can matter to the statement."""
+        bounds: dict[int, Keys] = {}
+        for found in (self.restrict, self.side_restrict):
+            for index, keys in found.items():
+                bounds[index] = _narrowest(bounds.get(index), keys) or keys
+        changed = True
+        rounds = 0
+        while changed and rounds <= len(self.nodes) + 1:
+            changed = False
+            rounds += 1
+            for kind, a, b in self.edges:
+                pairs = ((a, b), (b, a)) if kind == "sym" else ((a, b),) if kind == "sub" else ()
+                for target, origin in pairs:
+                    if origin in bounds:
+                        narrowed = _narrowest(bounds.get(target), bounds[origin])
+                        if narrowed is not bounds.get(target) and narrowed is not None:
+                            bounds[target] = narrowed
+                            changed = True
+        return bounds
+
+    def single_key(self, tables: list[_Node], full: dict[int, Keys]) -> KeyRef | None:
+        """The one key every sharded table reference is restricted to, if there is one."""
+        if not tables:
+            return None
+        first = full.get(tables[0].index)
+        if first is None or len(first) != 1 or isinstance(first[0], ParamArray):
+            return None
+        if all(full.get(node.index) == first for node in tables):
+            return first[0]
+        return None
+
+    def colocated(self, tables: list[_Node], tops: list[_Scope]) -> Keys | None:
+        """Keys of a statement run on several shards, each answering for its own rows; refuses what that
+        would answer wrongly."""
+        components = _UnionFind(len(self.nodes))
+        for _, a, b in self.edges:
+            components.union(a, b)
+        groups = [list(self.subtree_nodes(top)) for top in tops] if len(tops) > 1 else [tables]
+        if len(tops) > 1 and sum(len(group) for group in groups) != len(tables):
+            raise _Refused("WITH over a set operation that reads sharded tables across shards is not supported: "
+                           "restrict it to one sharding key value")
+        if any(not group for group in groups):
+            raise _Refused("a branch of this set operation reads no sharded table: on several shards it would be "
+                           "answered once per shard; restrict the statement to one sharding key value")
+        for group in groups:
+            roots = {components.find(node.index): node for node in group}
+            if len(roots) > 1:
+                one, other = list(roots.values())[:2]
+                raise _Refused(_join_refusal(one, other))
+        top_ids = {id(top) for top in tops}
+        for top in tops:
+            first = next(self.subtree_nodes(top), None)
+            if not top.partitioned and first is not None:
+                raise _Refused(f"sharded table {first.table} is read only in a subquery or on the nullable side of an "
+                               "outer join: on several shards the other rows would be answered once per shard; "
+                               f"restrict it to one {first.column} value")
+        for scope in self.scopes:
+            if id(scope) in top_ids or scope.nonlocal_reason is None or scope.correlated:
+                continue
+            inside = next(self.subtree_nodes(scope), None)
+            if inside is None:
+                continue
+            raise _Refused(f"a subquery over {inside.table} with {scope.nonlocal_reason} is not per {inside.column}: "
+                           f"each shard would compute it over its own rows only; restrict it to one {inside.column} "
+                           f"value, or correlate it on {inside.column}")
+        symmetric = self.symmetric_bounds()
+        keys: list[KeyRef] = []
+        for top in tops:
+            found: Keys | None = None
+            for node in self.out_nodes(top):
+                found = _narrowest(found, symmetric.get(node.index))
+            if found is None:
+                return None
+            keys.extend(found)
+        return _distinct(keys)
+
+    def symmetric_bounds(self) -> dict[int, Keys]:
+        """Restrictions of the rows the statement makes: carried only along equalities that hold both ways."""
+        classes = _UnionFind(len(self.nodes))
+        for kind, a, b in self.edges:
+            if kind == "sym":
+                classes.union(a, b)
+        by_class: dict[int, Keys] = {}
+        for index, keys in self.restrict.items():
+            root = classes.find(index)
+            by_class[root] = _narrowest(by_class.get(root), keys) or keys
+        return {node.index: by_class[classes.find(node.index)] for node in self.nodes
+                if classes.find(node.index) in by_class}
+
+    def insert_select_keys(self, tables: list[_Node], full: dict[int, Keys], single: KeyRef | None,
+                           keys: Keys | None) -> Keys | None:
+        """INSERT ... SELECT into a sharded table: routed only when each row's key is known to be on the
+        shards the statement runs on (a literal or parameter, or the key of the sharded rows it reads)."""
+        assert self.insert_select is not None
+        query_scope, position, table, column = self.insert_select
+        how = (f"INSERT ... SELECT into sharded table {table} needs its {column} to be a literal or parameter, "
+               f"or the {column} of the sharded rows it reads")
+        if query_scope.kind != "select" or query_scope.outputs is None or position >= len(query_scope.projections):
+            raise _Refused(how + " (name the selected columns; no * or set operation)")
+        projection = query_scope.projections[position].unalias()
+        value = _key_ref(projection)
+        if value is not None:
+            if not tables or single == value:
+                return (value,)
+            raise _Refused(how + f": it writes {column} = {_describe(value)} but reads rows of other keys")
+        nodes = query_scope.outputs[position]
+        if not nodes:
+            raise _Refused(how + ": it is an expression")
+        if single is not None and all(full.get(node.index) == (single,) for node in nodes):
+            return (single,)
+        out = {node.index for node in self.out_nodes(query_scope)}
+        if all(node.index in out for node in nodes):
+            return keys
+        raise _Refused(how + ": it comes from a subquery or an outer join")
+
+
+def _describe(ref: KeyRef) -> str:
+    if isinstance(ref, Literal):
+        return "NULL" if ref.text is None else repr(ref.text)
+    return f"${ref.number}"
+
+
+def _join_refusal(first: _Node, second: _Node) -> str:
+    column = first.column if first.column == second.column else f"{first.column} / {second.column}"
+    if first.scope is not second.scope:
+        return (f"{first.table} and {second.table} (in a subquery) are not matched on the sharding key {column}: "
+                f"rows that meet may be on different shards; compare {first.table}.{first.column} with "
+                f"{second.table}.{second.column}, or restrict both to one {first.column} value")
+    return (f"join of {first.table} and {second.table} is not on the sharding key {column}: rows that meet may "
+            f"be on different shards; join on {first.table}.{first.column} = {second.table}.{second.column}, or "
+            f"restrict both to one {first.column} value")
+
+
+class _UnionFind:
+    __slots__ = ("parent",)
+
+    def __init__(self, size: int) -> None:
+        self.parent = list(range(size))
+
+    def find(self, item: int) -> int:
+        parent = self.parent
+        while parent[item] != item:
+            parent[item] = parent[parent[item]]
+            item = parent[item]
+        return item
+
+    def union(self, a: int, b: int) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+# --- several statements in one text -----------------------------------------------------------------
+
+_WRITE_KINDS = ("insert", "update", "delete")
+
+
+def _combine(results: list[_Result]) -> KeyFinding:
+    """Statements sent together run together on the same shards: a union of their keys, and INSERT
+    rows or omnisharded writes only when that cannot put them where they do not belong."""
+    findings = [result.finding for result in results]
+    sharded = tuple(dict.fromkeys(name for f in findings for name in f.sharded_tables))
+    omnisharded = tuple(dict.fromkeys(name for f in findings for name in f.omnisharded_tables))
+    kinds = [f.statement for f in findings]
+    kind = next((k for k in kinds if k in _WRITE_KINDS), "select" if all(k == "select" for k in kinds) else "other")
+    for finding in findings:
+        if finding.refusal is not None:
+            return KeyFinding(kind, None, sharded, omnisharded, refusal=finding.refusal)
+    keyed = [f for f in findings if f.sharded_tables]
+    keys: Keys | None = None
+    if keyed and all(f.keys is not None for f in keyed):
+        keys = _distinct(key for f in keyed for key in f.keys or ())
+    inserts = [f for f in findings if f.insert is not None]
+    if inserts and (keys is None or len(keys) != 1 or any(f.keys != keys for f in keyed)):
+        return KeyFinding(kind, None, sharded, omnisharded, refusal=(
+            FEATURE_NOT_SUPPORTED, "an INSERT into a sharded table sent with other statements must have the one "
+                                   "sharding key they all have: send it on its own"))
+    if any(result.writes_omnisharded for result in results) and sharded:
+        return KeyFinding(kind, None, sharded, omnisharded, refusal=(
+            FEATURE_NOT_SUPPORTED, f"a write to omnisharded table {omnisharded[0]} sent with statements on sharded "
+                                   f"table {sharded[0]} would reach only some shards: send it on its own"))
+    return KeyFinding(kind, keys if sharded else None, sharded, omnisharded)

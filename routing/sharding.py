@@ -129,6 +129,12 @@ class ShardRouter:
         if cached is not None:
             return cached
         finding = find_keys(sql, self.columns, self.omnisharded)
+        if not finding.parsed and (finding.sharded_tables or finding.omnisharded_tables) and finding.refusal is None:
+            # which shards it touches, and whether it writes, are unknown: never guess
+            finding = replace(finding, refusal=(
+                FEATURE_NOT_SUPPORTED, "the proxy cannot parse this statement, so it cannot tell which shards it "
+                                       f"touches ({', '.join(finding.sharded_tables or finding.omnisharded_tables)}): "
+                                       "add a /* shardgate: shard=N */ hint"))
         copy = None
         if _COPY.match(sql) is not None:
             copy = parse_copy(sql)
