@@ -516,3 +516,19 @@ def test_a_shard_with_a_replica_serves_its_reads(proxy: ProxyFactory, pg: Any, t
             assert {row[0] for row in cursor.fetchall()} == {shard1.port}
     finally:
         replica.stop()
+
+
+def test_psql_through_sharded_proxy(proxy: ProxyFactory, two: dict[str, Any]) -> None:
+    import subprocess
+
+    shardgate = _proxy(proxy, two)
+    script = ("SELECT count(*), sum(amount) FROM orders;\n"
+              "SELECT id, note FROM orders WHERE tenant_id = 5 ORDER BY id;\n"
+              "INSERT INTO orders (tenant_id, id, note) VALUES (51, 1, 'psql'), (52, 1, 'psql');\n"
+              "SELECT tenant_id FROM orders WHERE note = 'psql' ORDER BY tenant_id;\n")
+    output = subprocess.run(["psql", shardgate.dsn(), "-X", "-At", "-F", ",", "-v", "ON_ERROR_STOP=1"],
+                            input=script, capture_output=True, text=True, timeout=60)
+    assert output.returncode == 0, output.stderr
+    expected_total = _reference(two, "SELECT count(*), sum(amount) FROM orders")[0]
+    assert output.stdout.splitlines() == [
+        f"{expected_total[0]},{expected_total[1]}", "1,t5-1", "2,t5-2", "3,t5-3", "INSERT 0 2", "51", "52"]
