@@ -113,6 +113,8 @@ class ShardRouter:
     allow_cross_shard_writes: bool = False
     tenant_column: ShardedColumn | None = None  # the sharded column the JWT tenant claim is a value of
     _cache: dict[str, _Analysis] = field(default_factory=dict)
+    _shapes: dict[str, KeyFinding] = field(default_factory=dict)
+    _merges: dict[str, tuple[MergePlan | None, str | None, tuple[str, str] | None]] = field(default_factory=dict)
     decisions: dict[str, int] = field(default_factory=lambda: {"single": 0, "multi": 0, "all": 0})
 
     def decide(self, sql: str, parameters: Parameters | None = None,
@@ -128,7 +130,7 @@ class ShardRouter:
         cached = self._cache.get(sql)
         if cached is not None:
             return cached
-        finding = find_keys(sql, self.columns, self.omnisharded)
+        finding = self._finding(sql)
         if not finding.parsed and (finding.sharded_tables or finding.omnisharded_tables) and finding.refusal is None:
             # which shards it touches, and whether it writes, are unknown: never guess
             finding = replace(finding, refusal=(
@@ -152,16 +154,7 @@ class ShardRouter:
         hint_key = sharding_key_hint(sql) if hints else None
         write = finding.statement in ("insert", "update", "delete") or (
             finding.statement == "other" and bool(finding.omnisharded_tables))
-        merge = merge_sql = merge_refusal = None
-        if finding.statement == "select" and finding.refusal is None:
-            try:
-                merge_sql, merge = plan_select(sql)
-            except RoutingError as exc:
-                merge_refusal = (exc.sqlstate, str(exc))
-            if merge_sql == sql:
-                merge_sql = None
-            if merge_refusal is None:
-                merge_refusal = _nested_refusal(sql)
+        merge = merge_sql = merge_refusal = None  # a SELECT's merge is planned when it goes to several shards
         if copy is not None and copy.query is not None and finding.refusal is None:
             try:
                 merge_sql, merge = plan_select(copy.query)
@@ -179,6 +172,45 @@ class ShardRouter:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[sql] = analysis
         return analysis
+
+    def _finding(self, sql: str) -> KeyFinding:
+        """find_keys, shared by statements that differ only in their integer literals: the text with its
+        integers as extra parameters is analysed once, and each text's integers stand in for them."""
+        shape = _literal_shape(sql)
+        if shape is None:
+            return find_keys(sql, self.columns, self.omnisharded)
+        template_sql, literals, base = shape
+        template = self._shapes.get(template_sql)
+        if template is None:
+            template = find_keys(template_sql, self.columns, self.omnisharded)
+            if len(self._shapes) >= _MAX_CACHED:
+                self._shapes.pop(next(iter(self._shapes)))
+            self._shapes[template_sql] = template
+        if template.refusal is not None or not template.parsed:
+            return find_keys(sql, self.columns, self.omnisharded)  # its message names the real values
+        return _instantiate(template, literals, base)
+
+    def _merge_of(self, analysis: _Analysis) -> tuple[MergePlan | None, str | None, tuple[str, str] | None]:
+        """A SELECT for several shards: how to merge its rows, the SQL each shard runs, or why it cannot."""
+        sql = analysis.sql
+        found = self._merges.get(sql)
+        if found is not None:
+            return found
+        merge = merge_sql = refusal = None
+        try:
+            merge_sql, merge = plan_select(sql)
+        except RoutingError as exc:
+            refusal = (exc.sqlstate, str(exc))
+        if merge_sql == sql:
+            merge_sql = None
+        if refusal is None:
+            refusal = _nested_refusal(sql)
+        found = (merge, merge_sql, refusal)
+        if len(sql) <= _MAX_CACHED_SQL_LENGTH:
+            if len(self._merges) >= _MAX_CACHED:
+                self._merges.pop(next(iter(self._merges)))
+            self._merges[sql] = found
+        return found
 
     def _decide(self, analysis: _Analysis, parameters: Parameters | None,
                 session: ShardSession | None) -> ShardDecision:
@@ -246,9 +278,10 @@ class ShardRouter:
                     f"({self._column_of(finding)}) would change every shard: add the key to the WHERE clause, "
                     "a /* shardgate: shard=N */ hint, or set allow_cross_shard_writes = true"))
         if finding.statement == "select":
-            if analysis.merge_refusal is not None:
-                return ShardDecision((0,), "refused", refusal=analysis.merge_refusal)
-            return ShardDecision(shards, reason, merge=analysis.merge, shard_sql=analysis.merge_sql)
+            merge, merge_sql, merge_refusal = self._merge_of(analysis)
+            if merge_refusal is not None:
+                return ShardDecision((0,), "refused", refusal=merge_refusal)
+            return ShardDecision(shards, reason, merge=merge, shard_sql=merge_sql)
         return ShardDecision(shards, reason, write=write)
 
     def _copy(self, analysis: _Analysis, parameters: Parameters | None, tenant: str | None) -> ShardDecision:
@@ -351,6 +384,39 @@ class ShardRouter:
             if column.table is None or column.table in finding.sharded_tables:
                 return column.column
         return self.columns[0].column
+
+
+_SHAPE_INTEGER = re.compile(r"(?<![\w$.])\d+(?![\w.])")
+_SHAPE_UNSAFE = re.compile(r"['\"\\]|--|/\*|\$\$|-\s*\d|\d\.|\.\d|\d[eE]")
+_PARAMETER_NUMBER = re.compile(r"\$(\d+)")
+
+
+def _literal_shape(sql: str) -> tuple[str, list[str], int] | None:
+    """The text with each integer literal replaced by a parameter numbered after the client's own, the
+    integers, and the client's highest parameter number; None for a text with no integer, or with quotes,
+    comments, signs or decimals (its literals are not all plain integers)."""
+    if _SHAPE_UNSAFE.search(sql) is not None:
+        return None
+    literals = _SHAPE_INTEGER.findall(sql)
+    if not literals:
+        return None
+    numbers = _PARAMETER_NUMBER.findall(sql)
+    base = max(map(int, numbers)) if numbers else 0
+    counter = iter(range(base + 1, base + 1 + len(literals)))
+    return _SHAPE_INTEGER.sub(lambda _: f"${next(counter)}", sql), literals, base
+
+
+def _instantiate(template: KeyFinding, literals: list[str], base: int) -> KeyFinding:
+    """A shape's finding for one text: its literal parameters back to that text's integers."""
+    def real(ref: KeyRef) -> KeyRef:
+        if isinstance(ref, Param) and ref.number > base:
+            return Literal(literals[ref.number - base - 1])
+        return ref
+    keys = None if template.keys is None else tuple(real(ref) for ref in template.keys)
+    insert = template.insert
+    if insert is not None:
+        insert = replace(insert, rows=tuple(real(ref) for ref in insert.rows))
+    return replace(template, keys=keys, insert=insert)
 
 
 def _key_of(table: str, columns: Sequence[ShardedColumn]) -> str:
