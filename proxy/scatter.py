@@ -94,6 +94,8 @@ class Scatter:
             return None  # malformed: the relay refuses it
         if self.shards is None:
             if not multi and _HINT_MARK.search(text) is None:
+                if not attached:
+                    self.home = 0  # without sharded tables, unhinted transactions run on shard 0
                 return None  # only a shard hint sends a statement elsewhere (no sharded tables)
         elif _SESSION_MARK.search(text) is not None:
             refusal = self._session_setting(text)

@@ -212,3 +212,11 @@ def _wait_sleeping(shards: tuple[Any, Any], expected: int, timeout_s: float = 10
             return True
         time.sleep(0.1)
     return False
+
+
+def test_unhinted_statements_go_back_to_shard_0(proxy: ProxyFactory, seeded: tuple[Any, Any]) -> None:
+    shardgate = _sharded_proxy(proxy, seeded)
+    with psycopg.connect(shardgate.dsn(), autocommit=True) as conn:
+        assert conn.execute("/* shardgate: shard=1 */ SELECT inet_server_port()").fetchone() == (seeded[1].port,)
+        assert conn.execute("SELECT inet_server_port()").fetchone() == (seeded[0].port,)
+        assert sorted(conn.execute("SELECT id FROM fan_items").fetchall()) == [(r[0],) for r in SHARD_ROWS[0]]
