@@ -13,7 +13,7 @@ from proxy.executor import FanoutExecutor, FanoutLeg, Target
 from proxy.protocol import codec
 from proxy.relay import SESSION, Relay
 from proxy.runtime import Runtime
-from proxy.scatter import FanoutPlan, Scatter, bind_parameters, next_part, unnamed_parse
+from proxy.scatter import FanoutPlan, Scatter, next_part, split_bind_parameters, unnamed_parse
 from proxy.server import ServerConnection
 from proxy.session_state import ServerState
 from routing.copy_split import CopySplitter
@@ -39,15 +39,8 @@ def _reordered_types(types: bytes, order: tuple[int, ...]) -> bytes:
 def _reordered_bind(message: bytes, order: tuple[int, ...]) -> bytes:
     """A Bind carrying only the parameters `order` names (1-based), in that order."""
     portal, statement, rest = codec.split_bind(message[5:])
-    parameters = bind_parameters(rest)
+    parameters, results = split_bind_parameters(rest)
     formats = [parameters[n - 1][0] for n in order]
-    pos = 2 + 2 * int.from_bytes(rest[0:2], "big")
-    values = int.from_bytes(rest[pos : pos + 2], "big")
-    pos += 2
-    for _ in range(values):
-        length = codec.unpack_u32(rest, pos)[0]
-        pos += 4 + (0 if length == 0xFFFFFFFF else length)
-    results = rest[pos:]
     body = [len(order).to_bytes(2, "big"), *(f.to_bytes(2, "big") for f in formats), len(order).to_bytes(2, "big")]
     for n in order:
         value = parameters[n - 1][1]

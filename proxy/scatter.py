@@ -238,6 +238,11 @@ def _setting_value(raw: str) -> str | None:
 def bind_parameters(rest: bytes) -> list[tuple[int, bytes | None]]:
     """A Bind's parameters after its two names: (format code, value or None), in order. ValueError when
     it is malformed."""
+    return split_bind_parameters(rest)[0]
+
+
+def split_bind_parameters(rest: bytes) -> tuple[list[tuple[int, bytes | None]], bytes]:
+    """A Bind's parameters after its two names, and what follows them (the result format codes)."""
     unpack = codec.unpack_u32
     count = int.from_bytes(rest[0:2], "big")
     formats = [int.from_bytes(rest[2 + 2 * i : 4 + 2 * i], "big") for i in range(count)]
@@ -258,7 +263,7 @@ def bind_parameters(rest: bytes) -> list[tuple[int, bytes | None]]:
             continue
         out.append((format_code, rest[pos : pos + length]))
         pos += length
-    return out
+    return out, rest[pos:]
 
 
 _EXPLAIN = re.compile(

@@ -485,14 +485,14 @@ def _array_keys(value: exp.Expr) -> Keys | None:
             return None
         return _distinct(ref for ref in refs if ref is not None and ref != Literal(None))
     if isinstance(value, exp.Literal) and value.is_string:
-        elements = _array_elements(value.this)
+        elements = array_elements(value.this)
         if elements is None:
             return None
         return _distinct(Literal(element) for element in elements if element is not None)
     return None
 
 
-def _array_elements(text: str) -> list[str | None] | None:
+def array_elements(text: str) -> list[str | None] | None:
     """The elements of a one-dimensional array literal `{1,2,"a b"}` (NULL as None); None if malformed."""
     text = text.strip()
     if len(text) < 2 or text[0] != "{" or text[-1] != "}":

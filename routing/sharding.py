@@ -21,6 +21,7 @@ from routing.shard_key import (
     Param,
     ParamArray,
     ShardedColumn,
+    array_elements,
     find_keys,
     split_insert,
 )
@@ -484,36 +485,14 @@ def _values(ref: KeyRef, parameters: Parameters | None) -> list[tuple[str | None
 
 def parse_text_array(text: str) -> list[str]:
     """A one-dimensional array literal `{1,2,"a b"}`; NULL elements are refused (no shard holds NULL)."""
-    text = text.strip()
-    if not (text.startswith("{") and text.endswith("}")):
+    if text.strip()[1:].lstrip().startswith("{"):  # an array of arrays
+        raise RoutingError("a multi-dimensional array of sharding keys is not supported", FEATURE_NOT_SUPPORTED)
+    elements = array_elements(text)
+    if elements is None:
         raise RoutingError(f"malformed array literal for the sharding key: {text[:60]!r}", "22P02")
-    body = text[1:-1]
-    elements: list[str] = []
-    pos, length = 0, len(body)
-    while pos < length:
-        if body[pos] == '"':
-            pos += 1
-            chars: list[str] = []
-            while pos < length and body[pos] != '"':
-                if body[pos] == "\\" and pos + 1 < length:
-                    pos += 1
-                chars.append(body[pos])
-                pos += 1
-            pos += 1
-            elements.append("".join(chars))
-        else:
-            end = body.find(",", pos)
-            end = length if end < 0 else end
-            element = body[pos:end].strip()
-            if element.upper() == "NULL":
-                raise RoutingError("a NULL sharding key has no shard", INVALID_PARAMETER_VALUE)
-            if element.startswith("{"):
-                raise RoutingError("a multi-dimensional array of sharding keys is not supported", FEATURE_NOT_SUPPORTED)
-            elements.append(element)
-            pos = end
-        while pos < length and body[pos] in " ,":
-            pos += 1
-    return elements
+    if any(element is None for element in elements):
+        raise RoutingError("a NULL sharding key has no shard", INVALID_PARAMETER_VALUE)
+    return [element for element in elements if element is not None]
 
 
 def parse_binary_array(data: bytes) -> list[bytes]:
