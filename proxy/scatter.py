@@ -51,6 +51,8 @@ class Scatter:
         self.home = 0  # the shard of the session's home server (chosen when a transaction starts)
         self.last: ShardDecision | None = None  # the last decision, for EXPLAIN
         self.unnamed_parse: bytes | None = None  # the client's last Parse of the unnamed statement
+        # the Bind a Parse was routed by, in the same batch (its bytes and the Bind's position): not again
+        self._bind_decided: tuple[bytes, int] | None = None
 
     def plan(self, data: bytes, pos: int, held: frozenset[int], multi: bool, attached: bool,
              statement_text: Callable[[str], bytes | None]) -> FanoutPlan | None:
@@ -66,13 +68,22 @@ class Scatter:
         try:
             if type_code == _P:
                 name, text, _ = codec.split_parse(data[pos + 5 : end])
-                parameters = _next_bind_parameters(data, end, name)
+                found_bind = _next_bind(data, end, name)
+                parameters = None
+                if found_bind is not None:
+                    parameters, bind_at = found_bind
+                    self._bind_decided = (data, bind_at)
                 if self.shards is not None:
                     if not name:
                         self.unnamed_parse = data[pos:end]
                     if parameters is None:
                         return None  # prepared on the home shard; its Binds are routed
             elif type_code == _B:
+                decided = self._bind_decided
+                if decided is not None and decided[0] is data and decided[1] == pos:
+                    # its Parse in the same batch was routed with these parameters: to the home shard
+                    self._bind_decided = None
+                    return None
                 _, statement, rest = codec.split_bind(data[pos + 5 : end])
                 if self.shards is None:
                     return None
@@ -291,9 +302,9 @@ def _binds_before_sync(data: bytes, pos: int) -> int:
     return binds
 
 
-def _next_bind_parameters(data: bytes, pos: int, name: bytes) -> list[tuple[int, bytes | None]] | None:
-    """The parameters of the Bind of statement `name` that follows its Parse in the same batch (before
-    its Sync), None when there is none yet."""
+def _next_bind(data: bytes, pos: int, name: bytes) -> tuple[list[tuple[int, bytes | None]], int] | None:
+    """The parameters and position of the Bind of statement `name` that follows its Parse in the same
+    batch (before its Sync), None when there is none yet."""
     size = len(data)
     while size - pos >= 5:
         end = pos + 1 + codec.unpack_u32(data, pos + 1)[0]
@@ -302,7 +313,7 @@ def _next_bind_parameters(data: bytes, pos: int, name: bytes) -> list[tuple[int,
         type_code = data[pos]
         if type_code == _B:
             _, statement, rest = codec.split_bind(data[pos + 5 : end])
-            return bind_parameters(rest) if statement == name else None
+            return (bind_parameters(rest), pos) if statement == name else None
         if type_code in (_S, _P, _Q):
             return None
         pos = end

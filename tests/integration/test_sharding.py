@@ -455,6 +455,13 @@ def test_api_shards_and_metrics(proxy: ProxyFactory, two: dict[str, Any]) -> Non
     with urllib.request.urlopen(shardgate.admin_url + "/metrics", timeout=10) as response:
         metrics = response.read().decode()
     assert 'shardgate_shard_statements_total{database="app",kind="all"}' in metrics
+    # an extended batch (Parse and Bind together) is routed once
+    with psycopg.connect(shardgate.dsn(), autocommit=True) as conn:
+        for tenant in (1, 2, 3):
+            conn.execute("SELECT * FROM orders WHERE tenant_id = %s", (tenant,)).fetchall()
+    with urllib.request.urlopen(shardgate.admin_url + "/api/shards", timeout=10) as response:
+        after = json.loads(response.read())["databases"]["app"]["statements"]
+    assert after["single"] == app["statements"]["single"] + 3
 
 
 def test_copy_in_splits_rows_and_copy_out_streams_from_every_shard(proxy: ProxyFactory, two: dict[str, Any]) -> None:
