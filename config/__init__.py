@@ -10,6 +10,7 @@ from config.model import (
     ShardedTableConfig,
     ShardRange,
     ShardValues,
+    TwoPhaseCommitConfig,
     UserConfig,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "ShardRange",
     "ShardValues",
     "ShardedTableConfig",
+    "TwoPhaseCommitConfig",
     "UserConfig",
     "check",
     "load",

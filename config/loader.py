@@ -30,6 +30,7 @@ from config.model import (
     ShardKeyValue,
     ShardRange,
     ShardValues,
+    TwoPhaseCommitConfig,
     UserConfig,
 )
 from config.passwords import is_md5_hash
@@ -52,7 +53,8 @@ MIN_MESSAGE_BYTES = 1024
 SCRAM_PREFIX = "SCRAM-SHA-256$"
 SCRAM_KEY_BYTES = 32  # SHA-256 digest size: StoredKey and ServerKey
 
-_SECTIONS = ("general", "users", "databases", "jwt", "sharded_tables", "omnisharded_tables")
+_SECTIONS = ("general", "users", "databases", "jwt", "sharded_tables", "omnisharded_tables",
+             "two_phase_commit")
 # Inclusive bounds of the integer key types; a range's exclusive end may be one above the maximum.
 _INTEGER_BOUNDS = {"bigint": (-(2**63), 2**63 - 1), "integer": (-(2**31), 2**31 - 1)}
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
@@ -116,6 +118,7 @@ def parse(data: dict[str, Any], source_path: str | None = None) -> Config:
     shards_of = _shards_by_database(data)
     sharded = _parse_sharded_tables(data, shards_of, problems)
     omnisharded = _parse_omnisharded_tables(data, shards_of, problems)
+    two_phase = _parse_two_phase_commit(_table(data, "two_phase_commit", problems), data, problems)
 
     if problems:
         raise ConfigError(problems, source_path)
@@ -128,6 +131,7 @@ def parse(data: dict[str, Any], source_path: str | None = None) -> Config:
         source_path=source_path,
         sharded_tables=tuple(t for t in sharded if t is not None),
         omnisharded_tables=tuple(t for t in omnisharded if t is not None),
+        two_phase_commit=two_phase or TwoPhaseCommitConfig(),
     )
 
 
@@ -179,6 +183,7 @@ def _parse_general(table: dict[str, Any] | None, problems: list[str]) -> General
     section.integer("read_your_writes_ms", minimum=0)
     section.boolean("replica_stickiness")
     section.boolean("allow_cross_shard_writes")
+    section.boolean("two_phase_commit")
     section.finish()
 
     if min_size is not None and pool_size is not None and min_size > pool_size:
@@ -628,6 +633,27 @@ def _parse_omnisharded_tables(
                 first_index[key] = index
         entries.append(section.build())
     return entries
+
+
+def _parse_two_phase_commit(table: dict[str, Any] | None, data: dict[str, Any],
+                            problems: list[str]) -> TwoPhaseCommitConfig | None:
+    if table is None:
+        return None
+    section = _Section(table, "two_phase_commit", TwoPhaseCommitConfig, problems)
+    log_database = section.string("log_database")
+    log_user = section.string("log_user")
+    section.seconds("recovery_interval_s")
+    section.seconds("prepared_timeout_s")
+    section.seconds("lease_s")
+    section.seconds("commit_timeout_s")
+    section.finish()
+    databases = {entry.get("name") for entry in data.get("databases", []) if isinstance(entry, dict)}
+    if log_database and log_database not in databases:
+        problems.append(f'two_phase_commit.log_database: no [[databases]] entry is named "{log_database}"')
+    users = {entry.get("name") for entry in data.get("users", []) if isinstance(entry, dict)}
+    if log_user and log_user not in users:
+        problems.append(f'two_phase_commit.log_user: no [[users]] entry is named "{log_user}"')
+    return section.build()
 
 
 def _parse_jwt(table: dict[str, Any], problems: list[str]) -> JwtConfig | None:

@@ -43,6 +43,8 @@ class GeneralConfig:
     replica_stickiness: bool = False
     # sharding (issue 13): may an UPDATE or DELETE without its sharding key run on every shard
     allow_cross_shard_writes: bool = False
+    # two-phase commit (issue 14): a transaction that wrote on several shards commits everywhere or nowhere
+    two_phase_commit: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +156,19 @@ class OmnishardedTableConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TwoPhaseCommitConfig:
+    """[two_phase_commit]: where the decision log lives and how recovery runs (general.two_phase_commit
+    switches 2PC on and off)."""
+
+    log_database: str = ""  # a [[databases]] name: its shard 0 primary holds the log ("": each database's own)
+    log_user: str = ""  # the [[users]] entry whose server login writes the log and recovers ("": the first)
+    recovery_interval_s: float = 10.0
+    prepared_timeout_s: float = 30.0  # a prepared transaction without a decision older than this is rolled back
+    lease_s: float = 15.0  # an instance whose heartbeat is older than this is dead
+    commit_timeout_s: float = 10.0  # the longest one round of PREPARE or COMMIT PREPARED may take
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     general: GeneralConfig = field(default_factory=GeneralConfig)
     users: tuple[UserConfig, ...] = ()
@@ -162,6 +177,7 @@ class Config:
     source_path: str | None = None
     sharded_tables: tuple[ShardedTableConfig, ...] = ()
     omnisharded_tables: tuple[OmnishardedTableConfig, ...] = ()
+    two_phase_commit: TwoPhaseCommitConfig = field(default_factory=TwoPhaseCommitConfig)
 
     def user(self, name: str) -> UserConfig | None:
         for user in self.users:

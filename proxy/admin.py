@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -78,6 +78,8 @@ class RuntimeCollector:
                     statements.add_metric([database, kind], count)
         yield statements
 
+        yield from _two_phase_metrics(rt)
+
         jwt = rt.auth.jwt
         if jwt is not None:
             cache = jwt.cache
@@ -93,6 +95,25 @@ class RuntimeCollector:
             for reason, count in jwt.validator.rejections.items():
                 rejections.add_metric([reason], count)
             yield rejections
+
+
+def _two_phase_metrics(rt: Runtime) -> Iterator[Metric]:
+    tp = rt.twophase
+    transactions = CounterMetricFamily("shardgate_2pc_transactions", "Commits of transactions over several shards "
+                                       "by outcome (prepared: went through PREPARE TRANSACTION; one_phase: at most "
+                                       "one shard wrote, or 2PC is off)", labels=["outcome"])
+    for outcome in ("prepared", "committed", "rolled_back", "one_phase"):
+        transactions.add_metric([outcome], tp.counts[outcome])
+    recovered = CounterMetricFamily("shardgate_2pc_recovered", "Prepared parts finished by recovery",
+                                    labels=["outcome"])
+    recovered.add_metric(["committed"], tp.counts["recovered_committed"])
+    recovered.add_metric(["rolled_back"], tp.counts["recovered_rolled_back"])
+    in_doubt = GaugeMetricFamily("shardgate_2pc_in_doubt", "Prepared parts the last recovery pass left in doubt")
+    in_doubt.add_metric([], tp.in_doubt)
+    latency = HistogramMetricFamily("shardgate_2pc_commit_seconds", "Commit latency of two-phase commits, from "
+                                    "the first PREPARE to the last COMMIT PREPARED")
+    latency.add_metric([], tp.latency_buckets(), tp.latency_sum_s)
+    yield from (transactions, recovered, in_doubt, latency)
 
 
 def shards_report(runtime: Runtime) -> dict[str, object]:

@@ -15,6 +15,7 @@ from proxy.admin import start_admin
 from proxy.client import ClientSession
 from proxy.protocol import sqlstate
 from proxy.runtime import Runtime
+from proxy.twophase import recovery
 
 log = logging.getLogger("shardgate")
 
@@ -49,6 +50,7 @@ class App:
         self.runtime.spawn(self.runtime.janitor())
         for cluster in self.runtime.clusters.values():
             self.runtime.spawn(cluster.run())
+        self.runtime.spawn(recovery.run(self.runtime.twophase))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: self.runtime.spawn(self.shutdown()))
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -88,6 +90,7 @@ class App:
             client.fatal(sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command")
         for pool in runtime.pools.values():
             pool.close()
+        runtime.twophase.close()
         for cluster in runtime.clusters.values():
             cluster.close()
         await asyncio.sleep(0.05)

@@ -10,17 +10,22 @@ from collections.abc import Coroutine
 from config.model import UserConfig
 from proxy.errors import ProxyError, ServerLostError
 from proxy.executor import FanoutExecutor, FanoutLeg, Target
+from proxy.pool import Pool
 from proxy.protocol import codec
 from proxy.relay import SESSION, Relay
 from proxy.runtime import Runtime
 from proxy.scatter import FanoutPlan, Scatter, next_part, split_bind_parameters, unnamed_parse
 from proxy.server import ServerConnection
-from proxy.session_state import ServerState
+from proxy.session_state import Effect, ServerState, SessionState
+from proxy.twophase.coordinator import Participant
 from routing.copy_split import CopySplitter
 from routing.errors import RoutingError
 from routing.sharding import ShardDecision
 
-_Q, _P, _B, _D, _C = (ord(c) for c in "QPBDC")
+_Q, _P, _B, _D, _C, _E, _S = (ord(c) for c in "QPBDCES")
+_STATEMENT = ord("S")
+_NO_PARAMETERS = codec.message(b"t", b"\x00\x00")
+_CLOSE_COMPLETE = codec.message(b"3")
 _SYNC = codec.message(b"S")
 _UNSYNCED = b"\x00unsynced"
 _COPY_DATA, _COPY_DONE, _COPY_FAIL = (ord(c) for c in "dcf")
@@ -72,6 +77,38 @@ def _explain_rows(plan: FanoutPlan, targets: list[Target], text: bool) -> tuple[
     return headers, trailer
 
 
+def _answers(batch: bytes, extended: bool, tag: str | None, error: bytes | None) -> bytes:
+    """What the server would have answered the client's COMMIT batch: its tag (or the error), as a Query's
+    reply or as the extended protocol's (ParseComplete, BindComplete, NoData ... up to ReadyForQuery)."""
+    done = codec.command_complete(tag) if tag is not None else error or b""
+    if not extended:
+        return done + codec.ready_for_query(b"I")
+    out: list[bytes] = []
+    pos, size = 0, len(batch)
+    failed = False
+    while size - pos >= 5:
+        type_code = batch[pos]
+        end = pos + 1 + codec.unpack_u32(batch, pos + 1)[0]
+        if type_code == _S:
+            out.append(codec.ready_for_query(b"I"))
+            failed = False
+        elif failed:
+            pass  # after an error the server skips to the Sync
+        elif type_code == _P:
+            out.append(codec.PARSE_COMPLETE)
+        elif type_code == _B:
+            out.append(codec.BIND_COMPLETE)
+        elif type_code == _D:
+            out.append((_NO_PARAMETERS if batch[pos + 5] == _STATEMENT else b"") + codec.NO_DATA)
+        elif type_code == _C:
+            out.append(_CLOSE_COMPLETE)
+        elif type_code == _E:
+            out.append(done)
+            failed = tag is None
+        pos = end
+    return b"".join(out)
+
+
 def _binds_unnamed(data: bytes, pos: int) -> bool:
     """The Bind at `pos` names the unnamed statement (whatever its portal)."""
     name_end = data.find(b"\x00", pos + 5)
@@ -91,6 +128,10 @@ class FanoutRelay(Relay):
     unnamed_fanout: tuple[FanoutPlan, bytes] | None  # the unnamed statement was prepared on several shards
     _home_waiter: asyncio.Future[None] | None  # a fan-out waits for the home server's answers
     _more_waiter: asyncio.Future[None] | None  # a fan-out waits for the rest of its batch
+    txn_effects: list[Effect]
+    state: SessionState
+    pinned: bool
+    _snapshot: ServerState | None
 
     # ------------------------------------------------------------ hooks the session provides
 
@@ -196,6 +237,8 @@ class FanoutRelay(Relay):
         status = self._client_status()
         if plan.refusal is not None:
             self._answer_refused(plan, first, status)
+        elif plan.commit:
+            await self._commit_across(plan, first)
         else:
             await self._fan_out(plan, prefix, first, status)
         if self._phase_closed():
@@ -204,6 +247,47 @@ class FanoutRelay(Relay):
         data, self.waiting = self.waiting, b""
         if data:
             self._ready_data(data)
+
+    async def _commit_across(self, plan: FanoutPlan, part: bytes | None) -> None:
+        """The client's COMMIT of a transaction over several shards: the coordinator commits it (with
+        two-phase commit when two or more shards wrote), the client gets its answer, every server goes back."""
+        assert self.scatter is not None
+        batch = b""
+        while part is not None:  # an extended COMMIT sent in parts: all of it, up to its Sync
+            synced = not part.endswith(_UNSYNCED)
+            batch += part if synced else part[: -len(_UNSYNCED)]
+            part = None if synced else await self._next_part(plan.extended)
+        home = self.scatter.home
+        participants = []
+        for shard in plan.shards:
+            server = self.server if shard == home and not self.parked else self.links.get(shard)
+            if server is not None:
+                participants.append(Participant(shard, server))
+        for participant in participants:
+            participant.server.sink = None  # a server lost now is the commit round's business, not the client's
+        try:
+            result = await self.rt.twophase.commit(self.database, participants)
+        finally:
+            home_server = self.server
+            if home_server is not None and not self.parked:
+                if home_server.broken:
+                    self.server = None
+                    home_server.pool.checkin(home_server)
+                else:
+                    home_server.sink = self
+        if result.tag is not None and self.txn_effects and self.server is not None and not self.parked:
+            effects, self.txn_effects = self.txn_effects, []  # SETs made in the transaction now hold
+            if self.state.apply(effects):
+                self.pinned = True
+            self._snapshot = None
+            Pool.settle(self.server, effects)
+        else:
+            self.txn_effects = []
+        if self._phase_closed():
+            self._fan_out_transaction_ended()
+            return
+        self.write(_answers(batch, plan.extended, result.tag, result.error))
+        self._fan_out_transaction_ended()
 
     def _answer_refused(self, plan: FanoutPlan, part: bytes, status: bytes) -> None:
         """A statement the proxy does not send: its error, then ReadyForQuery (for an extended batch at

@@ -15,6 +15,7 @@ from proxy.pool import Pool, PoolSettings
 from proxy.protocol import codec
 from proxy.session_state import EffectScanner
 from proxy.shardmap import build_shard_router
+from proxy.twophase.coordinator import TwoPhase
 from routing.router import Router
 from routing.sharding import ShardRouter
 
@@ -51,6 +52,7 @@ class Runtime:
         self.auth = Authenticator(config)
         self.collations: dict[str, str] = {}  # database -> its collation as the merger compares text
         self.shard_routers: dict[str, ShardRouter | None] = {}
+        self.twophase = TwoPhase(self)
 
     # ------------------------------------------------------------ clusters and pools
 

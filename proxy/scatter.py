@@ -20,7 +20,7 @@ class FanoutPlan:
     `refusal` (sqlstate, message) when it cannot run there, answered by the proxy instead. `decision`:
     the sharding decision it came from (a merge plan, the SQL each shard runs, a split INSERT)."""
 
-    __slots__ = ("decision", "explain", "extended", "prefix", "reads", "refusal", "shards")
+    __slots__ = ("commit", "decision", "explain", "extended", "prefix", "reads", "refusal", "shards")
 
     def __init__(self, shards: tuple[int, ...], extended: bool, refusal: tuple[str, str] | None = None,
                  decision: ShardDecision | None = None, prefix: bytes = b"") -> None:
@@ -31,6 +31,7 @@ class FanoutPlan:
         self.prefix = prefix  # the unnamed statement's Parse, sent first (its ParseComplete hidden)
         self.reads = False  # a plain read: outside a transaction, shards' replicas may answer it
         self.explain: str | None = None  # EXPLAIN: its format ("text", "json", ...); plans kept per shard
+        self.commit = False  # the COMMIT of a transaction over several shards (see proxy.twophase)
 
 
 class Scatter:
@@ -121,7 +122,15 @@ class Scatter:
             sql = sql[found_explain.end():]
         if multi and route.ends_transaction:
             held_shards = tuple(sorted(held))
-            return FanoutPlan(held_shards, extended, self._refusal(route, text, bool(name), held_shards, multi))
+            refusal = self._refusal(route, text, bool(name), held_shards, multi)
+            ending = FanoutPlan(held_shards, extended, refusal)
+            if _COMMIT.match(text) is not None:
+                ending.commit = True
+            elif refusal is None and _CHAIN.search(text) is not None:
+                ending.refusal = (sqlstate.FEATURE_NOT_SUPPORTED,
+                                  "COMMIT AND CHAIN is not supported in a transaction over several shards: "
+                                  "send COMMIT, then BEGIN")
+            return ending
         decision = None
         if self.shards is not None:
             decision = self.shards.decide(sql, parameters, self.session)
@@ -229,6 +238,9 @@ def decision_rewrites(decision: ShardDecision | None) -> bool:
     return decision is not None and bool(decision.inserts)
 
 
+_COMMIT = re.compile(rb"\s*(?:commit|end)(?:\s+(?:work|transaction))?(?:\s+and\s+no\s+chain)?\s*;?\s*\Z",
+                     re.IGNORECASE)
+_CHAIN = re.compile(rb"\band\s+chain\b", re.IGNORECASE)
 _SESSION_MARK = re.compile(rb"shardgate\.(?:shard|sharding_key)\b|\b(?:reset|discard)\s+all\b", re.IGNORECASE)
 _SET_SHARD_SETTING = re.compile(
     r"\s*set\s+(?:session\s+|local\s+)?shardgate\.(shard|sharding_key)\s*(?:=|\bto\b)\s*(.*?)\s*;?\s*$",

@@ -22,6 +22,7 @@ from config import (
     ShardedTableConfig,
     ShardRange,
     ShardValues,
+    TwoPhaseCommitConfig,
     UserConfig,
     check,
     load,
@@ -90,7 +91,8 @@ def test_example_with_jwt_enabled_loads() -> None:
 
 def test_example_sets_every_key_of_every_section() -> None:
     data = tomllib.loads(example_with_optional_sections_enabled())
-    assert set(data) == {"general", "users", "databases", "jwt", "sharded_tables", "omnisharded_tables"}
+    assert set(data) == {"general", "users", "databases", "jwt", "sharded_tables", "omnisharded_tables",
+                         "two_phase_commit"}
     assert set(data["general"]) == field_names(GeneralConfig)
     assert set().union(*data["users"]) == field_names(UserConfig)
     assert set().union(*data["databases"]) == field_names(DatabaseConfig)
@@ -101,6 +103,7 @@ def test_example_sets_every_key_of_every_section() -> None:
     assert set().union(*ranges) == field_names(ShardRange)
     assert set().union(*values) == field_names(ShardValues)
     assert set().union(*data["omnisharded_tables"]) == field_names(OmnishardedTableConfig)
+    assert set(data["two_phase_commit"]) == field_names(TwoPhaseCommitConfig)
 
 
 def test_example_comments_every_key_with_its_default() -> None:
@@ -115,7 +118,7 @@ def test_example_comments_every_key_with_its_default() -> None:
         if match and previous.startswith("# ") and "required" in previous:
             required.add(match.group(1))
     models = (GeneralConfig, UserConfig, DatabaseConfig, JwtConfig, ShardedTableConfig, ShardRange, ShardValues,
-              OmnishardedTableConfig)
+              OmnishardedTableConfig, TwoPhaseCommitConfig)
     every_key = set().union(*map(field_names, models))
     required_keys = {"name", "database", "column", "data_type", "shard", "ranges", "values", "table"}
     assert every_key - required_keys <= commented
