@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     quick.add_argument("--port", type=int, default=6432, help="proxy port (default 6432)")
     quick.add_argument("--dir", default=None, help="where to put the throwaway servers (default: a temp dir)")
     quick.add_argument("--pool-mode", default="transaction", choices=("session", "transaction", "statement"))
+    two_phase = sub.add_parser("2pc", help="list the in-doubt two-phase commit transactions, or resolve one")
+    two_phase.add_argument("-c", "--config", dest="twophase_config", required=True)
+    two_phase.add_argument("action", choices=("list", "commit", "rollback"))
+    two_phase.add_argument("gid", nargs="?", help="the global id of a prepared part (commit, rollback)")
     args = parser.parse_args(argv)
 
     if args.command == "check":
@@ -53,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{args.check_config}: OK")
         return 0
+    if args.command == "2pc":
+        if args.action != "list" and not args.gid:
+            parser.error(f"2pc {args.action} needs the gid of a prepared part (see: shardgate 2pc list)")
+        try:
+            config = load(args.twophase_config)
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+        from proxy.twophase.cli import main as two_phase_main
+
+        return two_phase_main(config, args.action, args.gid)
     if args.command == "quickstart":
         from proxy.quickstart import quickstart
 

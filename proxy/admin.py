@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from proxy.errors import ProxyError
+from proxy.twophase import recovery
+
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
 
@@ -164,6 +167,8 @@ class AdminProtocol(asyncio.Protocol):
             self._respond(405, "text/plain", b"method not allowed\n")
         elif path == "/metrics":
             self._respond(200, CONTENT_TYPE_METRICS, generate_latest(self.registry), head=method == "HEAD")
+        elif path == "/api/prepared_transactions":
+            asyncio.get_running_loop().create_task(self._prepared_transactions(head=method == "HEAD"))
         elif path == "/api/shards":
             body = json.dumps(shards_report(self.runtime), indent=2).encode() + b"\n"
             self._respond(200, "application/json", body, head=method == "HEAD")
@@ -176,6 +181,17 @@ class AdminProtocol(asyncio.Protocol):
                 self._respond(200, "text/plain", b"ready\n", head=method == "HEAD")
         else:
             self._respond(404, "text/plain", b"not found\n")
+
+    async def _prepared_transactions(self, *, head: bool) -> None:
+        """Every Shardgate prepared transaction part on every shard, with its age and logged decision."""
+        try:
+            parts = await recovery.list_in_doubt(self.runtime.twophase)
+        except (ProxyError, TimeoutError, OSError, LookupError) as exc:
+            body = json.dumps({"error": str(exc)}).encode() + b"\n"
+            self._respond(503, "application/json", body, head=head)
+            return
+        body = json.dumps({"prepared_transactions": [part._asdict() for part in parts]}, indent=2).encode() + b"\n"
+        self._respond(200, "application/json", body, head=head)
 
     def _respond(self, status: int, content_type: str, body: bytes, *, head: bool = False) -> None:
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",

@@ -8,9 +8,13 @@ looked up on each server directly)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,7 +24,14 @@ import psycopg
 import pytest
 from psycopg import errors as pg_errors
 
-from tests.harness import ProxyFactory, ProxyProcess, database_entries, direct_mode
+from tests.harness import (
+    REPO_ROOT,
+    CuttingForwarder,
+    ProxyFactory,
+    ProxyProcess,
+    database_entries,
+    direct_mode,
+)
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -284,8 +295,6 @@ def test_a_participant_killed_after_prepare_is_committed_when_it_comes_back(
     started = _start(proxy, shards)
     placement = _seed(started, shards)
     first, second = _on(placement, 0), _on(placement, 1)
-    import threading
-
     killer = threading.Timer(1.0, shards[1].kill)
     killer.start()
     with psycopg.connect(started.dsn()) as conn:
@@ -322,3 +331,188 @@ def test_the_proxy_killed_in_the_commit_round_is_finished_by_a_new_instance(
     assert (balances[first], balances[second]) == expected
     outcome = "committed" if committed else "rolled_back"
     assert _metric(survivor, "shardgate_2pc_recovered_total", f'outcome="{outcome}"') == 2
+
+
+@pytest.mark.parametrize("marker, committed", [(b"PREPARE TRANSACTION", False), (b"COMMIT PREPARED", True)])
+def test_the_connection_to_a_shard_cut_in_the_commit_round(
+        proxy: ProxyFactory, shards: list[Any], marker: bytes, committed: bool) -> None:
+    """A TCP relay in front of shard 1 drops the connection that carries PREPARE TRANSACTION (before any
+    decision: everything rolls back) or COMMIT PREPARED (after it: the client is told COMMIT and
+    recovery commits shard 1 over a new connection)."""
+    for server in shards:
+        server.start()
+    _reset(shards)
+    forwarder = CuttingForwarder(shards[1].host, shards[1].port)
+    try:
+        relayed = {**database_entries(shards[1], shard=1)[0], "host": forwarder.host, "port": forwarder.port}
+        databases = [*database_entries(shards[0], shard=0), relayed]
+        started = proxy(pool_mode="transaction", pool_size=6, databases=databases,
+                        extra_toml=SHARDED + _two_phase_toml(FAST_RECOVERY))
+        assert isinstance(started, ProxyProcess)
+        placement = _seed(started, shards)
+        first, second = _on(placement, 0), _on(placement, 1)
+        forwarder.cut_on(marker)
+        with psycopg.connect(started.dsn()) as conn:
+            if committed:
+                _transfer(conn, first, second, 50)
+            else:
+                with pytest.raises(pg_errors.ConnectionFailure):
+                    _transfer(conn, first, second, 50)
+            assert forwarder.cuts == 1
+            # the session goes on
+            assert conn.execute("SELECT balance FROM accounts WHERE id = %s", (first,)).fetchone() is not None
+        _wait_for(lambda: _prepared(shards) == [], what="recovery to finish the transaction")
+        balances = _balances(shards)
+        expected = (START_BALANCE - 50, START_BALANCE + 50) if committed else (START_BALANCE, START_BALANCE)
+        assert (balances[first], balances[second]) == expected
+    finally:
+        forwarder.close()
+
+
+def test_a_shard_without_prepared_transactions_is_reported_and_refused(
+        proxy: ProxyFactory, shards: list[Any]) -> None:
+    for server in shards:
+        server.start()
+    _reset(shards)
+    shards[1].psql("ALTER SYSTEM SET max_prepared_transactions = 0")
+    shards[1].stop()
+    shards[1].start()
+    try:
+        started = _start(proxy, shards)
+        placement = _seed(started, shards)
+        _wait_for(lambda: "event=2pc_unavailable" in started.stderr_text(), what="the start-up check")
+        assert "shard=1" in started.stderr_text().split("event=2pc_unavailable", 1)[1].splitlines()[0]
+        first, second = _on(placement, 0), _on(placement, 1)
+        with psycopg.connect(started.dsn()) as conn:
+            with pytest.raises(pg_errors.ObjectNotInPrerequisiteState, match="max_prepared_transactions"):
+                _transfer(conn, first, second, 5)
+            _transfer(conn, first, _on(placement, 0, skip=1), 5)  # one shard: no 2PC needed
+        balances = _balances(shards)
+        assert balances[second] == START_BALANCE and balances[first] == START_BALANCE - 5
+    finally:
+        shards[1].psql("ALTER SYSTEM RESET max_prepared_transactions")
+        shards[1].stop()
+        shards[1].start()
+
+
+def test_in_doubt_transactions_listed_and_resolved_by_hand(
+        proxy: ProxyFactory, shards: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    for server in shards:
+        server.start()
+    _reset(shards)
+    monkeypatch.setenv("SHARDGATE_FAILPOINT", "after_prepare:kill")
+    doomed = _start(proxy, shards)
+    placement = _seed(doomed, shards)
+    first, second = _on(placement, 0), _on(placement, 1)
+    with psycopg.connect(doomed.dsn()) as conn, pytest.raises(psycopg.OperationalError):
+        _transfer(conn, first, second, 60)
+    doomed.process.wait(timeout=10)  # type: ignore[union-attr]
+    monkeypatch.delenv("SHARDGATE_FAILPOINT")
+    patient = _start(proxy, shards, settings={**FAST_RECOVERY, "prepared_timeout_s": 600})
+    with urllib.request.urlopen(patient.admin_url + "/api/prepared_transactions", timeout=10) as response:
+        listed = json.loads(response.read())["prepared_transactions"]
+    assert sorted(part["shard"] for part in listed) == [0, 1]
+    assert {part["decision"] for part in listed} == {None}
+    assert all(part["age_s"] >= 0 and part["gid"].startswith("shardgate_") for part in listed)
+    command = [sys.executable, "-m", "proxy", "2pc", "-c", str(patient.config_path)]
+    shown = subprocess.run([*command, "list"], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert shown.returncode == 0, shown.stderr
+    assert all(part["gid"] in shown.stdout for part in listed)
+    refused = subprocess.run([*command, "commit", "shardgate_nothing"], capture_output=True, text=True,
+                             timeout=60, cwd=REPO_ROOT)
+    assert refused.returncode == 1 and "not a Shardgate global transaction id" in refused.stderr
+    done = subprocess.run([*command, "commit", listed[0]["gid"]], capture_output=True, text=True, timeout=60,
+                          cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert _prepared(shards) == []
+    balances = _balances(shards)
+    assert (balances[first], balances[second]) == (START_BALANCE - 60, START_BALANCE + 60)
+    with _direct(shards[0]) as conn:  # the hand-made decision is in the log, for any instance to see
+        assert conn.execute("SELECT outcome FROM shardgate_2pc_decisions").fetchall() in ([("commit",)], [])
+
+
+def _transfers(dsn: str, pairs: list[tuple[int, int]], stop: threading.Event, seen: list[int],
+               errors: list[str], limit: int = 100_000) -> None:
+    """Move 1 along each pair in turn until `stop`; `seen` counts the COMMITs the client was told of."""
+    done = 0
+    while not stop.is_set() and done < limit:
+        try:
+            with psycopg.connect(dsn, connect_timeout=5) as conn:
+                while not stop.is_set() and done < limit:
+                    source, target = pairs[done % len(pairs)]
+                    try:
+                        _transfer(conn, source, target, 1)
+                        seen.append(1)
+                    except pg_errors.SerializationFailure as exc:
+                        errors.append(f"{exc.sqlstate}: {exc}")
+                    done += 1
+        except psycopg.OperationalError:
+            time.sleep(0.1)  # the proxy is down: try again
+
+
+def test_two_instances_share_the_log_and_the_survivor_finishes_the_dead_ones_work(
+        proxy: ProxyFactory, shards: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    for server in shards:
+        server.start()
+    _reset(shards)
+    survivor = _start(proxy, shards)
+    placement = _seed(survivor, shards)
+    source, target = _on(placement, 0), _on(placement, 1)
+    # the doomed instance waits between PREPARE and its decision for longer than prepared_timeout_s: the
+    # survivor's recovery must see it alive (its heartbeat) and leave its transactions alone
+    monkeypatch.setenv("SHARDGATE_FAILPOINT", "after_prepare:sleep=1.3")
+    doomed = _start(proxy, shards)
+    stop = threading.Event()
+    seen: list[int] = []
+    errors: list[str] = []
+    worker = threading.Thread(target=_transfers, args=(doomed.dsn(), [(source, target)], stop, seen, errors))
+    worker.start()
+    time.sleep(6)
+    _kill(doomed)
+    stop.set()
+    worker.join(timeout=30)
+    assert errors == []  # nothing rolled back under a live instance
+    assert len(seen) >= 2
+    _wait_for(lambda: _prepared(shards) == [], what="the survivor to finish the dead instance's transaction")
+    balances = _balances(shards)
+    moved = START_BALANCE - balances[source]
+    assert balances[source] + balances[target] == 2 * START_BALANCE  # every transfer on both shards, or neither
+    assert len(seen) <= moved <= len(seen) + 1  # the one in flight at the kill may have been committed
+
+
+def test_transfers_between_shards_survive_two_proxy_crashes(proxy: ProxyFactory, shards: list[Any]) -> None:
+    """Clients move money between accounts on different shards for a minute while the proxy is SIGKILLed
+    and restarted twice: afterwards no prepared transaction is left and the total is unchanged."""
+    for server in shards:
+        server.start()
+    _reset(shards)
+    started = _start(proxy, shards)
+    placement = _seed(started, shards)
+    left = [a for a, s in sorted(placement.items()) if s == 0]
+    right = [a for a, s in sorted(placement.items()) if s == 1]
+    clients = 6
+    stop = threading.Event()
+    seen: list[int] = []
+    errors: list[str] = []
+    workers = []
+    for n in range(clients):
+        pairs = [(left[(n + i) % len(left)], right[(n * 3 + i) % len(right)]) for i in range(7)]
+        pairs += [(b, a) for a, b in pairs]  # as much back as forth: no account runs dry
+        workers.append(threading.Thread(target=_transfers, args=(started.dsn(), pairs, stop, seen, errors)))
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in range(2):
+            time.sleep(20)
+            _kill(started)
+            started.start()
+        time.sleep(20)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=60)
+    assert len(seen) > 100
+    _wait_for(lambda: _prepared(shards) == [], timeout_s=30, what="recovery after the crashes")
+    balances = _balances(shards)
+    assert sum(balances.values()) == ACCOUNTS * START_BALANCE
+    assert len(balances) == ACCOUNTS
