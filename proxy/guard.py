@@ -5,6 +5,7 @@ from __future__ import annotations
 from auth.claims import is_forgery_attempt
 from proxy.protocol import codec, sqlstate
 from proxy.protocol.sqltext import quote_literal
+from proxy.session_state import Effect
 
 Refusal = tuple[str, str, str]  # (sqlstate, message, hint)
 
@@ -13,6 +14,14 @@ FORGERY = (sqlstate.INSUFFICIENT_PRIVILEGE, "a JWT session cannot change its cla
 TRANSACTION_IN_STATEMENT_MODE = (sqlstate.FEATURE_NOT_SUPPORTED,
                                  "transaction blocks are not allowed in statement pool mode",
                                  'run each statement on its own, or use pool_mode = "transaction"')
+PREPARE_TRANSACTION_POOLED = (sqlstate.FEATURE_NOT_SUPPORTED,
+                              "PREPARE TRANSACTION is not allowed in transaction or statement pool mode",
+                              "Shardgate owns the global transaction ids and commits transactions over several "
+                              'shards itself; use pool_mode = "session" to prepare transactions by hand')
+
+
+def prepares_transaction(effects: tuple[Effect, ...]) -> bool:
+    return any(effect.kind == "prepare_transaction" for effect in effects)
 
 
 class Guard:

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable
 
 from proxy.errors import ProxyError
-from proxy.guard import Guard, raising_query
+from proxy.guard import PREPARE_TRANSACTION_POOLED, Guard, prepares_transaction, raising_query
 from proxy.pool import Pool
 from proxy.protocol import codec, sqlstate
 from proxy.protocol.codec import ProtocolError
@@ -210,6 +210,14 @@ class Relay(asyncio.Protocol):
                     if self.pool_mode is not SESSION:
                         effects = self.effects_of(sql)
                         if effects:
+                            if prepares_transaction(effects):
+                                if out is None:
+                                    out = []
+                                if run < pos:
+                                    out.append(memoryview(data)[run:pos])
+                                out.append(raising_query(PREPARE_TRANSACTION_POOLED))
+                                pos = run = end
+                                continue
                             self._note_effects(effects)
             elif kind == _K_UNSYNCED:
                 self.unsynced = True
@@ -297,6 +305,9 @@ class Relay(asyncio.Protocol):
         if self.pool_mode is not SESSION:
             effects = self.parsed_effects_of(query)
             if effects:
+                if prepares_transaction(effects):
+                    raise ProxyError(PREPARE_TRANSACTION_POOLED[0], PREPARE_TRANSACTION_POOLED[1],
+                                     detail=PREPARE_TRANSACTION_POOLED[2])
                 self._note_effects(effects)
 
     def _note_effects(self, effects: tuple[Effect, ...]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from proxy.guard import Guard
+from proxy.guard import PREPARE_TRANSACTION_POOLED, Guard
 from proxy.protocol import codec, sqlstate
 from routing.route import Role, Route
 from routing.router import Router
@@ -126,6 +126,9 @@ class Scatter:
             ending = FanoutPlan(held_shards, extended, refusal)
             if _COMMIT.match(text) is not None:
                 ending.commit = True
+            elif _PREPARE_TRANSACTION.match(text) is not None:
+                code, message, _ = PREPARE_TRANSACTION_POOLED
+                ending.refusal = (code, message)
             elif refusal is None and _CHAIN.search(text) is not None:
                 ending.refusal = (sqlstate.FEATURE_NOT_SUPPORTED,
                                   "COMMIT AND CHAIN is not supported in a transaction over several shards: "
@@ -240,6 +243,7 @@ def decision_rewrites(decision: ShardDecision | None) -> bool:
 
 _COMMIT = re.compile(rb"\s*(?:commit|end)(?:\s+(?:work|transaction))?(?:\s+and\s+no\s+chain)?\s*;?\s*\Z",
                      re.IGNORECASE)
+_PREPARE_TRANSACTION = re.compile(rb"\s*prepare\s+transaction\b", re.IGNORECASE)
 _CHAIN = re.compile(rb"\band\s+chain\b", re.IGNORECASE)
 _SESSION_MARK = re.compile(rb"shardgate\.(?:shard|sharding_key)\b|\b(?:reset|discard)\s+all\b", re.IGNORECASE)
 _SET_SHARD_SETTING = re.compile(

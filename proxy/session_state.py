@@ -54,6 +54,7 @@ _SET_ROLE = re.compile(r"set\s+(?:session\s+|(local)\s+)?role\s+(.+?)\s*$", re.I
 # other SET forms without `=` or TO that end with their transaction (anything else unknown pins)
 _SET_IN_TRANSACTION = re.compile(r"set\s+(?:local|transaction|constraints)\s", re.IGNORECASE)
 _RESET = re.compile(r"reset\s+(all|[\w.\"]+)\s*$", re.IGNORECASE)
+_PREPARE_TRANSACTION = re.compile(r"prepare\s+transaction\b", re.IGNORECASE)
 _PREPARE = re.compile(r"prepare\s+(?!transaction\b)([\w\"]+)", re.IGNORECASE)
 _DEALLOCATE = re.compile(r"deallocate\s+(?:prepare\s+)?(all|[\w\"]+)\s*$", re.IGNORECASE)
 # set_config with its name, value and is_local written out (is_local true lasts one transaction)
@@ -71,7 +72,8 @@ _ALIASES = {"time zone": "timezone", "names": "client_encoding", "schema": "sear
 
 @dataclass(frozen=True, slots=True)
 class Effect:
-    """One change to session state. kind: set | reset | reset_all | prepare | deallocate | discard_all | pin."""
+    """One change to session state. kind: set | reset | reset_all | prepare | deallocate | discard_all | pin;
+    prepare_transaction (PREPARE TRANSACTION: no state, but refused when pooled)."""
 
     kind: str
     name: str = ""
@@ -135,6 +137,8 @@ def _statement_effects(statement: str) -> list[Effect]:
         target = match.group(1)
         return [Effect("deallocate", "" if target.lower() == "all" else _normalise_name(target))]
     if keyword.startswith("prepare"):
+        if _PREPARE_TRANSACTION.match(statement):
+            return [Effect("prepare_transaction")]  # refused when pooled (see proxy.guard)
         match = _PREPARE.match(statement)
         return [Effect("prepare", _normalise_name(match.group(1)), statement)] if match else []
     written_out = _SET_CONFIG.findall(statement)

@@ -516,3 +516,39 @@ def test_transfers_between_shards_survive_two_proxy_crashes(proxy: ProxyFactory,
     balances = _balances(shards)
     assert sum(balances.values()) == ACCOUNTS * START_BALANCE
     assert len(balances) == ACCOUNTS
+
+
+def test_a_client_cannot_prepare_transactions_in_transaction_mode(bank: Any, shards: list[Any]) -> None:
+    proxy, placement = bank
+    first, second = _on(placement, 0), _on(placement, 1)
+    with psycopg.connect(proxy.dsn()) as conn:
+        conn.execute("UPDATE accounts SET balance = 9 WHERE id = %s", (first,))
+        with pytest.raises(pg_errors.FeatureNotSupported, match="PREPARE TRANSACTION"):
+            conn.execute("PREPARE TRANSACTION 'mine'")
+        conn.rollback()
+        conn.execute("UPDATE accounts SET balance = 9 WHERE id = %s", (first,))
+        conn.execute("UPDATE accounts SET balance = 9 WHERE id = %s", (second,))  # over two shards now
+        with pytest.raises(pg_errors.FeatureNotSupported, match="PREPARE TRANSACTION"):
+            conn.execute("PREPARE TRANSACTION 'mine'")
+        conn.rollback()
+        assert conn.execute("SELECT balance FROM accounts WHERE id = %s", (first,)).fetchone() == (START_BALANCE,)
+        # by the extended protocol too (a Parse cannot be answered in its place: FATAL, as for claim forgery)
+        with pytest.raises(pg_errors.FeatureNotSupported, match="PREPARE TRANSACTION") as refused:
+            conn.execute("prepare  Transaction 'mine'", prepare=True)
+        assert refused.value.diag.severity == "FATAL"
+    assert _prepared(shards) == []
+    assert _balances(shards)[second] == START_BALANCE
+
+
+def test_session_mode_passes_prepare_transaction_through(proxy: ProxyFactory, pg: Any) -> None:
+    started = proxy(pool_mode="session")
+    with psycopg.connect(started.dsn(), autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS by_hand")
+        conn.execute("CREATE TABLE by_hand (n int)")
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO by_hand VALUES (1)")
+        conn.execute("PREPARE TRANSACTION 'by_hand_1'")
+        assert conn.execute("SELECT count(*) FROM by_hand").fetchone() == (0,)
+        conn.execute("COMMIT PREPARED 'by_hand_1'")
+        assert conn.execute("SELECT count(*) FROM by_hand").fetchone() == (1,)
+        conn.execute("DROP TABLE by_hand")
