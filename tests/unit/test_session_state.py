@@ -22,7 +22,7 @@ from proxy.session_state import Effect, EffectScanner, SessionState, split_state
         ("DISCARD ALL", [Effect("discard_all")]),
         ("DISCARD PLANS", []),
         ("PREPARE q(int) AS SELECT $1", [Effect("prepare", "q", "PREPARE q(int) AS SELECT $1")]),
-        ("PREPARE TRANSACTION 'gid'", []),
+        ("PREPARE TRANSACTION 'gid'", [Effect("prepare_transaction")]),  # no state; refused when pooled
         ("DEALLOCATE q", [Effect("deallocate", "q")]),
         ("DEALLOCATE ALL", [Effect("deallocate", "")]),
         ("SELECT set_config('app.user', 'it''s', false)", [Effect("set", "app.user", "'it''s'")]),
