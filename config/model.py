@@ -43,6 +43,11 @@ class GeneralConfig:
     replica_stickiness: bool = False
     # sharding (issue 13): may an UPDATE or DELETE without its sharding key run on every shard
     allow_cross_shard_writes: bool = False
+    # admin console (issue 15): users who get the console on database "shardgate" or "pgbouncer", the JWT
+    # role claims that make a JWT login an admin one, and the bearer token of the HTTP admin listener
+    admin_users: tuple[str, ...] = ()
+    admin_jwt_roles: tuple[str, ...] = ()
+    admin_token: str = ""
 
 
 @dataclass(frozen=True, slots=True)
