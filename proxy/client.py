@@ -109,6 +109,7 @@ class ClientSession(FanoutRelay):
         self.client_id = next(runtime.client_ids)
         self.connected_at = 0.0
         self.console: Console | None = None
+        self.application_name = ""
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -245,6 +246,7 @@ class ClientSession(FanoutRelay):
     def _authenticated(self, handshake: Handshake, identity: Identity) -> None:
         self.identity = identity
         self.database = handshake.database
+        self.application_name = handshake.settings.get("application_name", "")
         if self.database in CONSOLE_DATABASES:
             self._open_console(identity)
             return
@@ -382,7 +384,7 @@ class ClientSession(FanoutRelay):
             addr=str(peer[0]) if isinstance(peer, tuple) else "", port=int(peer[1]) if isinstance(peer, tuple) else 0,
             local_addr=str(local[0]) if isinstance(local, tuple) else "",
             local_port=int(local[1]) if isinstance(local, tuple) else 0,
-            connect_time=self.connected_at, application_name=self.state.settings.get("application_name", ""),
+            connect_time=self.connected_at, application_name=self.application_name,
             pool_mode=str(self.pool_mode) if phase is not CONSOLE else "",
             pool=self.pool if phase is READY else None, server=self.server,
             prepared_statements=len(self.statements.known))
