@@ -396,3 +396,22 @@ def test_http_api_without_token_is_open_on_loopback(pg, proxy) -> None:  # type:
     status, body = _get(shardgate.admin_url + "/api/pools")
     assert status == 200 and json.loads(body) == {"pools": []}
     assert _get(shardgate.admin_url + "/api/nope")[0] == 404
+
+
+def test_jwt_login_needs_an_admin_role(pg, proxy) -> None:  # type: ignore[no-untyped-def]
+    import jwt as pyjwt
+
+    secret = "shardgate-console-test-secret-0123456789abcdef"
+
+    def token(role: str) -> str:
+        now = int(time.time())
+        return pyjwt.encode({"sub": "ops", "role": role, "iat": now - 5, "exp": now + 600}, secret, algorithm="HS256")
+
+    ops = {"name": "ops", "auth": "jwt", "server_user": "app", "server_password": "app"}
+    shardgate = proxy(users=[*default_users(), ops], jwt={"secret": secret},
+                      general={"admin_users": ["ops"], "admin_jwt_roles": ["shardgate_admin"]})
+    with psycopg.connect(shardgate.dsn("ops", token("shardgate_admin"), "shardgate"), autocommit=True) as conn:
+        assert conn.execute("SHOW VERSION").fetchone()[0].startswith("Shardgate")  # type: ignore[index]
+    with pytest.raises(psycopg.OperationalError) as refused:
+        psycopg.connect(shardgate.dsn("ops", token("reader"), "shardgate"), connect_timeout=10)
+    assert "access to the admin console denied" in str(refused.value)
