@@ -114,6 +114,7 @@ def parse(data: dict[str, Any], source_path: str | None = None) -> Config:
         problems.append(f"jwt: must be a table ([jwt]) (got {_describe(jwt_table)})")
 
     users = _parse_users(data, general, has_jwt="jwt" in data, problems=problems)
+    _check_admin_users(general, users, problems)
     databases = _parse_databases(data, problems)
     shards_of = _shards_by_database(data)
     sharded = _parse_sharded_tables(data, shards_of, problems)
@@ -184,6 +185,7 @@ def _parse_general(table: dict[str, Any] | None, problems: list[str]) -> General
     section.boolean("replica_stickiness")
     section.boolean("allow_cross_shard_writes")
     section.boolean("two_phase_commit")
+    _read_admin_keys(section)
     section.finish()
 
     if min_size is not None and pool_size is not None and min_size > pool_size:
@@ -194,6 +196,25 @@ def _parse_general(table: dict[str, Any] | None, problems: list[str]) -> General
     if listen and admin and _same_address(listen, admin):
         problems.append(f'general.admin_listen: must differ from general.listen (both "{listen}")')
     return section.build()
+
+
+def _read_admin_keys(section: _Section) -> None:
+    """[general] keys of the admin console and the HTTP admin listener."""
+    section.strings("admin_users")
+    section.strings("admin_jwt_roles")
+    section.string("admin_token", secret=True)
+
+
+def _check_admin_users(general: GeneralConfig | None, users: list[UserConfig | None], problems: list[str]) -> None:
+    """Every name in general.admin_users is a [[users]] entry (the console logs users in as any client)."""
+    if general is None:
+        return
+    known = {user.name for user in users if user is not None}
+    for index, name in enumerate(general.admin_users):
+        if name not in known:
+            problems.append(f'general.admin_users[{index}]: no [[users]] entry is named "{name}"')
+    if general.admin_token and len(general.admin_token) < 16:
+        problems.append("general.admin_token: must be at least 16 characters (a bearer token guards the HTTP admin API)")
 
 
 def _parse_users(

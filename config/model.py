@@ -45,6 +45,11 @@ class GeneralConfig:
     allow_cross_shard_writes: bool = False
     # two-phase commit (issue 14): a transaction that wrote on several shards commits everywhere or nowhere
     two_phase_commit: bool = True
+    # admin console (issue 15): users who get the console on database "shardgate" or "pgbouncer", the JWT
+    # role claims that make a JWT login an admin one, and the bearer token of the HTTP admin listener
+    admin_users: tuple[str, ...] = ()
+    admin_jwt_roles: tuple[str, ...] = ()
+    admin_token: str = ""
 
 
 @dataclass(frozen=True, slots=True)

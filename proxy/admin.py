@@ -1,8 +1,11 @@
-"""HTTP admin listener: Prometheus /metrics, /health (the process is up), /ready (it accepts clients)."""
+"""HTTP admin listener: Prometheus /metrics, /health (the process is up), /ready (it accepts clients), and the
+admin views as JSON under /api/ (behind a bearer token when general.admin_token is set)."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
 import logging
 from collections.abc import Iterator
@@ -11,8 +14,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from proxy import views
 from proxy.errors import ProxyError
-from proxy.twophase import recovery
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -20,6 +23,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardgate.admin")
 
 MAX_REQUEST_BYTES = 8192
+# /api/<name>: the console's views as JSON ({"<name>": [row, ...]}); /api/shards keeps its own shape
+API_VIEWS = ("pools", "clients", "servers", "stats", "databases", "users", "replication", "config", "version")
+OPEN_PATHS = frozenset(("/health", "/ready"))  # orchestrators' probes need no token
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -165,6 +171,13 @@ class AdminProtocol(asyncio.Protocol):
         method, path = parts[0], parts[1].split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             self._respond(405, "text/plain", b"method not allowed\n")
+        elif path not in OPEN_PATHS and not self._authorized(bytes(self.buffer)):
+            self._respond(401, "text/plain", b"a bearer token is required (Authorization: Bearer <admin_token>)\n",
+                          extra_headers="WWW-Authenticate: Bearer\r\n")
+        elif path.startswith("/api/") and path[5:] in API_VIEWS:
+            name = path[5:]
+            body = json.dumps({name: views.VIEWS[name](self.runtime).records()}, indent=2).encode() + b"\n"
+            self._respond(200, "application/json", body, head=method == "HEAD")
         elif path == "/metrics":
             self._respond(200, CONTENT_TYPE_METRICS, generate_latest(self.registry), head=method == "HEAD")
         elif path == "/api/prepared_transactions":
@@ -185,18 +198,32 @@ class AdminProtocol(asyncio.Protocol):
     async def _prepared_transactions(self, *, head: bool) -> None:
         """Every Shardgate prepared transaction part on every shard, with its age and logged decision."""
         try:
-            parts = await recovery.list_in_doubt(self.runtime.twophase)
-        except (ProxyError, TimeoutError, OSError, LookupError) as exc:
-            body = json.dumps({"error": str(exc)}).encode() + b"\n"
+            table = await views.prepared_transactions(self.runtime)
+        except ProxyError as exc:
+            body = json.dumps({"error": exc.message}).encode() + b"\n"
             self._respond(503, "application/json", body, head=head)
             return
-        body = json.dumps({"prepared_transactions": [part._asdict() for part in parts]}, indent=2).encode() + b"\n"
+        body = json.dumps({"prepared_transactions": table.records()}, indent=2).encode() + b"\n"
         self._respond(200, "application/json", body, head=head)
 
-    def _respond(self, status: int, content_type: str, body: bytes, *, head: bool = False) -> None:
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+    def _authorized(self, request: bytes) -> bool:
+        """No token configured, or the request's `Authorization: Bearer` header carries it."""
+        token = self.runtime.config.general.admin_token
+        if not token:
+            return True
+        for line in request.split(b"\n")[1:]:
+            name, sep, value = line.partition(b":")
+            if sep and name.strip().lower() == b"authorization":
+                scheme, _, given = value.strip().partition(b" ")
+                if scheme.lower() == b"bearer":
+                    return hmac.compare_digest(given.strip(), token.encode())
+        return False
+
+    def _respond(self, status: int, content_type: str, body: bytes, *, head: bool = False,
+                 extra_headers: str = "") -> None:
+        reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
                   431: "Request Header Fields Too Large", 503: "Service Unavailable"}[status]
-        header = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+        header = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n{extra_headers}"
                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         assert self.transport is not None
         self.transport.write(header if head else header + body)
@@ -208,5 +235,18 @@ async def start_admin(runtime: Runtime, host: str, port: int) -> asyncio.base_ev
     registry.register(RuntimeCollector(runtime))  # type: ignore[arg-type]
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: AdminProtocol(runtime, registry), host, port, reuse_address=True)
-    log.info("event=admin_listening address=%s:%s", host, port)
+    log.info("event=admin_listening address=%s:%s token=%s", host, port,
+             "required" if runtime.config.general.admin_token else "none")
+    if not runtime.config.general.admin_token and not _loopback(host):
+        log.warning("event=admin_unprotected address=%s:%s hint=%r", host, port,
+                    "set general.admin_token: the admin API lists clients and servers to anyone who can reach it")
     return server
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

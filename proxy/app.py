@@ -46,6 +46,9 @@ class App:
         if config.general.admin_listen:
             admin_host, admin_port = split_address(config.general.admin_listen)
             self.admin = await start_admin(self.runtime, admin_host, admin_port)
+        # the admin console reaches the reload and the graceful stop through the runtime
+        self.runtime.reload_config = self.reload
+        self.runtime.request_shutdown = self._request_shutdown
         self.runtime.create_min_pools()
         self.runtime.spawn(self.runtime.janitor())
         for cluster in self.runtime.clusters.values():
@@ -56,21 +59,26 @@ class App:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         log.info("event=listening address=%s:%s pool_mode=%s", host, port, config.general.pool_mode)
 
-    def reload(self) -> None:
+    def reload(self) -> str | None:
+        """Re-read the config file: None when it took effect, else the problems (the old config stays)."""
         path = self.runtime.config.source_path
         if not path:
-            return
+            return "the proxy was not started from a config file"
         try:
             new_config = load(path)
             self.runtime.auth.reload(new_config)
         except ConfigError as exc:
             log.error("event=reload_failed problems=%d first=%r", len(exc.problems), exc.problems[:1])
-            return
+            return "\n".join(exc.problems)
         except JwtSetupError as exc:
             log.error("event=reload_failed error=%r", str(exc))
-            return
+            return str(exc)
         self.runtime.config = new_config
         log.info("event=reloaded path=%s", path)
+        return None
+
+    def _request_shutdown(self) -> None:
+        self.runtime.spawn(self.shutdown())
 
     async def shutdown(self) -> None:
         """Stop accepting, let in-flight transactions finish up to shutdown_timeout_s, then close."""

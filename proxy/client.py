@@ -6,6 +6,7 @@ import asyncio
 import logging
 import secrets
 import socket
+import time
 from collections.abc import Coroutine
 from enum import Enum
 
@@ -13,6 +14,7 @@ from auth.errors import AuthError
 from auth.identity import Identity
 from config.model import UserConfig
 from proxy.cluster import Cluster
+from proxy.console import CONSOLE_DATABASES, Console, may_enter, may_enter_as, refusal
 from proxy.errors import ProxyError, ServerLostError
 from proxy.executor import FanoutExecutor
 from proxy.fanout import FanoutRelay
@@ -24,7 +26,7 @@ from proxy.protocol import codec, sqlstate
 from proxy.protocol.codec import ProtocolError
 from proxy.relay import KINDS_POOLED, SESSION, STATEMENT, TRANSACTION
 from proxy.retry import only_reads
-from proxy.runtime import Runtime
+from proxy.runtime import Runtime, SessionInfo
 from proxy.scatter import FanoutPlan, Scatter
 from proxy.server import ServerConnection
 from proxy.session_state import Effect, ServerState, SessionState
@@ -38,10 +40,12 @@ class Phase(Enum):
     STARTUP = "startup"  # startup packet and authentication (see Handshake)
     LOGIN = "login"  # authenticated; waiting for a server to log in with (session mode, new settings)
     READY = "ready"  # relaying
+    CONSOLE = "console"  # logged in to the admin console (proxy/console.py answers)
     CLOSED = "closed"
 
 
 STARTUP, LOGIN, READY, CLOSED = Phase.STARTUP, Phase.LOGIN, Phase.READY, Phase.CLOSED
+CONSOLE = Phase.CONSOLE
 
 
 class ClientSession(FanoutRelay):
@@ -53,7 +57,7 @@ class ClientSession(FanoutRelay):
         self.rt = runtime
         self.transport = None
         self.phase = STARTUP
-        self.handshake: Handshake | None = Handshake(runtime, self.write)
+        self.handshake: Handshake | None = Handshake(runtime, self._handshake_write)
         self.inbuf = bytearray()
         self.peer = ""
         self.identity: Identity | None = None
@@ -102,11 +106,16 @@ class ClientSession(FanoutRelay):
         self.effects_of = runtime.effects.effects
         self.parsed_effects_of = runtime.effects.parsed_effects
         self._task: asyncio.Task[None] | None = None
+        self.client_id = next(runtime.client_ids)
+        self.connected_at = 0.0
+        self.console: Console | None = None
+        self.application_name = ""
 
     # ------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.connected_at = time.time()
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.rt.clients.add(self)
@@ -163,6 +172,8 @@ class ClientSession(FanoutRelay):
             self.rt.cancel_keys.pop(self.cancel_key, None)
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self.console is not None:
+            self.console.close()
         self._release(closing=True)
 
     def pause_writing(self) -> None:
@@ -214,8 +225,15 @@ class ClientSession(FanoutRelay):
     def _startup_data(self) -> None:
         handshake = self.handshake
         if handshake is None:
+            if self.console is not None:
+                self.console.feed(self.inbuf)
             return
-        handshake.feed(self.inbuf)
+        try:
+            handshake.feed(self.inbuf)
+        except AuthError:
+            if handshake.user is None and handshake.database in CONSOLE_DATABASES:
+                raise refusal()  # an unknown user gets the answer a refused one gets
+            raise
         if handshake.state is HandshakeState.CANCELLED:
             self.phase = CLOSED
             if self.transport is not None:
@@ -228,6 +246,10 @@ class ClientSession(FanoutRelay):
     def _authenticated(self, handshake: Handshake, identity: Identity) -> None:
         self.identity = identity
         self.database = handshake.database
+        self.application_name = handshake.settings.get("application_name", "")
+        if self.database in CONSOLE_DATABASES:
+            self._open_console(identity)
+            return
         self.state = SessionState.from_startup(handshake.settings)
         if identity.is_jwt:
             self.state.claims = self.rt.auth.claims_sql(identity)
@@ -316,6 +338,56 @@ class ClientSession(FanoutRelay):
         if len(self.rt.login_params) < 10_000:
             self.rt.login_params[self._login_params_key(pool)] = params
         return params
+
+    # ------------------------------------------------------------ the admin console
+
+    def _handshake_write(self, data: bytes) -> None:
+        """What the handshake sends; a user the console refuses is refused before any password is asked
+        for, with the answer an unknown user gets."""
+        handshake = self.handshake
+        if (handshake is not None and handshake.user is not None and handshake.database in CONSOLE_DATABASES
+                and not may_enter(self.rt.config, handshake.user.name)):
+            raise refusal()
+        self.write(data)
+
+
+    def _open_console(self, identity: Identity) -> None:
+        if not may_enter_as(self.rt.config, identity):
+            self.fatal(sqlstate.INVALID_AUTHORIZATION, refusal().message)
+            return
+        console = self.console = Console(self.rt, self, identity.user)
+        self.phase = CONSOLE
+        self.write(console.login_messages((secrets.randbits(31), secrets.randbits(31) - (1 << 30))))
+        log.info("event=console_login user=%s peer=%s", identity.user, self.peer)
+        if self.inbuf:
+            console.feed(self.inbuf)
+
+    def disconnect(self) -> None:
+        """Terminate from a console client."""
+        self._terminate()
+
+    def info(self) -> SessionInfo:
+        """This client as the admin views show it."""
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        local = transport.get_extra_info("sockname") if transport is not None else None
+        phase = self.phase
+        if phase is CONSOLE:
+            state = "console"
+        elif phase is not READY:
+            state = "login"
+        else:
+            state = "waiting" if self.acquiring else "active"
+        user = self.user.name if self.user is not None else (self.identity.user if self.identity else "")
+        return SessionInfo(
+            client_id=self.client_id, user=user, database=self.database, state=state,
+            addr=str(peer[0]) if isinstance(peer, tuple) else "", port=int(peer[1]) if isinstance(peer, tuple) else 0,
+            local_addr=str(local[0]) if isinstance(local, tuple) else "",
+            local_port=int(local[1]) if isinstance(local, tuple) else 0,
+            connect_time=self.connected_at, application_name=self.application_name,
+            pool_mode=str(self.pool_mode) if phase is not CONSOLE else "",
+            pool=self.pool if phase is READY else None, server=self.server,
+            prepared_statements=len(self.statements.known))
 
     # ------------------------------------------------------------ the home server
 

@@ -247,6 +247,21 @@ class Cluster:
             log.warning("event=server_banned database=%s shard=%d server=%s role=%s ban_timeout_s=%s reason=%r",
                         self.name, self.shard, server.name, server.role, self.general.ban_timeout_s, reason)
 
+    def ban_until_unbanned(self, server: ClusterServer) -> None:
+        """Admin BAN of a replica: no routes to it until `unban` (probes do not lift it)."""
+        server.banned_until = float("inf")
+        server.ban_reason = "banned from the admin console"
+        log.warning("event=server_banned database=%s shard=%d server=%s role=%s reason=admin", self.name,
+                    self.shard, server.name, server.role)
+
+    def unban(self, server: ClusterServer) -> None:
+        """Admin UNBAN: the server takes routes again (if healthy); a new failed probe bans it as usual."""
+        if server.banned_until:
+            log.info("event=server_unbanned database=%s shard=%d server=%s reason=admin", self.name,
+                     self.shard, server.name)
+        server.banned_until = 0.0
+        server.ban_reason = ""
+
     # ------------------------------------------------------------ health checks
 
     async def probe_once(self) -> None:

@@ -64,6 +64,8 @@ class Pool:
         self.servers_failed = 0
         self.untested_reuse_s = settings.healthcheck_idle_ms / 1000
         self._tasks: set[asyncio.Task[None]] = set()
+        self.paused = False  # admin PAUSE: no checkout, no parking until resume
+        self._resumed: asyncio.Event | None = None
 
     @property
     def busy(self) -> int:
@@ -79,7 +81,7 @@ class Pool:
     def try_checkout(self) -> ServerConnection | None:
         """An idle, recently used server without waiting (or, in a full pool, a parked one), or None (the
         caller then awaits `checkout`)."""
-        if self.waiters:
+        if self.waiters or self.paused:
             return None
         idle = self.idle
         if idle:
@@ -107,6 +109,10 @@ class Pool:
         while True:
             if self.closed:
                 raise PoolError(sqlstate.CANNOT_CONNECT_NOW, f"pool {self.name} is shutting down")
+            if self.paused:  # the wait for RESUME does not count against checkout_timeout_ms
+                await self._wait_resumed()
+                deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms > 0 else float("inf")
+                continue
             # idle first, then a new server while the pool has room, then one parked with another client
             server = await self._take_idle(False)
             if server is None and self.total < self.settings.size:
@@ -196,7 +202,7 @@ class Pool:
         """The linked client finished a transaction (its server is idle): True when the server may stay
         with it, False when the client must check it in (somebody waits, or the pool is closing). A
         parked server relays nothing: like an idle one, it has no sink until unparked."""
-        if self.waiters or self.closed:
+        if self.waiters or self.closed or self.paused:
             return False
         server.last_used = _monotonic()
         self.parked[server] = owner
@@ -350,6 +356,44 @@ class Pool:
         except ValueError:
             pass
         if was_known:
+            self._wake_one(None)
+
+    # ------------------------------------------------------------ admin console: pause, reconnect
+
+    def pause(self) -> None:
+        """New transactions wait: no checkout and no parking until `resume`; running transactions go on.
+        Servers parked with clients go back to the idle list, so their clients' next transaction asks for
+        one; clients already waiting for a server now wait for the resume instead (never failed by it)."""
+        if self.paused:
+            return
+        self.paused = True
+        self._resumed = asyncio.Event()
+        for server in list(self.parked):
+            self._unlink_parked(server)
+            self.checkin(server)
+        for waiter in list(self.waiters):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def resume(self) -> None:
+        self.paused = False
+        event, self._resumed = self._resumed, None
+        if event is not None:
+            event.set()
+
+    async def _wait_resumed(self) -> None:
+        event = self._resumed
+        if event is not None:
+            await event.wait()
+
+    def reconnect(self) -> None:
+        """Every server is closed once idle (the idle ones at once), so that new ones are opened."""
+        idle, self.idle = self.idle, deque()
+        for server in idle:
+            server.close()
+        for server in self.active:  # lent or parked: closed at its next checkin or unpark
+            server.retire_at = 0.0
+        if idle:
             self._wake_one(None)
 
     # ------------------------------------------------------------ maintenance (janitor)

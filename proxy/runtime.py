@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from config.model import Config, DatabaseConfig, UserConfig
@@ -13,6 +15,7 @@ from proxy.authenticator import Authenticator
 from proxy.cluster import Cluster, build_clusters
 from proxy.pool import Pool, PoolSettings
 from proxy.protocol import codec
+from proxy.server import ServerConnection
 from proxy.session_state import EffectScanner
 from proxy.shardmap import build_shard_router
 from proxy.twophase.coordinator import TwoPhase
@@ -24,8 +27,32 @@ log = logging.getLogger("shardgate")
 JANITOR_INTERVAL_S = 1.0
 
 
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """What the admin views (proxy/views.py) show of one client, read when a view is asked for."""
+
+    client_id: int
+    user: str
+    database: str
+    state: str  # login | active | waiting (for a server) | console
+    addr: str
+    port: int
+    local_addr: str
+    local_port: int
+    connect_time: float  # wall clock, seconds
+    application_name: str
+    pool_mode: str
+    pool: Pool | None  # the pool of its home server (its last one between transactions)
+    server: ServerConnection | None  # the home server linked or parked with it
+    prepared_statements: int
+
+
 class Session(Protocol):
     """What the runtime needs of a connected client (the session module is not imported here)."""
+
+    client_id: int
+
+    def info(self) -> SessionInfo: ...
 
     def cancel_running(self) -> None: ...
 
@@ -53,6 +80,12 @@ class Runtime:
         self.collations: dict[str, str] = {}  # database -> its collation as the merger compares text
         self.shard_routers: dict[str, ShardRouter | None] = {}
         self.twophase = TwoPhase(self)
+        # admin console: client ids, paused databases, and what App lends it (reload, graceful stop)
+        self.client_ids = itertools.count(1)
+        self.paused_databases: set[str] = set()
+        self.paused_all = False
+        self.reload_config: Callable[[], str | None] | None = None  # None on success, else the problems
+        self.request_shutdown: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ clusters and pools
 
@@ -102,6 +135,8 @@ class Runtime:
                 ),
             )
             self.pools[key] = pool
+            if self.is_paused(server.name):
+                pool.pause()
         return pool
 
     def create_min_pools(self) -> None:
@@ -113,6 +148,34 @@ class Runtime:
                 continue
             for server in self.config.databases:
                 self.pool_for_server(user, server)
+
+    # ------------------------------------------------------------ pause (admin console)
+
+    def pools_of(self, database: str | None) -> list[Pool]:
+        """The pools of a logical database, or every pool for None."""
+        return [pool for key, pool in self.pools.items() if database is None or key[0] == database]
+
+    def is_paused(self, database: str) -> bool:
+        return self.paused_all or database in self.paused_databases
+
+    def pause(self, database: str | None) -> None:
+        """New transactions on `database` (every database for None) wait until `resume`."""
+        if database is None:
+            self.paused_all = True
+        else:
+            self.paused_databases.add(database)
+        for pool in self.pools_of(database):
+            pool.pause()
+
+    def resume(self, database: str | None) -> None:
+        if database is None:
+            self.paused_all = False
+            self.paused_databases.clear()
+        else:
+            self.paused_databases.discard(database)
+        for key, pool in self.pools.items():
+            if not self.is_paused(key[0]):
+                pool.resume()
 
     # ------------------------------------------------------------ cancel
 

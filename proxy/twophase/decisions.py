@@ -41,6 +41,7 @@ class Prepared(NamedTuple):
     gid: str
     owner: str
     age_s: float
+    prepared: str  # when, as PostgreSQL prints a timestamptz
 
 
 def literal(value: str) -> str:
@@ -107,6 +108,6 @@ async def forget_dead_instances(server: Rows, older_than_s: float, timeout_s: fl
 async def prepared(server: Rows, timeout_s: float) -> list[Prepared]:
     """The prepared transactions of this server's database whose gid looks like Shardgate's."""
     rows = await server.fetch_rows(
-        "SELECT gid, owner, extract(epoch FROM now() - prepared)::float8 FROM pg_prepared_xacts "
-        f"WHERE database = current_database() AND gid LIKE {literal(LIKE_PATTERN)}", timeout_s)
-    return [Prepared(gid or "", owner or "", float(age or 0)) for gid, owner, age in rows]
+        "SELECT gid, owner, extract(epoch FROM now() - prepared)::float8, prepared::text FROM pg_prepared_xacts "
+        f"WHERE database = current_database() AND gid LIKE {literal(LIKE_PATTERN)} ORDER BY prepared", timeout_s)
+    return [Prepared(gid or "", owner or "", float(age or 0), when or "") for gid, owner, age, when in rows]

@@ -27,6 +27,7 @@ class InDoubt(NamedTuple):
     database: str
     shard: int
     gid: str
+    prepared: str
     owner: str
     age_s: float
     decision: str | None  # "commit", "abort", or None (no decision logged)
@@ -259,25 +260,28 @@ async def run(tp: TwoPhase) -> None:
 
 
 async def list_in_doubt(tp: TwoPhase) -> list[InDoubt]:
-    """Every Shardgate prepared part on every shard, with what the log says (the admin view and the CLI)."""
+    """Every prepared part whose gid starts like Shardgate's, on every shard of every database, with what
+    the log says of its transaction (the admin views and the CLI). Raises when a shard cannot be read."""
     out: list[InDoubt] = []
-    for database in sharded_databases(tp):
-        pool = await tp.on_log(database)
-        connection = await pool.checkout()
-        try:
-            logged = await decisions.decisions(connection, database, tp.timeout_s)
-        finally:
-            pool.checkin(connection)
+    sharded = set(sharded_databases(tp))
+    names = sorted({entry.name for entry in tp.topology.config.databases})
+    for database in names:
+        logged: dict[str, decisions.Decision] = {}
+        if database in sharded and tp.enabled:
+            pool = await tp.on_log(database)
+            connection = await pool.checkout()
+            try:
+                logged = await decisions.decisions(connection, database, tp.timeout_s)
+            finally:
+                pool.checkin(connection)
         for cluster in tp.topology.shards_of(database):
             server = _primary(tp, database, cluster.shard)
             if server is None:
-                continue
+                raise LookupError(f"database {database} shard {cluster.shard} has no primary to read")
             for row in await _scan(tp, server):
                 gid = parse(row.gid)
-                if gid is None:
-                    continue
-                decision = logged.get(gid.decision_key)
-                out.append(InDoubt(database, cluster.shard, row.gid, row.owner, row.age_s,
+                decision = logged.get(gid.decision_key) if gid is not None else None
+                out.append(InDoubt(database, cluster.shard, row.gid, row.prepared, row.owner, round(row.age_s, 3),
                                    decision.outcome if decision is not None else None))
     return out
 
