@@ -43,6 +43,8 @@ class GeneralConfig:
     replica_stickiness: bool = False
     # sharding (issue 13): may an UPDATE or DELETE without its sharding key run on every shard
     allow_cross_shard_writes: bool = False
+    # hot reload (issue 15): poll the config file every second and reload it when it changes
+    watch_config: bool = False
 
 
 @dataclass(frozen=True, slots=True)
