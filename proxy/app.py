@@ -90,12 +90,12 @@ class App:
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("event=reload_problem path=%s problem=%r", path, problem)
-            log.error("event=reload_rejected path=%s problems=%d", path, len(exc.problems))
+            log.error("event=reload_failed path=%s problems=%d", path, len(exc.problems))
             return ReloadResult(problems=exc.problems)
         except JwtSetupError as exc:
             problem = f"jwt: {exc}"
             log.error("event=reload_problem path=%s problem=%r", path, problem)
-            log.error("event=reload_rejected path=%s problems=1", path)
+            log.error("event=reload_failed path=%s problems=1", path)
             return ReloadResult(problems=[problem])
         old = runtime.config.general
         # the running values stay for what only a restart changes, so the config shows what is in effect

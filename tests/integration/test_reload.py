@@ -385,7 +385,7 @@ def test_bad_file_is_rejected_and_traffic_goes_on(proxy: ProxyFactory, servers: 
 
     def break_it() -> None:
         shardgate.config_path.write_text(bad + "\npool_sise = 3\n")
-        reload(shardgate, expect="event=reload_rejected")
+        reload(shardgate, expect="event=reload_failed")
 
     under_load(shardgate, break_it)
     log = shardgate.stderr_text()
