@@ -103,7 +103,11 @@ class App:
         needs_restart = [f'general.{key}: "{getattr(new_config.general, key)}" needs a restart (running with '
                          f'"{value}")' for key, value in kept.items() if getattr(new_config.general, key) != value]
         new_config = dataclasses.replace(new_config, general=dataclasses.replace(new_config.general, **kept))
-        changes = runtime.apply(new_config)
+        try:
+            changes = runtime.apply(new_config)
+        except Exception as exc:  # a bug, not the file: say so rather than lose the signal handler's call
+            log.exception("event=reload_error path=%s", path)
+            return ReloadResult(problems=[f"internal error while applying the new config: {exc!r}"])
         if new_config.general.log_level != old.log_level:
             logging.getLogger().setLevel(new_config.general.log_level.upper())
             changes.append("log_level")
