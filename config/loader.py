@@ -186,6 +186,7 @@ def _parse_general(table: dict[str, Any] | None, problems: list[str]) -> General
     section.boolean("allow_cross_shard_writes")
     section.boolean("two_phase_commit")
     _read_admin_keys(section)
+    section.boolean("watch_config")
     section.finish()
 
     if min_size is not None and pool_size is not None and min_size > pool_size:
@@ -685,7 +686,7 @@ def _parse_jwt(table: dict[str, Any], problems: list[str]) -> JwtConfig | None:
     public_keys = section.strings("public_keys")
     jwks_file = section.string("jwks_file", allow_empty=False)
     section.string("issuer", allow_empty=False)
-    section.strings("audience")
+    section.checked("audience", _check_audience)
     section.strings("required_claims")
     section.seconds("leeway_s")
     section.integer("max_token_bytes", minimum=1)
@@ -898,6 +899,17 @@ def _check_strings(choices: Sequence[str] | None, non_empty: bool) -> Checker:
         return tuple(raw), None
 
     return check
+
+
+def _check_audience(raw: Any) -> tuple[Any, str | None]:
+    """jwt.audience: one string or an array of them, as PostgREST's jwt-aud."""
+    if isinstance(raw, str):
+        if not raw.strip():
+            return None, "must not be empty"
+        return (raw,), None
+    if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        return tuple(raw), None
+    return None, f"must be a string or an array of strings (got {_describe(raw)})"
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ class GeneralConfig:
     admin_users: tuple[str, ...] = ()
     admin_jwt_roles: tuple[str, ...] = ()
     admin_token: str = ""
+    # hot reload (issue 15): poll the config file every second and reload it when it changes
+    watch_config: bool = False
 
 
 @dataclass(frozen=True, slots=True)

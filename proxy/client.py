@@ -571,6 +571,30 @@ class ClientSession(FanoutRelay):
         self.server = None
         server.pool.checkin(server)
 
+    def reconfigure(self) -> None:
+        """A reload: the user's new settings, the database's new servers and shard map apply from the next
+        transaction (a transaction in flight finishes where it is); the pool mode and whether reads are
+        split stay as they were at login."""
+        user, cluster = self.user, self.cluster
+        if user is None or cluster is None or self.phase is CLOSED:
+            return
+        rt = self.rt
+        user = self.user = rt.config.user(user.name) or user  # a removed user's clients stay connected
+        home = rt.cluster_for(self.database)
+        if home is not None:
+            self.cluster = home
+        if self.split is not None:
+            self.split.reconfigure(user)
+        elif home is not None:
+            try:
+                self.pool = rt.pool_for_server(user, home.primary().config)
+            except ProxyError:
+                pass  # no primary now: the next transaction reports it, as before the reload
+        scatter = self.scatter
+        if scatter is not None and len(rt.shards_of(self.database)) > 1:
+            scatter.shard_count = len(rt.shards_of(self.database))
+            scatter.shards = rt.shard_router(self.database)
+
     def on_server_taken(self, server: ServerConnection) -> None:
         """The pool gave our parked server to another client (or back to the idle list)."""
         if server is self.server:

@@ -130,6 +130,7 @@ class Cluster:
         self._split_brain = False
         self._no_primary = False
         self._probe_lock = asyncio.Lock()
+        self.removed = False  # a reload dropped this database shard: no server, and errors say why
 
     # ------------------------------------------------------------ picking a server
 
@@ -161,6 +162,9 @@ class Cluster:
                 log.info("event=primary_reachable database=%s shard=%d server=%s", self.name, self.shard,
                          claimants[0].name)
             return claimants[0]
+        if self.removed:
+            raise ProxyError(sqlstate.INVALID_CATALOG_NAME,
+                             f'database "{self.name}" shard {self.shard} was removed from the configuration')
         if not self._no_primary:
             self._no_primary = True
             log.warning("event=no_primary database=%s shard=%d", self.name, self.shard)
@@ -270,14 +274,19 @@ class Cluster:
             return
         async with self._probe_lock:
             started = self._now()
-            results = await asyncio.gather(*(self._probe(server) for server in self.servers))
+            servers = list(self.servers)  # a reload may change the list while the probes run
+            results = await asyncio.gather(*(self._probe(server) for server in servers))
             self.probes += 1
-            self._apply(started, results)
+            self._apply(started, results, servers)
 
-    def _apply(self, started: float, results: Sequence[ProbeResult | str]) -> None:
+    def _apply(self, started: float, results: Sequence[ProbeResult | str],
+               servers: Sequence[ClusterServer] | None = None) -> None:
+        """Apply one probe round's results to `servers` (by default the cluster's, in order)."""
+        if servers is None:
+            servers = self.servers
         now = self._now()
         primary_lsns: list[int] = []
-        for server, result in zip(self.servers, results, strict=True):
+        for server, result in zip(servers, results, strict=True):
             if isinstance(result, str):
                 server.probes_failed += 1
                 server.last_error = result
@@ -313,7 +322,7 @@ class Cluster:
         if primary_lsns:
             # With two primaries (split brain) the further one is the conservative reference.
             primary_lsn = max(primary_lsns)
-            for server, result in zip(self.servers, results, strict=True):
+            for server, result in zip(servers, results, strict=True):
                 if isinstance(result, str) or server.role != REPLICA or result.lsn is None:
                     continue
                 server.lag_bytes = max(0, primary_lsn - result.lsn)
@@ -393,6 +402,44 @@ class Cluster:
     def close(self) -> None:
         for server in self.servers:
             self._drop_monitor(server)
+
+    # ------------------------------------------------------------ reload
+
+    def update(self, servers: Sequence[DatabaseConfig], general: GeneralConfig,
+               credentials: tuple[str, str] | None) -> list[ClusterServer]:
+        """A reload: the new server list, in config order. A server still at the same address and database
+        keeps its probed role, health, ban and lag; a new one starts unknown. Returns the servers dropped
+        (their monitor connections are closed)."""
+        kept = {(server.address, server.config.server_database): server for server in self.servers}
+        fresh: list[ClusterServer] = []
+        for config in servers:
+            server = kept.pop(((config.host, config.port), config.server_database), None)
+            if server is None:
+                server = ClusterServer(config, self._now)
+            elif config != server.config:
+                server.config = config
+                if config.role != server.configured_role:
+                    server.configured_role = config.role
+                    if config.role != "auto":
+                        server.role = config.role
+            fresh.append(server)
+        self.servers = fresh
+        self.general = general
+        if credentials != self.credentials:
+            self.credentials = credentials
+            for server in fresh:
+                self._drop_monitor(server)  # logged in with the old credentials
+        dropped = list(kept.values())
+        for server in dropped:
+            self._drop_monitor(server)
+        self.wake.set()  # probe the new servers soon
+        return dropped
+
+    def remove(self) -> None:
+        """A reload dropped this database shard: no server is picked any more, and errors say why."""
+        self.removed = True
+        self.close()
+        self.servers = []
 
     # ------------------------------------------------------------ reporting
 

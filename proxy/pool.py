@@ -63,6 +63,9 @@ class Pool:
         self.servers_created = 0
         self.servers_failed = 0
         self.untested_reuse_s = settings.healthcheck_idle_ms / 1000
+        # set by a reload that dropped this pool's server: its servers close once idle; None while in the
+        # config, else why new checkouts are refused ("" when its holders may still check out: it moved)
+        self.retired: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.paused = False  # admin PAUSE: no checkout, no parking until resume
         self._resumed: asyncio.Event | None = None
@@ -109,6 +112,8 @@ class Pool:
         while True:
             if self.closed:
                 raise PoolError(sqlstate.CANNOT_CONNECT_NOW, f"pool {self.name} is shutting down")
+            if self.retired:
+                raise PoolError(sqlstate.INVALID_CATALOG_NAME, self.retired, fatal=False)
             if self.paused:  # the wait for RESUME does not count against checkout_timeout_ms
                 await self._wait_resumed()
                 deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms > 0 else float("inf")
@@ -191,6 +196,8 @@ class Pool:
         self.servers_created += 1
         if self.settings.server_lifetime_s > 0:
             server.retire_at = server.created_at + self.settings.server_lifetime_s
+        if self.retired is not None:
+            server.retire_at = 0.0  # lent to a client that still holds this pool, then closed
         if not self.base_params:
             self.base_params = dict(server.params)
         server.last_used = time.monotonic()
@@ -311,7 +318,7 @@ class Pool:
         except (TimeoutError, ProxyError):
             failed = b"timeout"
         self.active.discard(server)
-        if failed is not None or server.txn_status != b"I":
+        if failed is not None or server.txn_status != b"I" or self._expired(server, time.monotonic()):
             server.close()
             self._wake_one(None)
             return
@@ -424,6 +431,61 @@ class Pool:
             log.warning("event=server_connect_failed pool=%s sqlstate=%s error=%r", self.name, exc.sqlstate, exc.message)
             return
         self._release(server)
+
+    # ------------------------------------------------------------ reload
+
+    def reconfigure(self, settings: PoolSettings, user: str, password: str) -> None:
+        """A reload: new settings for new checkouts. A smaller pool closes its surplus idle servers now and
+        its surplus busy ones when they come back; a bigger one lets its waiters open servers. A new
+        backend role closes every server once idle (they are logged in as the old one); a new password
+        only applies to new logins."""
+        old, self.settings = self.settings, settings
+        self.untested_reuse_s = settings.healthcheck_idle_ms / 1000
+        self.password = password
+        if user != self.user:
+            self.user = user
+            self.base_params = {}
+            self.drain()
+        surplus = self.total - settings.size
+        while surplus > 0 and self.parked:
+            server = self._take_parked()
+            self.active.discard(server)
+            server.close()
+            surplus -= 1
+        while surplus > 0 and self.idle:
+            self.idle.popleft().close()  # the least recently used first
+            surplus -= 1
+        for server in self.active:
+            if surplus <= 0:
+                break
+            if server.retire_at > 0.0:
+                server.retire_at = 0.0  # closed at checkin (see `_expired`)
+                surplus -= 1
+        for _ in range(min(max(settings.size - old.size, 0), len(self.waiters))):
+            self._wake_one(None)  # the waiter loops and opens a server in the new room
+
+    def drain(self) -> None:
+        """Close every server once idle: idle and parked ones now, busy ones when their transaction ends."""
+        for server in list(self.parked):
+            self._unlink_parked(server)
+            self.active.discard(server)
+            server.close()
+        for server in self.idle:
+            server.close()
+        self.idle.clear()
+        for server in self.active:
+            server.retire_at = 0.0
+
+    def retire(self, refusal: str = "") -> None:
+        """The config no longer has this pool's server: drain it. With `refusal`, later checkouts fail with
+        it (the database is gone); without, a client that still holds this pool may check out (it moves to
+        the new pool at its next transaction), each server closed when given back."""
+        self.retired = refusal
+        self.drain()
+        if refusal:
+            for waiter in self.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

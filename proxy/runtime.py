@@ -60,6 +60,8 @@ class Session(Protocol):
 
     def busy(self) -> bool: ...
 
+    def reconfigure(self) -> None: ...
+
 
 class Runtime:
     """Everything the sessions share: config, pools, cancel keys, caches."""
@@ -86,6 +88,8 @@ class Runtime:
         self.paused_all = False
         self.reload_config: Callable[[], str | None] | None = None  # None on success, else the problems
         self.request_shutdown: Callable[[], None] | None = None
+        self._probe_tasks: dict[tuple[str, int], asyncio.Task[Any]] = {}
+        self._probing = False
 
     # ------------------------------------------------------------ clusters and pools
 
@@ -115,29 +119,32 @@ class Runtime:
         key = (server.name, server.host, server.port, server.server_database, user.name)
         pool = self.pools.get(key)
         if pool is None:
-            general = self.config.general
-            size = user.pool_size or general.default_pool_size
             pool = Pool(
                 f"{user.name}@{server.name}/{server.host}:{server.port}",
                 (server.host, server.port),
                 server.server_database,
                 user.backend_user,
                 user.backend_password,
-                PoolSettings(
-                    size=size,
-                    min_size=min(size, user.min_pool_size if user.min_pool_size is not None else general.min_pool_size),
-                    checkout_timeout_ms=general.checkout_timeout_ms,
-                    idle_timeout_s=general.idle_timeout_s,
-                    server_lifetime_s=general.server_lifetime_s,
-                    healthcheck_idle_ms=general.healthcheck_idle_ms,
-                    connect_timeout_ms=general.server_connect_timeout_ms,
-                    reset_query=general.server_reset_query,
-                ),
+                self.pool_settings(user),
             )
             self.pools[key] = pool
             if self.is_paused(server.name):
                 pool.pause()
         return pool
+
+    def pool_settings(self, user: UserConfig) -> PoolSettings:
+        general = self.config.general
+        size = user.pool_size or general.default_pool_size
+        return PoolSettings(
+            size=size,
+            min_size=min(size, user.min_pool_size if user.min_pool_size is not None else general.min_pool_size),
+            checkout_timeout_ms=general.checkout_timeout_ms,
+            idle_timeout_s=general.idle_timeout_s,
+            server_lifetime_s=general.server_lifetime_s,
+            healthcheck_idle_ms=general.healthcheck_idle_ms,
+            connect_timeout_ms=general.server_connect_timeout_ms,
+            reset_query=general.server_reset_query,
+        )
 
     def create_min_pools(self) -> None:
         """Pools with a minimum size are created at start so their servers are opened by the janitor."""
@@ -177,6 +184,88 @@ class Runtime:
             if not self.is_paused(key[0]):
                 pool.resume()
 
+    # ------------------------------------------------------------ reload
+
+    def start_probes(self) -> None:
+        """Start each cluster's probe loop (at start; a reload starts those of new clusters)."""
+        self._probing = True
+        for key, cluster in self.clusters.items():
+            self._start_probe(key, cluster)
+
+    def _start_probe(self, key: tuple[str, int], cluster: Cluster) -> None:
+        old = self._probe_tasks.pop(key, None)
+        if old is not None:
+            old.cancel()
+        if self._probing:
+            self._probe_tasks[key] = self.spawn(cluster.run())
+
+    def apply(self, config: Config) -> list[str]:
+        """Put a validated config in place without dropping a client (App.reload checked it and the keys):
+        clusters and pools are updated in place, dropped servers drained, and each session told, so its next
+        transaction uses the new servers. Returns what changed, as short phrases for the log."""
+        old, self.config = self.config, config
+        changes: list[str] = []
+        self._apply_clusters(config, changes)
+        self._apply_pools(config, changes)
+        for database in list(self.shard_routers):
+            if _shard_inputs(old, database) != _shard_inputs(config, database):
+                del self.shard_routers[database]
+                changes.append(f"shard_map:{database}")
+        self.login_params.clear()  # ParameterStatus of servers that may have moved
+        self.collations.clear()
+        self.create_min_pools()
+        for client in list(self.clients):
+            client.reconfigure()
+        return changes
+
+    def _apply_clusters(self, config: Config, changes: list[str]) -> None:
+        grouped: dict[tuple[str, int], list[DatabaseConfig]] = {}
+        for database in config.databases:
+            grouped.setdefault((database.name, database.shard), []).append(database)
+        credentials = monitor_credentials(config)
+        for key in [key for key in self.clusters if key not in grouped]:
+            task = self._probe_tasks.pop(key, None)
+            if task is not None:
+                task.cancel()
+            self.clusters.pop(key).remove()
+            changes.append(f"removed:{key[0]}/{key[1]}")
+        for key, servers in grouped.items():
+            found = self.clusters.get(key)
+            if found is None:
+                added = self.clusters[key] = Cluster(key[0], key[1], servers, config.general, credentials)
+                self._start_probe(key, added)
+                changes.append(f"added:{key[0]}/{key[1]}")
+                continue
+            cluster = found
+            before = [(server.address, server.config) for server in cluster.servers]
+            restart = (cluster.general.healthcheck_interval_ms != config.general.healthcheck_interval_ms
+                       or cluster.credentials != credentials)
+            cluster.update(servers, config.general, credentials)
+            if restart:
+                self._start_probe(key, cluster)
+            if before != [(server.address, server.config) for server in cluster.servers]:
+                changes.append(f"servers:{key[0]}/{key[1]}")
+
+    def _apply_pools(self, config: Config, changes: list[str]) -> None:
+        servers = {(db.name, db.host, db.port, db.server_database) for db in config.databases}
+        names = {db.name for db in config.databases}
+        for key, pool in list(self.pools.items()):
+            if key[:4] not in servers:
+                del self.pools[key]
+                # a database that moved: clients still holding the pool may finish with it; one that is gone
+                # refuses them
+                gone = key[0] not in names
+                pool.retire(f'database "{key[0]}" was removed from the configuration' if gone else "")
+                changes.append(f"drained:{pool.name}")
+                continue
+            user = config.user(key[4])
+            if user is None:
+                continue  # a removed user's connected clients keep its pools as they were
+            settings = self.pool_settings(user)
+            if settings != pool.settings or user.backend_user != pool.user or user.backend_password != pool.password:
+                pool.reconfigure(settings, user.backend_user, user.backend_password)
+                changes.append(f"pool:{pool.name}")
+
     # ------------------------------------------------------------ cancel
 
     def forward_cancel(self, process_id: int, secret_key: int) -> None:
@@ -212,3 +301,19 @@ class Runtime:
                     pool.maintain()
                 except Exception:
                     log.exception("event=janitor_error pool=%s", pool.name)
+
+
+def monitor_credentials(config: Config) -> tuple[str, str] | None:
+    """The first user's backend login, which the cluster probes use."""
+    if not config.users:
+        return None
+    first = config.users[0]
+    return (first.backend_user, first.backend_password)
+
+
+def _shard_inputs(config: Config, database: str) -> tuple[object, ...]:
+    """What a database's ShardRouter is built from: a reload rebuilds it only when one of these changed."""
+    jwt = config.jwt
+    return (config.sharded_tables_for(database), config.omnisharded_tables_for(database),
+            config.shard_count(database), config.general.allow_cross_shard_writes,
+            jwt is not None and jwt.shard_by_tenant_claim)

@@ -227,6 +227,12 @@ class ReadWriteSplit:
                 self.cluster = found
                 self.sticky = None
 
+    def reconfigure(self, user: UserConfig) -> None:
+        """A reload: the user's new settings and the cluster's new servers, from the next route on."""
+        self.user = user
+        self.cluster = self.rt.cluster_for(self.cluster.name, self.cluster.shard) or self.cluster
+        self._pools.clear()  # a moved server has a new pool
+
     def pool_for_route(self) -> Pool:
         cluster, user = self.cluster, self.user
         if self.role is Role.REPLICA:

@@ -269,11 +269,31 @@ def test_secrets_are_never_quoted_in_problems() -> None:
 
 def test_jwt_lists_must_be_arrays_of_strings() -> None:
     data = minimal()
-    data["jwt"] = {"secret": "s", "audience": "shardgate", "claims": ["sub", 1]}
+    data["jwt"] = {"secret": "s", "audience": 7, "claims": ["sub", 1]}
     assert problems_of(data) == [
-        'jwt.audience: must be an array of strings (got string "shardgate")',
+        "jwt.audience: must be a string or an array of strings (got integer 7)",
         "jwt.claims: must be an array of strings (got array)",
     ]
+
+
+def test_jwt_audience_may_be_one_string_as_postgrest_jwt_aud() -> None:
+    data = minimal()
+    data["jwt"] = {"secret": "s", "audience": "shardgate"}
+    jwt = parse(data).jwt
+    assert jwt is not None and jwt.audience == ("shardgate",)
+    data["jwt"] = {"secret": "s", "audience": " "}
+    assert problems_of(data) == ["jwt.audience: must not be empty"]
+    data["jwt"] = {"secret": "s", "audience": ["a", 2]}
+    assert problems_of(data) == ["jwt.audience: must be a string or an array of strings (got array)"]
+
+
+def test_watch_config_is_a_boolean() -> None:
+    data = minimal()
+    assert parse(data).general.watch_config is False
+    data["general"] = {"watch_config": True}
+    assert parse(data).general.watch_config is True
+    data["general"] = {"watch_config": "yes"}
+    assert problems_of(data) == ['general.watch_config: must be true or false (got "yes")']
 
 
 # --- allowed values -------------------------------------------------------------------------
