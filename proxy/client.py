@@ -68,6 +68,7 @@ class ClientSession(FanoutRelay):
         # the rest of the link set: servers on other shards in this transaction (or session), by shard
         self.links: dict[int, ServerConnection] = {}
         self.fanout: FanoutExecutor | None = None  # while a fan-out statement runs
+        self.committing = False
         self.state = SessionState({}, {}, {})
         self._snapshot = None
         self._settings_key = b""
@@ -170,6 +171,8 @@ class ClientSession(FanoutRelay):
         self.rt.clients.discard(self)
         if self.cancel_key is not None:
             self.rt.cancel_keys.pop(self.cancel_key, None)
+        if self.committing:
+            return  # the commit round finishes, then gives the servers back (FanoutRelay._commit_across)
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self.console is not None:

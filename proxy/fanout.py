@@ -132,6 +132,7 @@ class FanoutRelay(Relay):
     state: SessionState
     pinned: bool
     _snapshot: ServerState | None
+    committing: bool  # a COMMIT over several shards is in its commit round
 
     # ------------------------------------------------------------ hooks the session provides
 
@@ -265,9 +266,11 @@ class FanoutRelay(Relay):
                 participants.append(Participant(shard, server))
         for participant in participants:
             participant.server.sink = None  # a server lost now is the commit round's business, not the client's
+        self.committing = True  # a client that leaves now does not stop the round (see ClientSession.connection_lost)
         try:
             result = await self.rt.twophase.commit(self.database, participants)
         finally:
+            self.committing = False
             home_server = self.server
             if home_server is not None and not self.parked:
                 if home_server.broken:
@@ -284,7 +287,8 @@ class FanoutRelay(Relay):
         else:
             self.txn_effects = []
         if self._phase_closed():
-            self._fan_out_transaction_ended()
+            self._release_links(closing=True)
+            self._unlink_and_release(closing=True)
             return
         self.write(_answers(batch, plan.extended, result.tag, result.error))
         self._fan_out_transaction_ended()

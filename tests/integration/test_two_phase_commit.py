@@ -552,3 +552,28 @@ def test_session_mode_passes_prepare_transaction_through(proxy: ProxyFactory, pg
         conn.execute("COMMIT PREPARED 'by_hand_1'")
         assert conn.execute("SELECT count(*) FROM by_hand").fetchone() == (1,)
         conn.execute("DROP TABLE by_hand")
+
+
+def test_a_client_that_leaves_during_the_commit_round_does_not_stop_it(
+        proxy: ProxyFactory, shards: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    for server in shards:
+        server.start()
+    _reset(shards)
+    monkeypatch.setenv("SHARDGATE_FAILPOINT", "after_prepare:sleep=1")
+    started = _start(proxy, shards, settings={**FAST_RECOVERY, "prepared_timeout_s": 600})
+    placement = _seed(started, shards)
+    first, second = _on(placement, 0), _on(placement, 1)
+    conn = psycopg.connect(started.dsn())
+    conn.execute("UPDATE accounts SET balance = balance - 80 WHERE id = %s", (first,))
+    conn.execute("UPDATE accounts SET balance = balance + 80 WHERE id = %s", (second,))
+    conn.pgconn.send_query(b"COMMIT")
+    conn.pgconn.flush()
+    time.sleep(0.3)  # the COMMIT is in its prepare round
+    conn.close()
+    # recovery would wait 600 s: only the round itself can have finished the transaction
+    _wait_for(lambda: _prepared(shards) == [] and _balances(shards)[second] != START_BALANCE, timeout_s=10,
+              what="the commit round to finish")
+    balances = _balances(shards)
+    assert (balances[first], balances[second]) == (START_BALANCE - 80, START_BALANCE + 80)
+    with psycopg.connect(started.dsn()) as again:  # the proxy's servers went back clean
+        assert again.execute("SELECT balance FROM accounts WHERE id = %s", (second,)).fetchone() == (START_BALANCE + 80,)
