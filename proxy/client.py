@@ -212,8 +212,8 @@ class ClientSession(FanoutRelay):
         self.transport.close()
 
     def busy(self) -> bool:
-        """A transaction or a statement is in flight on one of the session's servers."""
-        return any(server.outstanding or server.txn_status != b"I" for server in self._link_set())
+        """A transaction or a statement is in flight on one of the session's servers, or a commit round."""
+        return self.committing or any(server.outstanding or server.txn_status != b"I" for server in self._link_set())
 
     def _link_set(self) -> list[ServerConnection]:
         """Every server this session holds now: its home server, the other shards', a fan-out's legs."""
