@@ -15,6 +15,7 @@ from proxy.admin import start_admin
 from proxy.client import ClientSession
 from proxy.protocol import sqlstate
 from proxy.runtime import Runtime
+from proxy.tls import TlsSetupError
 
 log = logging.getLogger("shardgate")
 
@@ -60,13 +61,15 @@ class App:
             return
         try:
             new_config = load(path)
+            tls = self.runtime.tls.prepare(new_config.tls)  # every file read before anything changes
             self.runtime.auth.reload(new_config)
         except ConfigError as exc:
             log.error("event=reload_failed problems=%d first=%r", len(exc.problems), exc.problems[:1])
             return
-        except JwtSetupError as exc:
+        except (JwtSetupError, TlsSetupError) as exc:
             log.error("event=reload_failed error=%r", str(exc))
             return
+        self.runtime.tls.install(tls)  # new connections get the new certificates; established ones keep theirs
         self.runtime.config = new_config
         log.info("event=reloaded path=%s", path)
 

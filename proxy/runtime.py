@@ -15,6 +15,7 @@ from proxy.pool import Pool, PoolSettings
 from proxy.protocol import codec
 from proxy.session_state import EffectScanner
 from proxy.shardmap import build_shard_router
+from proxy.tls import TlsContexts
 from routing.router import Router
 from routing.sharding import ShardRouter
 
@@ -46,7 +47,10 @@ class Runtime:
         self.shutting_down = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started_at = time.time()
+        self.tls = TlsContexts(config.tls)  # raises TlsSetupError (a ValueError) for a file it cannot use
         self.clusters = build_clusters(config)
+        for cluster in self.clusters.values():
+            cluster.tls = self.tls
         self.router = Router(config.general.volatile_functions if hasattr(config.general, "volatile_functions") else ())
         self.auth = Authenticator(config)
         self.collations: dict[str, str] = {}  # database -> its collation as the merger compares text
@@ -98,6 +102,7 @@ class Runtime:
                     connect_timeout_ms=general.server_connect_timeout_ms,
                     reset_query=general.server_reset_query,
                 ),
+                tls=self.tls,
             )
             self.pools[key] = pool
         return pool

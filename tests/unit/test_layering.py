@@ -24,7 +24,8 @@ ALLOWED = {
 # the modules a server connection, the pool and the runtime sit below: none of them may import a session
 SESSION_MODULES = {"proxy.client", "proxy.relay", "proxy.fanout", "proxy.executor", "proxy.login", "proxy.handshake",
                    "proxy.splitter", "proxy.scatter", "proxy.app", "proxy.admin"}
-BELOW_SESSIONS = ["proxy.server", "proxy.pool", "proxy.cluster", "proxy.runtime", "proxy.session_state", "proxy.shardmap"]
+BELOW_SESSIONS = ["proxy.server", "proxy.pool", "proxy.cluster", "proxy.runtime", "proxy.session_state", "proxy.shardmap",
+                 "proxy.tls"]
 # modules on the request path: they never import the throwaway-PostgreSQL tooling
 TOOLING_IMPORTERS = {"proxy.quickstart"}
 
