@@ -87,7 +87,8 @@ def build_client_context(config: TlsConfig) -> ClientTlsContext | None:
     try:
         context.set_ciphers(config.ciphers)
     except ssl.SSLError as exc:
-        raise TlsSetupError(f"tls.ciphers: no cipher can be selected from {config.ciphers!r} ({exc.reason})")
+        reason = getattr(exc, "reason", None) or exc
+        raise TlsSetupError(f"tls.ciphers: no cipher can be selected from {config.ciphers!r} ({reason})")
     _load_chain(context, config.cert_file, config.key_file, "tls.cert_file")
     if config.client_ca_file is not None:
         _load_ca(context, config.client_ca_file, "tls.client_ca_file")
