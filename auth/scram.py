@@ -12,6 +12,8 @@ from auth.errors import AuthError
 from config.passwords import is_md5_hash
 
 MECHANISM = "SCRAM-SHA-256"
+MECHANISM_PLUS = "SCRAM-SHA-256-PLUS"  # with channel binding (RFC 5802 section 6), over TLS only
+CHANNEL_BINDING_TYPE = "tls-server-end-point"  # RFC 5929, the only type PostgreSQL implements
 DEFAULT_ITERATIONS = 4096
 _INVALID_PASSWORD = "28P01"
 _PROTOCOL_VIOLATION = "08P01"
@@ -71,25 +73,38 @@ def _parse_attributes(text: str) -> dict[str, str]:
 
 
 class ScramServer:
-    """The proxy's side of a client's SCRAM exchange: first message in, final verdict out."""
+    """The proxy's side of a client's SCRAM exchange: first message in, final verdict out.
 
-    def __init__(self, verifier: ScramVerifier) -> None:
+    `channel_binding` is the tls-server-end-point data of the TLS connection the exchange runs on (None
+    without TLS): SCRAM-SHA-256-PLUS is then offered, and checked in the client's final message."""
+
+    def __init__(self, verifier: ScramVerifier, channel_binding: bytes | None = None) -> None:
         self.verifier = verifier
+        self.channel_binding = channel_binding
+        self.bound = False  # the client used SCRAM-SHA-256-PLUS and its binding matched
         self._client_first_bare = ""
         self._server_first = ""
         self._nonce = ""
+        self._binding_input = b"n,,"  # what the client's c= attribute must hold, decoded (set by handle_first)
+
+    def mechanisms(self) -> list[str]:
+        """The SASL mechanisms to offer, preferred first (as PostgreSQL orders them)."""
+        return [MECHANISM_PLUS, MECHANISM] if self.channel_binding is not None else [MECHANISM]
 
     def handle_first(self, mechanism: str, data: bytes) -> bytes:
-        if mechanism != MECHANISM:
+        if mechanism not in self.mechanisms():
             raise AuthError(_PROTOCOL_VIOLATION, f"SASL mechanism {mechanism!r} is not supported")
         try:
             text = data.decode()
         except UnicodeDecodeError:
             raise AuthError(_PROTOCOL_VIOLATION, "malformed SCRAM message")
         gs2_flag, _, rest = text.partition(",")
-        if gs2_flag not in ("n", "y"):
-            raise AuthError(_PROTOCOL_VIOLATION, "SCRAM channel binding is not supported")
+        self._check_gs2_flag(mechanism, gs2_flag)
         _authzid, _, bare = rest.partition(",")
+        self._binding_input = text[: len(text) - len(bare)].encode()  # the GS2 header, with its commas
+        if gs2_flag.startswith("p="):
+            assert self.channel_binding is not None  # PLUS is offered only with it
+            self._binding_input += self.channel_binding
         attributes = _parse_attributes(bare)
         client_nonce = attributes.get("r", "")
         if not client_nonce:
@@ -112,6 +127,12 @@ class ScramServer:
         if attributes.get("r") != self._nonce:
             raise AuthError(_PROTOCOL_VIOLATION, "SCRAM nonce mismatch")
         try:
+            binding = base64.b64decode(attributes.get("c", ""), validate=True)
+        except ValueError:
+            raise AuthError(_PROTOCOL_VIOLATION, "malformed SCRAM channel binding")
+        if not hmac.compare_digest(binding, self._binding_input):
+            raise AuthError(_PROTOCOL_VIOLATION, "SCRAM channel binding check failed")
+        try:
             proof = base64.b64decode(proof_part, validate=True)
         except ValueError:
             raise AuthError(_PROTOCOL_VIOLATION, "malformed SCRAM proof")
@@ -122,7 +143,26 @@ class ScramServer:
         client_key = _xor(proof, signature)
         if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.verifier.stored_key):
             raise AuthError(_INVALID_PASSWORD, "password authentication failed")
+        self.bound = self._binding_input.startswith(b"p=")
         return f"v={_b64(_hmac(self.verifier.server_key, auth_message))}".encode()
+
+    def _check_gs2_flag(self, mechanism: str, gs2_flag: str) -> None:
+        """RFC 5802's downgrade rules, with PostgreSQL's wording."""
+        if gs2_flag == "n" or gs2_flag == "y":
+            if mechanism == MECHANISM_PLUS:
+                raise AuthError(_PROTOCOL_VIOLATION, "channel binding is required, but client does not support it")
+            if gs2_flag == "y" and self.channel_binding is not None:
+                # the client can bind and thinks we cannot: somebody in between removed the PLUS offer
+                raise AuthError(_PROTOCOL_VIOLATION, "SCRAM channel binding negotiation error: the client "
+                                "supports channel binding but thinks the server does not")
+            return
+        if gs2_flag.startswith("p="):
+            if mechanism != MECHANISM_PLUS:
+                raise AuthError(_PROTOCOL_VIOLATION, "channel binding requested without SCRAM-SHA-256-PLUS")
+            if gs2_flag[2:] != CHANNEL_BINDING_TYPE:
+                raise AuthError(_PROTOCOL_VIOLATION, f"unsupported SCRAM channel-binding type {gs2_flag[2:]!r}")
+            return
+        raise AuthError(_PROTOCOL_VIOLATION, "malformed SCRAM message: bad GS2 header")
 
 
 class ScramClient:

@@ -15,12 +15,16 @@ from typing import Any
 
 from config.model import (
     AUTH_METHODS,
+    CLIENT_CERT_MODES,
+    CLIENT_TLS_MODES,
     LOAD_BALANCING,
     POOL_MODES,
     READ_WRITE_SPLIT,
     SERVER_ROLES,
+    SERVER_TLS_MODES,
     SHARD_KEY_TYPES,
     SHARDING_METHODS,
+    TLS_VERSIONS,
     Config,
     DatabaseConfig,
     GeneralConfig,
@@ -30,6 +34,7 @@ from config.model import (
     ShardKeyValue,
     ShardRange,
     ShardValues,
+    TlsConfig,
     TwoPhaseCommitConfig,
     UserConfig,
 )
@@ -54,7 +59,7 @@ SCRAM_PREFIX = "SCRAM-SHA-256$"
 SCRAM_KEY_BYTES = 32  # SHA-256 digest size: StoredKey and ServerKey
 
 _SECTIONS = ("general", "users", "databases", "jwt", "sharded_tables", "omnisharded_tables",
-             "two_phase_commit")
+             "two_phase_commit", "tls")
 # Inclusive bounds of the integer key types; a range's exclusive end may be one above the maximum.
 _INTEGER_BOUNDS = {"bigint": (-(2**63), 2**63 - 1), "integer": (-(2**31), 2**31 - 1)}
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
@@ -120,6 +125,8 @@ def parse(data: dict[str, Any], source_path: str | None = None) -> Config:
     sharded = _parse_sharded_tables(data, shards_of, problems)
     omnisharded = _parse_omnisharded_tables(data, shards_of, problems)
     two_phase = _parse_two_phase_commit(_table(data, "two_phase_commit", problems), data, problems)
+    tls_table = _table(data, "tls", problems)
+    tls = _parse_tls(tls_table, problems) if tls_table is not None else None
 
     if problems:
         raise ConfigError(problems, source_path)
@@ -133,6 +140,7 @@ def parse(data: dict[str, Any], source_path: str | None = None) -> Config:
         sharded_tables=tuple(t for t in sharded if t is not None),
         omnisharded_tables=tuple(t for t in omnisharded if t is not None),
         two_phase_commit=two_phase or TwoPhaseCommitConfig(),
+        tls=tls or TlsConfig(),
     )
 
 
@@ -706,6 +714,47 @@ def _parse_jwt(table: dict[str, Any], problems: list[str]) -> JwtConfig | None:
     key_sources = ("secret", "secret_file", "public_keys", "jwks_file")
     if not (secret or secret_file or public_keys or jwks_file) and not any(map(section.failed, key_sources)):
         problems.append("jwt: needs a key: set secret, secret_file, public_keys or jwks_file")
+    return section.build()
+
+
+def _parse_tls(table: dict[str, Any], problems: list[str]) -> TlsConfig | None:
+    """[tls]: files are only named here; proxy/tls.py loads them (and names the key of one it cannot use)."""
+    section = _Section(table, "tls", TlsConfig, problems)
+    mode = section.choice("mode", CLIENT_TLS_MODES)
+    cert_file = section.string("cert_file", allow_empty=False)
+    key_file = section.string("key_file", allow_empty=False)
+    if table.get("min_version") in ("1.0", "1.1"):
+        section.known.append("min_version")
+        section.invalid.add("min_version")
+        problems.append(f'tls.min_version: TLS {table["min_version"]} is refused (insecure); use "1.2" or "1.3"')
+    else:
+        section.choice("min_version", TLS_VERSIONS)
+    section.string("ciphers", allow_empty=False)
+    client_ca_file = section.string("client_ca_file", allow_empty=False)
+    client_cert = section.choice("client_cert", CLIENT_CERT_MODES)
+    server_tls = section.choice("server_tls", SERVER_TLS_MODES)
+    section.string("server_ca_file", allow_empty=False)
+    server_cert_file = section.string("server_cert_file", allow_empty=False)
+    server_key_file = section.string("server_key_file", allow_empty=False)
+    section.finish()
+
+    if mode in ("allow", "require"):
+        for key, value in (("cert_file", cert_file), ("key_file", key_file)):
+            if value is None and not section.failed(key):
+                problems.append(f'tls.{key}: required when tls.mode is "{mode}"')
+    if client_cert is not None and client_ca_file is None and not section.failed("client_ca_file"):
+        problems.append("tls.client_cert: needs tls.client_ca_file, the CA that signs client certificates")
+    if client_ca_file is not None and mode == "disable":
+        problems.append('tls.client_ca_file: client certificates need TLS: set tls.mode to "allow" or "require"')
+    if client_ca_file is not None and client_cert is None:
+        section.set("client_cert", "verify-ca")
+    if (server_cert_file is None) != (server_key_file is None):
+        missing = "server_key_file" if server_key_file is None else "server_cert_file"
+        if not section.failed(missing):
+            problems.append(f"tls.{missing}: server_cert_file and server_key_file go together (a client certificate "
+                            "toward PostgreSQL and its key)")
+    if server_tls == "disable" and server_cert_file is not None:
+        problems.append('tls.server_cert_file: unused while tls.server_tls is "disable"')
     return section.build()
 
 

@@ -12,6 +12,13 @@ LOAD_BALANCING = ("round_robin", "random", "least_connections")
 # Sharding key types and placement methods (routing/shard.py implements them; config imports nothing of ours).
 SHARD_KEY_TYPES = ("bigint", "integer", "text", "uuid")
 SHARDING_METHODS = ("hash", "range", "list")
+# TLS (issue 15): toward clients, toward PostgreSQL servers (libpq's sslmode names, PgBouncer's server_tls_sslmode)
+CLIENT_TLS_MODES = ("disable", "allow", "require")
+CLIENT_CERT_MODES = ("verify-ca", "verify-full")
+SERVER_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
+TLS_VERSIONS = ("1.2", "1.3")
+# Forward-secret AEAD suites only for TLS 1.2 (TLS 1.3 suites are all strong and not set by this string).
+DEFAULT_TLS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +122,23 @@ class JwtConfig:
     switch_role: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """[tls]: the listener's TLS (mode, certificate, mTLS) and TLS toward PostgreSQL (server_*)."""
+
+    mode: str = "disable"
+    cert_file: str | None = None
+    key_file: str | None = None
+    min_version: str = "1.2"
+    ciphers: str = DEFAULT_TLS_CIPHERS
+    client_ca_file: str | None = None
+    client_cert: str | None = None  # verify-ca (the default once client_ca_file is set) or verify-full
+    server_tls: str = "prefer"
+    server_ca_file: str | None = None
+    server_cert_file: str | None = None
+    server_key_file: str | None = None
+
+
 # A configured key value: int for bigint and integer keys, str for text and uuid keys (a uuid in its
 # canonical lowercase 8-4-4-4-12 form).
 ShardKeyValue = int | str
@@ -185,6 +209,7 @@ class Config:
     sharded_tables: tuple[ShardedTableConfig, ...] = ()
     omnisharded_tables: tuple[OmnishardedTableConfig, ...] = ()
     two_phase_commit: TwoPhaseCommitConfig = field(default_factory=TwoPhaseCommitConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def user(self, name: str) -> UserConfig | None:
         for user in self.users:

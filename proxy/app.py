@@ -17,6 +17,7 @@ from proxy.admin import start_admin
 from proxy.client import ClientSession
 from proxy.protocol import sqlstate
 from proxy.runtime import Runtime
+from proxy.tls import TlsSetupError
 from proxy.twophase import recovery
 
 log = logging.getLogger("shardgate")
@@ -91,14 +92,15 @@ class App:
             return ReloadResult(problems=["no config file to reload: the proxy was started without one"])
         try:
             new_config = load(path)
+            tls = runtime.tls.prepare(new_config.tls)  # every file read before anything changes
             runtime.auth.reload(new_config)  # first: key files that cannot be used reject the reload
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("event=reload_problem path=%s problem=%r", path, problem)
             log.error("event=reload_failed path=%s problems=%d", path, len(exc.problems))
             return ReloadResult(problems=exc.problems)
-        except JwtSetupError as exc:
-            problem = f"jwt: {exc}"
+        except (JwtSetupError, TlsSetupError) as exc:
+            problem = f"{'tls' if isinstance(exc, TlsSetupError) else 'jwt'}: {exc}"
             log.error("event=reload_problem path=%s problem=%r", path, problem)
             log.error("event=reload_failed path=%s problems=1", path)
             return ReloadResult(problems=[problem])
@@ -108,6 +110,7 @@ class App:
         needs_restart = [f'general.{key}: "{getattr(new_config.general, key)}" needs a restart (running with '
                          f'"{value}")' for key, value in kept.items() if getattr(new_config.general, key) != value]
         new_config = dataclasses.replace(new_config, general=dataclasses.replace(new_config.general, **kept))
+        runtime.tls.install(tls)  # new connections get the new certificates; established ones keep theirs
         try:
             changes = runtime.apply(new_config)
         except Exception as exc:  # a bug, not the file: say so rather than lose the signal handler's call

@@ -31,6 +31,7 @@ from proxy.scatter import FanoutPlan, Scatter
 from proxy.server import ServerConnection
 from proxy.session_state import Effect, ServerState, SessionState
 from proxy.statements import PreparedStatements
+from proxy.tls import ClientTlsContext, client_session_of, start_client_tls
 
 log = logging.getLogger("shardgate.client")
 
@@ -111,6 +112,7 @@ class ClientSession(FanoutRelay):
         self.connected_at = 0.0
         self.console: Console | None = None
         self.application_name = ""
+        self.tls_starting = False
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -241,10 +243,45 @@ class ClientSession(FanoutRelay):
             self.phase = CLOSED
             if self.transport is not None:
                 self.transport.close()
+        elif handshake.state is HandshakeState.TLS:
+            if not self.tls_starting:
+                self._start_tls(handshake)
         elif handshake.state is HandshakeState.DONE:
             self.handshake = None
             assert handshake.identity is not None
             self._authenticated(handshake, handshake.identity)
+
+    def _start_tls(self, handshake: Handshake) -> None:
+        context = handshake.tls_wanted
+        assert context is not None
+        received = b""
+        if handshake.tls_direct:  # the ClientHello came first and is in inbuf
+            received = bytes(self.inbuf)
+            self.inbuf.clear()
+        self.tls_starting = True
+        self._start_task(self._tls_handshake(handshake, context, received))
+
+    async def _tls_handshake(self, handshake: Handshake, context: ClientTlsContext, received: bytes) -> None:
+        """The TLS handshake on this connection, in the event loop like any read (other clients go on); the
+        startup packet then comes over the TLS transport (it may already wait in inbuf)."""
+        raw = self.transport
+        assert raw is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await start_client_tls(loop, raw, self, context.context, received)
+        except asyncio.CancelledError:
+            return
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError: refused certificate, old version
+            log.info("event=client_tls_failed peer=%s direct=%s error=%r", self.peer, bool(received),
+                     getattr(exc, "reason", None) or str(exc))
+            raw.close()
+            self.connection_lost(None)
+            return
+        self.transport = transport  # type: ignore[assignment]
+        self.tls_starting = False
+        handshake.tls_established(client_session_of(transport, context, direct=bool(received)))
+        if self.inbuf:
+            self._startup_data()
 
     def _authenticated(self, handshake: Handshake, identity: Identity) -> None:
         self.identity = identity

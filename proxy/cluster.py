@@ -14,6 +14,7 @@ from config.model import Config, DatabaseConfig, GeneralConfig
 from proxy.errors import ProxyError
 from proxy.protocol import sqlstate
 from proxy.server import ServerConnection, ServerPool
+from proxy.tls import TlsContexts
 
 log = logging.getLogger("shardgate.cluster")
 
@@ -121,6 +122,7 @@ class Cluster:
         self.shard = shard
         self.general = general
         self.credentials = credentials
+        self.tls: TlsContexts | None = None  # the runtime's, for monitor connections
         self.servers: list[ClusterServer] = [ClusterServer(config, now) for config in servers]
         self.probes = 0
         self.wake = asyncio.Event()
@@ -346,7 +348,8 @@ class Cluster:
                 user, password = self.credentials
                 # a monitor connection is never lent: of its "pool" only on_server_lost is ever called
                 link = cast(ServerPool, _MonitorLink(self, server))
-                connection = ServerConnection(link, server.address, user, password, server.config.server_database)
+                connection = ServerConnection(link, server.address, user, password, server.config.server_database,
+                                              self.tls)
                 try:
                     await connection.connect({"application_name": MONITOR_APPLICATION_NAME}, timeout_s)
                 except BaseException:

@@ -14,12 +14,14 @@ from proxy.errors import ProxyError
 from proxy.protocol import codec, sqlstate
 from proxy.protocol.codec import ProtocolError
 from proxy.runtime import Runtime
+from proxy.tls import ALPN_POSTGRESQL, TLS_RECORD_HANDSHAKE, ClientTlsContext, ClientTlsSession
 
 _STARTUP_ONLY = frozenset(("user", "database", "options", "replication"))
 
 
 class HandshakeState(Enum):
     STARTUP = "startup"  # waiting for the startup packet (after any SSL/GSS request)
+    TLS = "tls"  # `tls_wanted` set: the session runs the TLS handshake, then calls `tls_established`
     AUTH = "auth"  # a password, an md5 hash, SCRAM messages or a JWT expected
     DONE = "done"  # `identity` is set
     CANCELLED = "cancelled"  # the connection was a CancelRequest, already forwarded: close it
@@ -41,11 +43,30 @@ class Handshake:
         self._scram: ScramServer | None = None
         self._md5_salt = b""
         self._scram_started = False
+        self._first_packet = True
+        self.tls: ClientTlsSession | None = None  # once the connection is TLS
+        self.tls_wanted: ClientTlsContext | None = None  # in state TLS: the context to start it with
+        self.tls_direct = False  # in state TLS: the ClientHello is what `buffer` holds
+        self._alpn_missing = False  # direct TLS without ALPN "postgresql": refused at the startup packet
+
+    def tls_established(self, session: ClientTlsSession) -> None:
+        """The session finished the TLS handshake: the startup packet comes next, encrypted."""
+        self.tls = session
+        self.tls_wanted = None
+        self.state = HandshakeState.STARTUP
+        # PostgreSQL 17's rule: direct TLS only for clients that say they speak PostgreSQL over it. Refused
+        # once the startup packet is in: closing with it unread would reset the connection under the error.
+        self._alpn_missing = session.direct and session.alpn != ALPN_POSTGRESQL
 
     def feed(self, buffer: bytearray) -> None:
         """Consume what `buffer` holds of the exchange; what follows it stays in `buffer`."""
         if self.state is HandshakeState.STARTUP:
+            if self._first_packet and buffer and buffer[0] == TLS_RECORD_HANDSHAKE:
+                self._want_tls(direct=True)  # no startup packet starts so: its length is below 2**24
+                return
             packet = codec.read_startup_packet(buffer)
+            if packet is not None and self._alpn_missing:
+                raise ProtocolError("received direct SSL connection request without ALPN protocol negotiation extension")
             while packet is not None:
                 self._startup_packet(packet, buffer)
                 if self.state is not HandshakeState.STARTUP:
@@ -54,10 +75,26 @@ class Handshake:
         if self.state is HandshakeState.AUTH:
             self._auth_data(buffer)
 
+    def _want_tls(self, *, direct: bool) -> None:
+        context = self.rt.tls.client
+        if context is None or self.tls is not None:
+            if direct:
+                raise ProtocolError("direct TLS connection refused: TLS is off (tls.mode = disable)")
+            raise ProtocolError("unsupported frontend protocol: SSL negotiation already done")
+        self.tls_wanted = context
+        self.tls_direct = direct
+        self.state = HandshakeState.TLS
+
     def _startup_packet(self, packet: codec.StartupPacket, buffer: bytearray) -> None:
+        self._first_packet = False
         if isinstance(packet, codec.SSLRequest | codec.GSSENCRequest):
             if buffer:
+                # bytes sent before the answer would be taken as if they had come over TLS (CVE-2021-23214)
                 raise ProtocolError("unexpected data after SSL/GSS encryption request")
+            if isinstance(packet, codec.SSLRequest) and (self.rt.tls.client is not None or self.tls is not None):
+                self._want_tls(direct=False)
+                self.write(codec.SSL_ACCEPTED)
+                return
             self.write(codec.SSL_REFUSED)
             return
         if isinstance(packet, codec.CancelRequest):
@@ -76,6 +113,7 @@ class Handshake:
             raise ProtocolError("no PostgreSQL user name specified in startup packet", sqlstate.INVALID_AUTHORIZATION)
         if "replication" in params and params["replication"].lower() not in ("false", "off", "no", "0"):
             raise ProtocolError("replication connections are not supported by shardgate", sqlstate.FEATURE_NOT_SUPPORTED)
+        self._check_tls(user_name)
         if len(self.rt.clients) > self.rt.config.general.max_client_connections:
             raise ProxyError(sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
         if self.rt.shutting_down:
@@ -91,6 +129,25 @@ class Handshake:
         self.state = HandshakeState.AUTH
         self._begin_auth(user)
 
+    def _check_tls(self, user_name: str) -> None:
+        """tls.mode = require and client certificates, before any authentication (all 28000, as
+        PostgreSQL's pg_hba.conf refusals)."""
+        tls = self.tls
+        if tls is None:
+            if self.rt.tls.client_mode == "require":
+                raise AuthError(sqlstate.INVALID_AUTHORIZATION, f'connection without TLS refused for user "{user_name}": '
+                                "the proxy requires TLS (tls.mode = require); connect with sslmode=require")
+            return
+        required = tls.context.client_cert
+        if required is None:
+            return
+        if not tls.peer_certificate:
+            raise AuthError(sqlstate.INVALID_AUTHORIZATION, "connection requires a valid client certificate")
+        if required == "verify-full" and tls.peer_cn != user_name:
+            raise AuthError(sqlstate.INVALID_AUTHORIZATION,
+                            f'certificate validation (client_cert = verify-full) failed for user "{user_name}": '
+                            "CN mismatch")
+
     def _begin_auth(self, user: UserConfig) -> None:
         method = self._method = user.auth
         if method == "trust":
@@ -101,8 +158,9 @@ class Handshake:
             self._md5_salt = secrets.token_bytes(4)
             self.write(codec.auth_md5(self._md5_salt))
         else:
-            self._scram = ScramServer(self.rt.auth.verifier_for(user))
-            self.write(codec.auth_sasl(["SCRAM-SHA-256"]))
+            binding = self.tls.context.end_point if self.tls is not None else None
+            scram = self._scram = ScramServer(self.rt.auth.verifier_for(user), binding)
+            self.write(codec.auth_sasl(scram.mechanisms()))
 
     def _auth_data(self, buffer: bytearray) -> None:
         while self.state is HandshakeState.AUTH and len(buffer) >= 5:

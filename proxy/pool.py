@@ -14,6 +14,7 @@ from proxy.errors import PoolError, ProxyError, ServerError
 from proxy.protocol import codec, sqlstate
 from proxy.server import ServerConnection, ServerOwner
 from proxy.session_state import Effect, ServerState, server_state_after, sync_sql
+from proxy.tls import TlsContexts
 
 log = logging.getLogger("shardgate.pool")
 
@@ -43,8 +44,9 @@ class Pool:
     """
 
     def __init__(self, name: str, address: tuple[str, int], database: str, user: str, password: str,
-                 settings: PoolSettings) -> None:
+                 settings: PoolSettings, tls: TlsContexts | None = None) -> None:
         self.name = name
+        self.tls = tls  # read at each server connect: a reload's new certificates go to new servers
         self.address = address
         self.database = database
         self.user = user
@@ -185,7 +187,7 @@ class Pool:
 
     async def _create(self) -> ServerConnection:
         self.connecting += 1
-        server = ServerConnection(self, self.address, self.user, self.password, self.database)
+        server = ServerConnection(self, self.address, self.user, self.password, self.database, self.tls)
         try:
             await server.connect({}, self.settings.connect_timeout_ms / 1000)
         except ServerError:

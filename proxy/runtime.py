@@ -18,6 +18,7 @@ from proxy.protocol import codec
 from proxy.server import ServerConnection
 from proxy.session_state import EffectScanner
 from proxy.shardmap import build_shard_router
+from proxy.tls import TlsContexts
 from proxy.twophase.coordinator import TwoPhase
 from routing.router import Router
 from routing.sharding import ShardRouter
@@ -76,7 +77,10 @@ class Runtime:
         self.shutting_down = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started_at = time.time()
+        self.tls = TlsContexts(config.tls)  # raises TlsSetupError (a ValueError) for a file it cannot use
         self.clusters = build_clusters(config)
+        for cluster in self.clusters.values():
+            cluster.tls = self.tls
         self.router = Router(config.general.volatile_functions if hasattr(config.general, "volatile_functions") else ())
         self.auth = Authenticator(config)
         self.collations: dict[str, str] = {}  # database -> its collation as the merger compares text
@@ -126,6 +130,7 @@ class Runtime:
                 user.backend_user,
                 user.backend_password,
                 self.pool_settings(user),
+                tls=self.tls,
             )
             self.pools[key] = pool
             if self.is_paused(server.name):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
 from collections import deque
 from typing import Protocol
@@ -13,6 +14,7 @@ from auth.scram import MECHANISM, ScramClient, md5_response
 from proxy.errors import ServerError, ServerLostError
 from proxy.protocol import codec, sqlstate
 from proxy.session_state import EMPTY_SERVER_STATE, ServerState
+from proxy.tls import TLS_HANDSHAKE_TIMEOUT_S, ServerTlsContext, TlsContexts
 
 
 class Writer(Protocol):
@@ -94,8 +96,11 @@ class ServerConnection(asyncio.Protocol):
     """A server socket. Only the pool changes `state`, `session_state` and `prepared`; while checked out,
     responses go to `out` and events to `sink` (both None while idle or parked)."""
 
-    def __init__(self, pool: ServerPool, address: tuple[str, int], user: str, password: str, database: str) -> None:
+    def __init__(self, pool: ServerPool, address: tuple[str, int], user: str, password: str, database: str,
+                 tls: TlsContexts | None = None) -> None:
         self.pool = pool
+        self.tls = tls
+        self.tls_version: str | None = None  # once logged in over TLS: "TLSv1.3", say
         self.address = address
         self.user = user
         self.password = password
@@ -133,6 +138,7 @@ class ServerConnection(asyncio.Protocol):
         self._login_buffer = bytearray()
         self._scram: ScramClient | None = None
         self._drain: asyncio.Future[None] | None = None
+        self._tls_answer: asyncio.Future[bytes] | None = None
 
     # ------------------------------------------------------------ login
 
@@ -141,19 +147,63 @@ class ServerConnection(asyncio.Protocol):
         self._login = loop.create_future()
         try:
             await asyncio.wait_for(self._open(loop, startup), timeout_s)
-        except (TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError, ServerError) as exc:
             self.broken = True
             if self.transport is not None:
                 self.transport.abort()
+            if isinstance(exc, ServerError):
+                raise
+            reason: object = exc or "timeout"
+            if isinstance(exc, ssl.SSLCertVerificationError):  # the server's certificate was refused: say why
+                reason = f"TLS certificate verify failed: {exc.verify_message}"
             raise ServerError(sqlstate.CONNECTION_FAILURE,
-                              f"cannot connect to server {self.address[0]}:{self.address[1]}: {exc or 'timeout'}")
+                              f"cannot connect to server {self.address[0]}:{self.address[1]}: {reason}")
 
     async def _open(self, loop: asyncio.AbstractEventLoop, startup: dict[str, str]) -> None:
         await loop.create_connection(lambda: self, self.address[0], self.address[1])
         assert self.transport is not None and self._login is not None
+        tls = self.tls.server if self.tls is not None else None
+        if tls is not None:
+            await self._start_tls(loop, tls)
         params = {"user": self.user, "database": self.database, **startup}
         self.transport.write(codec.startup_message(params))
         await self._login
+
+    async def _start_tls(self, loop: asyncio.AbstractEventLoop, tls: ServerTlsContext) -> None:
+        """SSLRequest, then TLS if the server says `S`; `N` is fine for server_tls = prefer only."""
+        assert self.transport is not None
+        answer = self._tls_answer = loop.create_future()
+        self.transport.write(codec.SSL_REQUEST)
+        try:
+            reply = await answer
+        finally:
+            self._tls_answer = None
+        if reply == codec.SSL_ACCEPTED:
+            host = self.address[0]
+            started = await loop.start_tls(self.transport, self, tls.context, server_hostname=host,
+                                           ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+            assert started is not None
+            self.transport = started  # type: ignore[assignment]
+            ssl_object = started.get_extra_info("ssl_object")
+            self.tls_version = ssl_object.version() if ssl_object is not None else None
+        elif reply == codec.SSL_REFUSED:
+            if tls.mode != "prefer":
+                raise ServerError(sqlstate.CONNECTION_FAILURE,
+                                  f"server {self.address[0]}:{self.address[1]} does not support TLS, "
+                                  f"but tls.server_tls is {tls.mode}")
+        else:
+            raise ServerError(sqlstate.PROTOCOL_VIOLATION,
+                              f"server {self.address[0]}:{self.address[1]} answered the SSLRequest with {reply!r}")
+
+    def _tls_reply(self, answer: asyncio.Future[bytes], data: bytes) -> None:
+        if answer.done():
+            return
+        if len(data) != 1:
+            # bytes after the answer would be taken as if they had come over TLS (CVE-2021-23222)
+            answer.set_exception(ServerError(sqlstate.PROTOCOL_VIOLATION,
+                                             "server sent unexpected data after its answer to the SSLRequest"))
+            return
+        answer.set_result(data)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -162,6 +212,10 @@ class ServerConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _login_data(self, data: bytes) -> None:
+        answer = self._tls_answer
+        if answer is not None:
+            self._tls_reply(answer, data)
+            return
         buffer = self._login_buffer
         buffer += data
         while len(buffer) >= 5:
@@ -223,6 +277,9 @@ class ServerConnection(asyncio.Protocol):
         return False
 
     def _fail_login(self, exc: Exception) -> None:
+        answer = self._tls_answer
+        if answer is not None and not answer.done():
+            answer.set_exception(exc)  # the connection went while the SSLRequest waited for its answer
         login, self._login = self._login, None
         self.broken = True
         if self.transport is not None:

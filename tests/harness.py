@@ -61,6 +61,29 @@ def create_topology(replicas: int = 2) -> Topology:
         raise
 
 
+def create_tls_topology(cert: Path, key: Path, ca: Path | None = None) -> Topology:
+    """A primary alone with `ssl = on` serving `cert` and `key`; with `ca`, it asks clients for a certificate
+    (optional) and checks it against that CA. The files are copied where the postgres OS user may read them."""
+    base_dir = Path(tempfile.mkdtemp(prefix="shardgate-pg-tls-"))
+    try:
+        ssl_dir = base_dir / "ssl"
+        ssl_dir.mkdir()
+        settings: dict[str, str | int | float | bool] = {"ssl": True}
+        for setting, source in (("ssl_cert_file", cert), ("ssl_key_file", key), ("ssl_ca_file", ca)):
+            if source is None:
+                continue
+            target = ssl_dir / source.name
+            shutil.copyfile(source, target)
+            target.chmod(0o600 if setting == "ssl_key_file" else 0o644)
+            if os.geteuid() == 0:
+                shutil.chown(target, user="postgres")  # PostgreSQL refuses a key its OS user does not own
+            settings[setting] = str(target)
+        return Topology.create(base_dir, replicas=0, extra_conf=settings)
+    except BaseException:
+        shutil.rmtree(base_dir, ignore_errors=True)
+        raise
+
+
 def destroy_topology(topology: Topology) -> None:
     try:
         topology.remove()

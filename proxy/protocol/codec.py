@@ -185,6 +185,8 @@ PARSE_COMPLETE = message(b"1")
 BIND_COMPLETE = message(b"2")
 NO_DATA = message(b"n")
 SSL_REFUSED = b"N"
+SSL_ACCEPTED = b"S"
+SSL_REQUEST = struct.pack("!ii", 8, SSL_REQUEST_CODE)
 SYNC = message(b"S")
 TERMINATE = message(b"X")
 

@@ -17,6 +17,7 @@ from proxy.errors import ProxyError, ServerError
 from proxy.pool import Pool, PoolSettings
 from proxy.protocol import codec, sqlstate
 from proxy.server import ServerConnection
+from proxy.tls import TlsContexts
 from proxy.twophase import decisions
 from proxy.twophase.gid import Gid, decision_key, new_instance_id
 
@@ -59,6 +60,7 @@ class Topology(Protocol):
     """What the coordinator needs of the runtime: the config and the clusters of each shard."""
 
     config: Config
+    tls: TlsContexts
 
     def cluster_for(self, database: str, shard: int = 0) -> Cluster | None: ...
 
@@ -139,7 +141,8 @@ class TwoPhase:
                         PoolSettings(size=CONTROL_POOL_SIZE, min_size=0, checkout_timeout_ms=int(timeout_s * 1000),
                                      idle_timeout_s=60.0, server_lifetime_s=general.server_lifetime_s,
                                      healthcheck_idle_ms=general.healthcheck_idle_ms,
-                                     connect_timeout_ms=general.server_connect_timeout_ms, reset_query=""))
+                                     connect_timeout_ms=general.server_connect_timeout_ms, reset_query=""),
+                        tls=self.topology.tls)
             self.control[key] = pool
         return pool
 

@@ -29,6 +29,7 @@ from config import (
     parse,
     split_address,
 )
+from config.model import TlsConfig
 
 EXAMPLE_PATH = Path(config.__file__).parent / "example.toml"
 # Password "app-secret", salt "shardgate-exampl", 4096 iterations (same as the example file).
@@ -92,7 +93,8 @@ def test_example_with_jwt_enabled_loads() -> None:
 def test_example_sets_every_key_of_every_section() -> None:
     data = tomllib.loads(example_with_optional_sections_enabled())
     assert set(data) == {"general", "users", "databases", "jwt", "sharded_tables", "omnisharded_tables",
-                         "two_phase_commit"}
+                         "two_phase_commit", "tls"}
+    assert set(data["tls"]) == field_names(TlsConfig)
     assert set(data["general"]) == field_names(GeneralConfig)
     assert set().union(*data["users"]) == field_names(UserConfig)
     assert set().union(*data["databases"]) == field_names(DatabaseConfig)
@@ -118,7 +120,7 @@ def test_example_comments_every_key_with_its_default() -> None:
         if match and previous.startswith("# ") and "required" in previous:
             required.add(match.group(1))
     models = (GeneralConfig, UserConfig, DatabaseConfig, JwtConfig, ShardedTableConfig, ShardRange, ShardValues,
-              OmnishardedTableConfig, TwoPhaseCommitConfig)
+              OmnishardedTableConfig, TwoPhaseCommitConfig, TlsConfig)
     every_key = set().union(*map(field_names, models))
     required_keys = {"name", "database", "column", "data_type", "shard", "ranges", "values", "table"}
     assert every_key - required_keys <= commented
