@@ -18,7 +18,7 @@ from proxy.scatter import FanoutPlan, Scatter, next_part, split_bind_parameters,
 from proxy.server import ServerConnection
 from proxy.session_state import Effect, ServerState, SessionState
 from proxy.twophase.coordinator import Participant
-from routing.copy_split import CopySplitter
+from routing.copy_split import BinaryCopySplitter, CopySplitter
 from routing.errors import RoutingError
 from routing.sharding import ShardDecision
 
@@ -388,8 +388,12 @@ class FanoutRelay(Relay):
         table = decision.copy.table or ""
         placement = shard_router.placement_of(table)
         legs = {leg.shard: leg for leg in executor.legs}
-        splitter = CopySplitter(decision.copy, decision.copy_key, tuple(legs), placement.shard_of_text,
-                                table and ", ".join(c.column for c in shard_router.columns if c.table in (table, None)))
+        column = table and ", ".join(c.column for c in shard_router.columns if c.table in (table, None))
+        splitter: CopySplitter | BinaryCopySplitter
+        if decision.copy.format == "binary":
+            splitter = BinaryCopySplitter(decision.copy_key, tuple(legs), placement.shard_of_binary, column)
+        else:
+            splitter = CopySplitter(decision.copy, decision.copy_key, tuple(legs), placement.shard_of_text, column)
         while True:
             message = await self._next_message()
             if message is None:

@@ -1,5 +1,5 @@
-"""COPY ... FROM STDIN into a sharded table: the client's rows (text or CSV format) cut into whole rows and
-sent to the shard of each row's key, across CopyData boundaries."""
+"""COPY ... FROM STDIN into a sharded table: the client's rows (text, CSV or binary format) cut into whole
+rows and sent to the shard of each row's key, across CopyData boundaries."""
 
 from __future__ import annotations
 
@@ -95,9 +95,6 @@ class CopySplitter:
 
     def __init__(self, statement: CopyStatement, key_index: int | None, shards: tuple[int, ...],
                  shard_of: Callable[[str], int], column: str) -> None:
-        if statement.format == "binary" and key_index is not None:
-            raise RoutingError("COPY in binary format into a sharded table is not supported: use text or CSV",
-                               FEATURE_NOT_SUPPORTED)
         if len(statement.delimiter) != 1 or len(statement.quote) != 1 or len(statement.escape) != 1:
             raise RoutingError("COPY delimiter, quote and escape must be one character each", FEATURE_NOT_SUPPORTED)
         self.statement = statement
@@ -249,6 +246,115 @@ class CopySplitter:
         if not value and not was_quoted:
             return None  # CSV's NULL: an unquoted empty field
         return value.decode("utf-8")
+
+
+BINARY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+_BINARY_HEADER_BYTES = len(BINARY_SIGNATURE) + 8  # the signature, the flags and the extension length
+_TRAILER = b"\xff\xff"
+
+
+class BinaryCopySplitter:
+    """COPY in binary format: the file header goes to every shard, then each tuple to the shard of its key
+    (`shard_of(raw)` maps the key field's binary value to its shard), then the trailer to every shard."""
+
+    def __init__(self, key_index: int | None, shards: tuple[int, ...], shard_of: Callable[[bytes], int],
+                 column: str) -> None:
+        self.key_index = key_index
+        self.shards = shards
+        self.shard_of = shard_of
+        self.column = column
+        self.pending = bytearray()
+        self.header_done = False
+        self.rows = 0
+        self.ended = False
+
+    def feed(self, data: bytes) -> dict[int, list[bytes]]:
+        out: dict[int, list[bytes]] = {}
+        if self.ended:
+            return out
+        pending = self.pending
+        pending += data
+        pos = 0
+        if not self.header_done:
+            pos = self._header(pending, out)
+            if pos < 0:
+                return out
+        size = len(pending)
+        while size - pos >= 2 and not self.ended:
+            end = self._tuple(pending, pos, out)
+            if end < 0:
+                break
+            pos = end
+        del pending[:pos]
+        return out
+
+    def finish(self) -> dict[int, list[bytes]]:
+        """CopyDone: what is left must be nothing (the trailer may be missing, as PostgreSQL allows)."""
+        if self.pending and not self.ended:
+            raise RoutingError(f"binary COPY data ends inside {'its header' if not self.header_done else 'a row'}",
+                               BAD_COPY_FILE_FORMAT)
+        return {}
+
+    def _header(self, data: bytearray, out: dict[int, list[bytes]]) -> int:
+        if len(data) < _BINARY_HEADER_BYTES:
+            if not BINARY_SIGNATURE.startswith(bytes(data[: len(BINARY_SIGNATURE)])):
+                raise RoutingError("binary COPY data does not start with the PGCOPY signature", BAD_COPY_FILE_FORMAT)
+            return -1
+        if not data.startswith(BINARY_SIGNATURE):
+            raise RoutingError("binary COPY data does not start with the PGCOPY signature", BAD_COPY_FILE_FORMAT)
+        extension = int.from_bytes(data[_BINARY_HEADER_BYTES - 4 : _BINARY_HEADER_BYTES], "big")
+        end = _BINARY_HEADER_BYTES + extension
+        if len(data) < end:
+            return -1
+        header = bytes(data[:end])
+        for shard in self.shards:
+            out.setdefault(shard, []).append(header)
+        self.header_done = True
+        return end
+
+    def _tuple(self, data: bytearray, pos: int, out: dict[int, list[bytes]]) -> int:
+        """Where the tuple at `pos` ends, routed; -1 while it has not all arrived."""
+        size = len(data)
+        count = int.from_bytes(data[pos : pos + 2], "big", signed=True)
+        if count == -1:
+            for shard in self.shards:
+                out.setdefault(shard, []).append(_TRAILER)
+            self.ended = True
+            return pos + 2
+        if count < 0:
+            raise RoutingError(f"binary COPY row {self.rows + 1} has a negative field count", BAD_COPY_FILE_FORMAT)
+        field = pos + 2
+        key: bytes | None = None
+        for index in range(count):
+            if field + 4 > size:
+                return -1
+            length = int.from_bytes(data[field : field + 4], "big", signed=True)
+            field += 4
+            if length < -1:
+                raise RoutingError(f"binary COPY row {self.rows + 1} has a bad field length", BAD_COPY_FILE_FORMAT)
+            if length == -1:
+                continue
+            if field + length > size:
+                return -1
+            if index == self.key_index:
+                key = bytes(data[field : field + length])
+            field += length
+        row = bytes(data[pos:field])
+        if self.key_index is None:
+            for shard in self.shards:
+                out.setdefault(shard, []).append(row)
+        else:
+            if key is None:
+                raise RoutingError(f"row {self.rows + 1} of the COPY has a NULL or missing {self.column}: "
+                                   "it has no shard", NULL_NOT_ALLOWED)
+            try:
+                shard = self.shard_of(key)
+            except ValueError as exc:
+                raise RoutingError(f"row {self.rows + 1} of the COPY: {self.column}: {exc}",
+                                   BAD_COPY_FILE_FORMAT) from exc
+            out.setdefault(shard, []).append(row)
+        self.rows += 1
+        return field
 
 
 def _split_text(line: bytes, delimiter: int) -> list[bytes]:

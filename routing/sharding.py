@@ -132,15 +132,15 @@ class ShardRouter:
         if cached is not None:
             return cached
         finding = self._finding(sql)
-        if not finding.parsed and (finding.sharded_tables or finding.omnisharded_tables) and finding.refusal is None:
+        copy = parse_copy(sql) if _COPY.match(sql) is not None else None
+        if (not finding.parsed and (finding.sharded_tables or finding.omnisharded_tables) and finding.refusal is None
+                and copy is None):  # a COPY the proxy reads itself (sqlglot does not know every COPY option)
             # which shards it touches, and whether it writes, are unknown: never guess
             finding = replace(finding, refusal=(
                 FEATURE_NOT_SUPPORTED, "the proxy cannot parse this statement, so it cannot tell which shards it "
                                        f"touches ({', '.join(finding.sharded_tables or finding.omnisharded_tables)}): "
                                        "add a /* shardgate: shard=N */ hint"))
-        copy = None
         if _COPY.match(sql) is not None:
-            copy = parse_copy(sql)
             if copy is not None and copy.query is not None:
                 inner = find_keys(copy.query, self.columns, self.omnisharded)
                 finding = replace(inner, statement="copy")

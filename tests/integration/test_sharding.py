@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 
@@ -464,6 +465,14 @@ def test_api_shards_and_metrics(proxy: ProxyFactory, two: dict[str, Any]) -> Non
     assert after["single"] == app["statements"]["single"] + 3
 
 
+@contextmanager
+def cursor_binary_copy(conn: psycopg.Connection[Any], statement: str) -> Iterator[Any]:
+    """psycopg's binary COPY (it writes the PGCOPY header, binary tuples and the trailer itself)."""
+    with conn.cursor() as cursor, cursor.copy(statement) as copy:
+        copy.set_types(["bigint", "integer", "text"])
+        yield copy
+
+
 def test_copy_in_splits_rows_and_copy_out_streams_from_every_shard(proxy: ProxyFactory, two: dict[str, Any]) -> None:
     shardgate = _proxy(proxy, two)
     tenants = list(range(100, 140))
@@ -481,6 +490,9 @@ def test_copy_in_splits_rows_and_copy_out_streams_from_every_shard(proxy: ProxyF
                     cursor.copy("COPY orders (tenant_id, id) FROM STDIN") as copy:
                 copy.write("300\t1\n\\N\t2\n")
         assert conn.execute("SELECT count(*) FROM orders WHERE tenant_id = 300").fetchone() == (0,)
+        with cursor_binary_copy(conn, "COPY orders (tenant_id, id, note) FROM STDIN (FORMAT binary)") as copy:
+            for tenant in tenants:
+                copy.write_row((tenant, 3, f"binary {tenant}"))
         lines = []
         with conn.cursor() as cursor, \
                 cursor.copy("COPY (SELECT tenant_id, id FROM orders WHERE note LIKE 'copied%') TO STDOUT") as copy:
@@ -493,6 +505,8 @@ def test_copy_in_splits_rows_and_copy_out_streams_from_every_shard(proxy: ProxyF
         assert _on_shard(two, shard, f"SELECT note FROM orders WHERE tenant_id = {tenant} AND id = 1") == [
             (f"copied\t{tenant}",)]
         assert _on_shard(two, 1 - shard, f"SELECT 1 FROM orders WHERE tenant_id = {tenant}") == []
+        assert _on_shard(two, shard, f"SELECT note FROM orders WHERE tenant_id = {tenant} AND id = 3") == [
+            (f"binary {tenant}",)]
     shard = _shard_of(two["reference"], 100, 2)
     assert _on_shard(two, shard, "SELECT note FROM orders WHERE tenant_id = 100 AND id = 2") == [
         ('line\nbreak, and "quotes"',)]
