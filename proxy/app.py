@@ -13,6 +13,7 @@ from collections.abc import Callable
 from auth.keys import JwtSetupError
 from config.loader import ConfigError, load, split_address
 from config.model import Config
+from proxy import catalog
 from proxy.admin import start_admin
 from proxy.client import ClientSession
 from proxy.protocol import sqlstate
@@ -63,6 +64,10 @@ class App:
                                        config.general.server_connect_timeout_ms / 1000 + 1)
             except TimeoutError:
                 log.warning("event=initial_probe_timeout")
+        try:  # the aggregates a merge must not take for plain functions, before the first client
+            await asyncio.wait_for(catalog.read_all(self.runtime), config.general.server_connect_timeout_ms / 1000 + 1)
+        except TimeoutError:
+            log.warning("event=catalog_timeout")
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: ClientSession(self.runtime), host, port,
                                                reuse_address=True, backlog=2048)
@@ -76,6 +81,7 @@ class App:
         self.runtime.spawn(self.runtime.janitor())
         self.runtime.start_probes()
         self.runtime.spawn(recovery.run(self.runtime.twophase))
+        self.runtime.spawn(catalog.keep_known(self.runtime))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: self.runtime.spawn(self.shutdown()))
         loop.add_signal_handler(signal.SIGHUP, self.reload)

@@ -4,6 +4,7 @@ into the answer one server holding every row would give (or a 0A000 refusal sayi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -74,11 +75,25 @@ class MergePlan:
 _CONCATENATE = MergePlan()
 
 
-def plan_select(sql: str) -> tuple[str, MergePlan]:
+# The user-defined aggregates of the database being planned for (None: not known yet, so any function that is
+# not a known built-in may be one). Set for the length of one plan_select call.
+_USER_AGGREGATES: ContextVar[frozenset[str] | None] = ContextVar("user_aggregates", default=frozenset())
+
+
+def plan_select(sql: str, user_aggregates: frozenset[str] | None = frozenset()) -> tuple[str, MergePlan]:
     """The SQL each shard runs and how to merge. Raises RoutingError(0A000) for what cannot be merged.
 
     The SQL is `sql` itself (the same object) when the shards can run the client's text; otherwise the
-    client's text with only the needed parts changed, comments and parameters ($n) left as they were."""
+    client's text with only the needed parts changed, comments and parameters ($n) left as they were.
+    `user_aggregates`: the database's own aggregates, which cannot be combined (None: not known yet)."""
+    token = _USER_AGGREGATES.set(user_aggregates)
+    try:
+        return _plan_select(sql)
+    finally:
+        _USER_AGGREGATES.reset(token)
+
+
+def _plan_select(sql: str) -> tuple[str, MergePlan]:
     tokens, statement = _parse(sql)
     if statement is None:
         return sql, _CONCATENATE
@@ -185,7 +200,10 @@ def _function_name(node: exp.Expr) -> str | None:
         return _function_name(node.this) or "an ordered-set aggregate"
     if isinstance(node, exp.Anonymous):
         name = node.name.lower()
-        return name if name in _POSTGRES_AGGREGATES else None
+        if name in _POSTGRES_AGGREGATES:
+            return name
+        users = _USER_AGGREGATES.get()
+        return name if users is None or name in users else None
     kind = _MERGEABLE_CLASSES.get(type(node))
     if kind is not None:
         return kind
@@ -217,6 +235,11 @@ def _aggregate_call(node: exp.Expr) -> _AggregateCall | None:
             reason = "the shards' lists cannot be combined in the order one server would build them"
         elif name in _STATISTICS_AGGREGATES:
             reason = "it cannot be computed from the shards' partial results (not supported yet)"
+        elif name not in _POSTGRES_AGGREGATES and _USER_AGGREGATES.get() is None:
+            reason = ("the proxy has not read this database's aggregates yet, so it cannot tell whether this "
+                      "function is one (try again in a moment)")
+        elif name not in _POSTGRES_AGGREGATES:
+            reason = "it is a user-defined aggregate, whose shard results the proxy cannot combine"
         else:
             reason = "only count, sum, min, max, avg, bool_and, bool_or and every can be combined across shards"
         _refuse(f"{shown} across shards cannot be merged: {reason}; {_SUGGESTION}")

@@ -117,6 +117,16 @@ class ShardRouter:
     _shapes: dict[str, KeyFinding] = field(default_factory=dict)
     _merges: dict[str, tuple[MergePlan | None, str | None, tuple[str, str] | None]] = field(default_factory=dict)
     decisions: dict[str, int] = field(default_factory=lambda: {"single": 0, "multi": 0, "all": 0})
+    # the database's user-defined aggregates (lower-case names), None until the proxy has read them: a
+    # function not known to be a plain one may be an aggregate, and is not merged blindly meanwhile
+    user_aggregates: frozenset[str] | None = None
+
+    def set_user_aggregates(self, names: frozenset[str]) -> None:
+        """What the catalog says (see proxy.catalog); merge plans made without it are made again."""
+        if names != self.user_aggregates:
+            self.user_aggregates = names
+            self._merges.clear()
+            self._cache.clear()
 
     def decide(self, sql: str, parameters: Parameters | None = None,
                session: ShardSession | None = None) -> ShardDecision:
@@ -158,7 +168,7 @@ class ShardRouter:
         merge = merge_sql = merge_refusal = None  # a SELECT's merge is planned when it goes to several shards
         if copy is not None and copy.query is not None and finding.refusal is None:
             try:
-                merge_sql, merge = plan_select(copy.query)
+                merge_sql, merge = plan_select(copy.query, self.user_aggregates)
             except RoutingError as exc:
                 merge_refusal = (exc.sqlstate, str(exc))
             if merge_refusal is None and merge is not None and not merge.concatenates:
@@ -199,7 +209,7 @@ class ShardRouter:
             return found
         merge = merge_sql = refusal = None
         try:
-            merge_sql, merge = plan_select(sql)
+            merge_sql, merge = plan_select(sql, self.user_aggregates)
         except RoutingError as exc:
             refusal = (exc.sqlstate, str(exc))
         if merge_sql == sql:

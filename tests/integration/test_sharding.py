@@ -287,6 +287,27 @@ def test_what_cannot_be_merged_is_refused(proxy: ProxyFactory, two: dict[str, An
         assert conn.execute("SELECT count(*) FROM orders WHERE tenant_id = 1").fetchone() == (3,)
 
 
+def test_user_defined_aggregates_are_refused_and_user_functions_still_run(
+        proxy: ProxyFactory, two: dict[str, Any]) -> None:
+    """A user-defined aggregate's per-shard results cannot be combined: refused, never concatenated. A
+    user-defined plain function across shards still works (the proxy reads which are aggregates)."""
+    for server in two["shards"][:2]:
+        _execute(server, "DROP AGGREGATE IF EXISTS my_total(numeric)",
+                 "CREATE AGGREGATE my_total(numeric) (SFUNC = numeric_add, STYPE = numeric, INITCOND = '0')",
+                 "CREATE OR REPLACE FUNCTION twice(numeric) RETURNS numeric LANGUAGE sql IMMUTABLE AS 'SELECT $1 * 2'")
+    shardgate = _proxy(proxy, two)
+    with psycopg.connect(shardgate.dsn(), autocommit=True) as conn:
+        with pytest.raises(pg_errors.FeatureNotSupported, match="user-defined aggregate"):
+            conn.execute("SELECT my_total(amount) FROM orders")
+        with pytest.raises(pg_errors.FeatureNotSupported, match="user-defined aggregate"):
+            conn.execute("SELECT tenant_id, MY_TOTAL(amount) FROM orders GROUP BY tenant_id")
+        # on one shard it is PostgreSQL's own answer
+        assert conn.execute("SELECT my_total(amount) FROM orders WHERE tenant_id = 1").fetchone() == (
+            sum(row[3] for row in ROWS if row[0] == 1),)
+        doubled = conn.execute("SELECT twice(amount) FROM orders ORDER BY tenant_id, id").fetchall()
+        assert doubled == [(row[3] * 2,) for row in sorted(ROWS)]
+
+
 def test_a_transaction_moves_between_shards(proxy: ProxyFactory, two: dict[str, Any]) -> None:
     shardgate = _proxy(proxy, two)
     first, second = 1, next(t for t in range(2, 50) if _shard_of(two["reference"], t, 2) != _shard_of(two["reference"], 1, 2))

@@ -607,3 +607,14 @@ def test_refusals_say_what_to_do() -> None:
 def test_the_statement_text_is_returned_itself_when_unchanged() -> None:
     sql = "SELECT a, count(*) FROM t WHERE b = $1 GROUP BY a"
     assert plan_select(sql)[0] is sql
+
+
+def test_user_defined_aggregates_are_refused_and_unknown_functions_wait_for_the_catalog() -> None:
+    with pytest.raises(RoutingError, match="user-defined aggregate"):
+        plan_select("SELECT my_total(amount) FROM orders", frozenset({"my_total"}))
+    # a plain user function is concatenated like any column
+    assert plan_select("SELECT twice(amount) FROM orders", frozenset({"my_total"}))[1].concatenates
+    # before the proxy has read the catalog, an unknown function might be an aggregate: refused
+    with pytest.raises(RoutingError, match="not read this database's aggregates yet"):
+        plan_select("SELECT twice(amount) FROM orders", None)
+    assert plan_select("SELECT count(*) FROM orders", None)[1].aggregates
