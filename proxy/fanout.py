@@ -23,7 +23,7 @@ from routing.errors import RoutingError
 from routing.sharding import ShardDecision
 
 _Q, _P, _B, _D, _C, _E, _S = (ord(c) for c in "QPBDCES")
-_STATEMENT = ord("S")
+_STATEMENT, _PORTAL = ord("S"), ord("P")
 _NO_PARAMETERS = codec.message(b"t", b"\x00\x00")
 _CLOSE_COMPLETE = codec.message(b"3")
 _SYNC = codec.message(b"S")
@@ -107,6 +107,35 @@ def _answers(batch: bytes, extended: bool, tag: str | None, error: bytes | None)
             failed = tag is None
         pos = end
     return b"".join(out)
+
+
+def _describe_portals(batch: bytes) -> tuple[bytes, int]:
+    """`batch` with a Describe of the portal before each Execute whose portal was not described since its
+    Bind, and how many were added."""
+    out: list[bytes] = []
+    described: set[bytes] = set()
+    added = 0
+    pos, size = 0, len(batch)
+    while size - pos >= 5:
+        type_code = batch[pos]
+        end = pos + 1 + codec.unpack_u32(batch, pos + 1)[0]
+        if end > size:
+            break  # not a message (the marker of a part that ends in Flush)
+        message = batch[pos:end]
+        if type_code == _B:
+            described.discard(message[5 : message.index(b"\x00", 5)])
+        elif type_code == _D and message[5] == _PORTAL:
+            described.add(message[6:-1])
+        elif type_code == _E:
+            portal = message[5 : message.index(b"\x00", 5)]
+            if portal not in described:
+                out.append(codec.message(b"D", b"P" + portal + b"\x00"))
+                described.add(portal)
+                added += 1
+        out.append(message)
+        pos = end
+    out.append(batch[pos:])
+    return b"".join(out), added
 
 
 def _binds_unnamed(data: bytes, pos: int) -> bool:
@@ -341,6 +370,12 @@ class FanoutRelay(Relay):
         for_leg = None
         if self.pool_mode is not SESSION or (decision is not None and (decision.shard_sql or decision.inserts)):
             for_leg = functools.partial(self._leg_messages, decision)
+        merger = executor.merger
+        if plan.extended and merge is not None and (not merge.concatenates or merge.visible_columns is not None):
+            # an Execute whose portal was not described (asyncpg's prepared statements): its rows need their
+            # columns to be merged, so each shard is asked for them and the client does not see the answer
+            first, added = _describe_portals(first)
+            merger.hide_row_descriptions(added)
         part: bytes | None = first
         sent = b""
         try:

@@ -70,6 +70,7 @@ class ResultMerger:
         "_discarding",
         "_execute_description",
         "_headers",
+        "_hidden_descriptions",
         "_hidden_parse_completes",
         "_out",
         "_parameters",
@@ -94,6 +95,7 @@ class ResultMerger:
             raise ValueError("a merger needs a window of at least one row")
         self._sources = sources
         self._hidden_parse_completes = hidden_parse_completes
+        self._hidden_descriptions = 0  # portal RowDescriptions of Describes the caller added itself
         self._stopped_at: list[bytes | None] = [None] * sources  # the barrier each source waits at
         self._stopped_count = 0
         self._queues: list[deque[bytes]] = [deque() for _ in range(sources)]
@@ -158,6 +160,11 @@ class ResultMerger:
         """The RowDescription of rows that come without one (an Execute of a statement described earlier,
         with the formats its Bind asked for: routing.rows.with_result_formats), so a plan can merge them."""
         self._execute_description = description
+
+    def hide_row_descriptions(self, count: int) -> None:
+        """The caller added `count` Describes of portals the client did not ask for (the merge needs their
+        columns): their RowDescriptions are used, not sent."""
+        self._hidden_descriptions += count
 
     @property
     def hidden_parse_completes(self) -> int:
@@ -311,6 +318,9 @@ class ResultMerger:
             return
         rows = self._start_rows(description)
         if rows is not None:
+            if self._hidden_descriptions:
+                self._hidden_descriptions -= 1
+                return
             self._out.append(rows.description)
 
     def _merge_failed(self, error: Exception) -> None:

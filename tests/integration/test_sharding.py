@@ -177,6 +177,37 @@ def test_asyncpg_binary_parameters_and_prepared_statements(proxy: ProxyFactory, 
     assert found == expected
 
 
+def test_asyncpg_prepared_statements_merged_across_shards(proxy: ProxyFactory, two: dict[str, Any]) -> None:
+    """asyncpg describes a statement once and then sends Bind/Execute without a Describe: a statement whose
+    rows are merged (ORDER BY, LIMIT, aggregates, GROUP BY) still gets the right rows, every time."""
+    shardgate = _proxy(proxy, two)
+    queries = ["SELECT tenant_id, id, amount FROM orders WHERE id <= $1 ORDER BY amount DESC, tenant_id, id LIMIT 5",
+               "SELECT tenant_id, count(*), sum(amount) FROM orders WHERE id <= $1 GROUP BY tenant_id "
+               "ORDER BY tenant_id",
+               "SELECT count(*), max(note) FROM orders WHERE id >= $1"]
+
+    async def run() -> list[list[tuple[Any, ...]]]:
+        conn = await asyncpg.connect(shardgate.dsn(), ssl=False)
+        try:
+            found = []
+            for sql in queries:
+                statement = await conn.prepare(sql)
+                for value in (2, 3, 2):
+                    found.append([tuple(r) for r in await statement.fetch(value)])
+                    found.append([tuple(r) for r in await conn.fetch(sql, value)])  # asyncpg's statement cache
+            return found
+        finally:
+            await conn.close()
+
+    found = asyncio.run(asyncio.wait_for(run(), 60))
+    expected = []
+    for sql in queries:
+        for value in (2, 3, 2):
+            rows = _reference(two, sql.replace("$1", str(value)))
+            expected += [rows, rows]
+    assert found == expected
+
+
 def test_multi_row_insert_is_split_by_key(proxy: ProxyFactory, two: dict[str, Any]) -> None:
     shardgate = _proxy(proxy, two)
     new = [(tenant, 100 + tenant % 50, f"new-{tenant}") for tenant in (11, 12, 13, 14, 15, 16)]

@@ -589,6 +589,19 @@ def test_extended_batch_with_describe_of_the_portal_in_binary() -> None:
     assert out[-2:] == [complete("SELECT 5"), ready(b"I")]
 
 
+def test_a_describe_the_caller_added_is_used_for_the_merge_and_not_sent() -> None:
+    shards = description(("id", INT8), fmt=1)
+    def answer(*numbers: int) -> list[bytes]:
+        rows = [message(b"D", struct.pack("!hi", 1, 8) + struct.pack("!q", number)) for number in numbers]
+        return [BIND_DONE, shards, *rows, complete(f"SELECT {len(rows)}"), ready(b"I")]
+    merger = ResultMerger(2, plan=BY_ID)
+    merger.hide_row_descriptions(1)
+    out = run(merger, alternating(answer(4, 8), answer(1, 6)))
+    assert out[0] == BIND_DONE
+    assert [struct.unpack_from("!q", raw, 11)[0] for raw in out[1:-2]] == [1, 4, 6, 8]  # no RowDescription
+    assert out[-2:] == [complete("SELECT 4"), ready(b"I")]
+
+
 def test_extended_batch_without_rows_is_unchanged() -> None:
     first = [PARSE_DONE, BIND_DONE, NO_DATA, complete("UPDATE 1"), ready(b"I")]
     out = run(ResultMerger(2, plan=BY_ID), alternating(first, first))
