@@ -41,6 +41,8 @@ class Handshake:
         self._scram: ScramServer | None = None
         self._md5_salt = b""
         self._scram_started = False
+        self.peer_host = ""  # the client's address (set by the session), for proxy/limits.py
+        self.user_name = ""  # as the startup packet gave it, known to the config or not
 
     def feed(self, buffer: bytearray) -> None:
         """Consume what `buffer` holds of the exchange; what follows it stays in `buffer`."""
@@ -84,6 +86,8 @@ class Handshake:
         settings = {k.lower(): v for k, v in params.items() if k.lower() not in _STARTUP_ONLY}
         settings.update(codec.parse_options(params.get("options", "")))
         self.settings = settings
+        self.user_name = user_name
+        self.rt.limits.check_auth(self.peer_host, user_name)  # a cool-off refuses before any check runs
         user = self.rt.config.user(user_name)
         if user is None:
             raise AuthError(sqlstate.INVALID_AUTHORIZATION, f'role "{user_name}" does not exist')
