@@ -113,6 +113,7 @@ class ClientSession(FanoutRelay):
         self.application_name = ""
         self.progress = 0  # moves at each ReadyForQuery and proxy write: the timeout sweep's sign of life
         self.admitted: tuple[str, str] | None = None  # (user, database) counted against max_connections
+        self.turn_pending = False  # max_new_connections_per_s: what it sends waits in inbuf for its turn
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -128,8 +129,8 @@ class ClientSession(FanoutRelay):
         self._pace_accept(peer[0] if isinstance(peer, tuple) else "")
 
     def _pace_accept(self, host: str) -> None:
-        """max_new_connections_per_s: a connection over the pace is left unread for its turn (its startup
-        packet waits in the socket), or refused when the turn is too far away."""
+        """max_new_connections_per_s: a connection over the pace waits for its turn (what it sends is kept,
+        not handled, for at most ACCEPT_MAX_WAIT_S), or is refused with 53300 when its turn is further away."""
         if self.handshake is not None:
             self.handshake.peer_host = host
         try:
@@ -137,13 +138,17 @@ class ClientSession(FanoutRelay):
         except ProxyError as exc:
             self.fatal(exc.sqlstate, exc.message)
             return
-        if delay > 0 and self.transport is not None:
-            self.transport.pause_reading()
+        if delay > 0:
+            self.turn_pending = True
             asyncio.get_running_loop().call_later(delay, self._accept_turn)
 
     def _accept_turn(self) -> None:
-        if self.phase is not CLOSED and self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        self.turn_pending = False
+        if self.phase is not CLOSED and self.inbuf:
+            try:
+                self._startup_data()
+            except Exception as exc:
+                self._fault(exc)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -249,6 +254,10 @@ class ClientSession(FanoutRelay):
     # ------------------------------------------------------------ startup, authentication, login
 
     def _startup_data(self) -> None:
+        if self.turn_pending:  # its startup packet is read at its turn (see _pace_accept)
+            if len(self.inbuf) > 65536:
+                raise ProtocolError("too much data before the startup packet was read")
+            return
         handshake = self.handshake
         if handshake is None:
             if self.console is not None:
