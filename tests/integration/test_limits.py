@@ -84,6 +84,11 @@ def startup_answer(shardgate: ProxyProcess, user: str) -> bytes:
     return data
 
 
+def entries(pg: Topology) -> list[dict[str, Any]]:
+    assert pg.primary is not None
+    return database_entries(pg.primary)
+
+
 def superuser(pg: Topology, sql: str) -> str:
     assert pg.primary is not None
     return pg.primary.psql(sql, user="postgres", db="app")
@@ -94,7 +99,7 @@ def superuser(pg: Topology, sql: str) -> str:
 
 def test_wrong_passwords_start_a_cooloff_that_refuses_the_right_one_until_it_ends(proxy: ProxyFactory,
                                                                                   pg: Topology) -> None:
-    shardgate = proxy(databases=database_entries(pg.primary),
+    shardgate = proxy(databases=entries(pg),
                       general={"auth_failure_limit": 3, "auth_failure_window_s": 30, "auth_failure_cooloff_s": 4})
     assert isinstance(shardgate, ProxyProcess)
     for attempt in range(3):
@@ -124,7 +129,7 @@ def test_wrong_passwords_start_a_cooloff_that_refuses_the_right_one_until_it_end
 
 def test_cleartext_failures_are_counted_and_a_failure_free_user_is_not_cooled_off(proxy: ProxyFactory,
                                                                                     pg: Topology) -> None:
-    shardgate = proxy(databases=database_entries(pg.primary),
+    shardgate = proxy(databases=entries(pg),
                       general={"auth_failure_limit": 2, "auth_failure_cooloff_s": 30,
                                "auth_failure_exempt": ["10.0.0.0/8"]})
     assert isinstance(shardgate, ProxyProcess)
@@ -140,7 +145,7 @@ def test_cleartext_failures_are_counted_and_a_failure_free_user_is_not_cooled_of
 
 def test_a_jwt_with_a_bad_signature_counts_as_a_failure(proxy: ProxyFactory, pg: Topology) -> None:
     users = [*default_users(), {"name": "api", "auth": "jwt", "server_user": "app", "server_password": "app"}]
-    shardgate = proxy(databases=database_entries(pg.primary), users=users,
+    shardgate = proxy(databases=entries(pg), users=users,
                       jwt={"algorithms": ["HS256"], "secret": JWT_SECRET},
                       general={"auth_failure_limit": 2, "auth_failure_cooloff_s": 30})
     assert isinstance(shardgate, ProxyProcess)
@@ -163,7 +168,7 @@ def test_a_jwt_with_a_bad_signature_counts_as_a_failure(proxy: ProxyFactory, pg:
 def test_max_connections_per_user_and_per_database(proxy: ProxyFactory, pg: Topology) -> None:
     users = default_users()
     users[0]["max_connections"] = 2  # app
-    databases = database_entries(pg.primary)
+    databases = entries(pg)
     databases[0]["max_connections"] = 3
     shardgate = proxy(databases=databases, users=users)
     assert isinstance(shardgate, ProxyProcess)
@@ -195,7 +200,7 @@ def test_max_connections_per_user_and_per_database(proxy: ProxyFactory, pg: Topo
 
 
 def test_query_timeout_cancels_a_long_statement_and_the_session_goes_on(proxy: ProxyFactory, pg: Topology) -> None:
-    shardgate = proxy(databases=database_entries(pg.primary), general={"query_timeout_ms": 1500})
+    shardgate = proxy(databases=entries(pg), general={"query_timeout_ms": 1500})
     assert isinstance(shardgate, ProxyProcess)
     notices: list[str] = []
     with connect(shardgate) as conn:
@@ -216,7 +221,7 @@ def test_query_timeout_cancels_a_long_statement_and_the_session_goes_on(proxy: P
 def test_query_timeout_of_a_user_overrides_general(proxy: ProxyFactory, pg: Topology) -> None:
     users = default_users()
     users[0]["query_timeout_ms"] = 1000
-    shardgate = proxy(databases=database_entries(pg.primary), users=users, general={"query_timeout_ms": 0})
+    shardgate = proxy(databases=entries(pg), users=users, general={"query_timeout_ms": 0})
     assert isinstance(shardgate, ProxyProcess)
 
     async def run() -> float:
@@ -242,7 +247,7 @@ def test_idle_in_transaction_closes_the_client_and_rolls_its_server_back(proxy: 
                                                                           pg: Topology) -> None:
     table = f"limits_iit_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     superuser(pg, f"CREATE TABLE {table} (id int); GRANT ALL ON {table} TO app")
-    shardgate = proxy(databases=database_entries(pg.primary), general={"idle_in_transaction_timeout_ms": 1500})
+    shardgate = proxy(databases=entries(pg), general={"idle_in_transaction_timeout_ms": 1500})
     assert isinstance(shardgate, ProxyProcess)
     conn = connect(shardgate)
     conn.autocommit = False
@@ -273,7 +278,7 @@ def test_idle_in_transaction_closes_the_client_and_rolls_its_server_back(proxy: 
 
 
 def test_client_idle_timeout_closes_an_idle_client_only(proxy: ProxyFactory, pg: Topology) -> None:
-    shardgate = proxy(databases=database_entries(pg.primary), general={"client_idle_timeout_s": 1.5})
+    shardgate = proxy(databases=entries(pg), general={"client_idle_timeout_s": 1.5})
     assert isinstance(shardgate, ProxyProcess)
     idle, busy = connect(shardgate), connect(shardgate)
     assert idle.execute("SELECT 1").fetchone() == (1,)
@@ -292,7 +297,7 @@ def test_client_idle_timeout_closes_an_idle_client_only(proxy: ProxyFactory, pg:
 
 
 def test_client_login_timeout_closes_a_client_that_never_logs_in(proxy: ProxyFactory, pg: Topology) -> None:
-    shardgate = proxy(databases=database_entries(pg.primary), general={"client_login_timeout_s": 1})
+    shardgate = proxy(databases=entries(pg), general={"client_login_timeout_s": 1})
     assert isinstance(shardgate, ProxyProcess)
     with socket.create_connection((shardgate.host, shardgate.port), timeout=10) as sock:
         started = time.monotonic()
@@ -405,7 +410,7 @@ def test_max_server_connects_in_flight_bounds_concurrent_server_logins(proxy: Pr
 
 
 def test_accept_rate_paces_a_burst_and_refuses_the_excess(proxy: ProxyFactory, pg: Topology) -> None:
-    shardgate = proxy(databases=database_entries(pg.primary), general={"max_new_connections_per_s": 5})
+    shardgate = proxy(databases=entries(pg), general={"max_new_connections_per_s": 5})
     assert isinstance(shardgate, ProxyProcess)
 
     async def burst() -> tuple[list[float], list[str]]:
