@@ -7,6 +7,7 @@ import binascii
 import dataclasses
 import datetime
 import difflib
+import ipaddress
 import math
 import re
 import tomllib
@@ -195,6 +196,7 @@ def _parse_general(table: dict[str, Any] | None, problems: list[str]) -> General
     section.boolean("two_phase_commit")
     _read_admin_keys(section)
     section.boolean("watch_config")
+    _read_limit_keys(section)
     section.finish()
 
     if min_size is not None and pool_size is not None and min_size > pool_size:
@@ -212,6 +214,32 @@ def _read_admin_keys(section: _Section) -> None:
     section.strings("admin_users")
     section.strings("admin_jwt_roles")
     section.string("admin_token", secret=True)
+
+
+def _read_limit_keys(section: _Section) -> None:
+    """[general] keys of limits and timeouts (README "Limits and timeouts")."""
+    section.integer("auth_failure_limit", minimum=0)
+    section.seconds("auth_failure_window_s")
+    section.seconds("auth_failure_cooloff_s")
+    section.checked("auth_failure_exempt", _check_networks)
+    section.integer("max_new_connections_per_s", minimum=0)
+    section.integer("max_server_connects_in_flight", minimum=0)
+    section.integer("query_timeout_ms", minimum=0)
+    section.integer("idle_in_transaction_timeout_ms", minimum=0)
+    section.seconds("client_idle_timeout_s")
+    section.seconds("client_login_timeout_s")
+
+
+def _check_networks(raw: Any) -> tuple[Any, str | None]:
+    """A list of addresses or CIDR networks ("127.0.0.1", "10.0.0.0/8", "::1")."""
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        return None, f"must be a list of addresses or networks (got {_describe(raw)})"
+    for index, item in enumerate(raw):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return None, f'[{index}] "{item}" is not an address or a network such as "10.0.0.0/8"'
+    return tuple(raw), None
 
 
 def _check_admin_users(general: GeneralConfig | None, users: list[UserConfig | None], problems: list[str]) -> None:
@@ -248,6 +276,10 @@ def _parse_users(
         pool_size = section.integer("pool_size", minimum=1)
         min_size = section.integer("min_pool_size", minimum=0)
         required_scope = section.string("required_scope", allow_empty=False)
+        section.integer("max_connections", minimum=1)
+        section.integer("query_timeout_ms", minimum=0)
+        section.integer("idle_in_transaction_timeout_ms", minimum=0)
+        section.seconds("client_idle_timeout_s")
         section.finish()
 
         if name is not None:
@@ -351,6 +383,7 @@ def _parse_databases(data: dict[str, Any], problems: list[str]) -> list[Database
         section.string("database_name", allow_empty=False)
         role = section.choice("role", SERVER_ROLES)
         shard = section.integer("shard", minimum=0)
+        section.integer("max_connections", minimum=1)
         section.finish()
 
         if name is not None and role == "primary" and shard is not None:
@@ -364,7 +397,21 @@ def _parse_databases(data: dict[str, Any], problems: list[str]) -> list[Database
                 primaries[key] = index
         databases.append(section.build())
     _check_shard_numbers(databases, problems)
+    _check_database_limits(databases, problems)
     return databases
+
+
+def _check_database_limits(databases: list[DatabaseConfig | None], problems: list[str]) -> None:
+    """max_connections belongs to the logical database: its entries (shards, replicas) agree on it."""
+    first: dict[str, tuple[int, int]] = {}
+    for index, database in enumerate(databases):
+        if database is None or database.max_connections is None:
+            continue
+        seen = first.setdefault(database.name, (index, database.max_connections))
+        if seen[1] != database.max_connections:
+            problems.append(f'databases[{index}].max_connections: {database.max_connections} differs from '
+                            f'databases[{seen[0]}].max_connections {seen[1]} for database "{database.name}" '
+                            "(the limit is the logical database's: set it once, or the same everywhere)")
 
 
 def _check_shard_numbers(databases: list[DatabaseConfig | None], problems: list[str]) -> None:

@@ -59,6 +59,17 @@ class GeneralConfig:
     admin_token: str = ""
     # hot reload (issue 15): poll the config file every second and reload it when it changes
     watch_config: bool = False
+    # limits and abuse protection (issue 16): auth-failure cool-offs, connection storms, timeouts; 0 = off
+    auth_failure_limit: int = 10
+    auth_failure_window_s: float = 60.0
+    auth_failure_cooloff_s: float = 60.0
+    auth_failure_exempt: tuple[str, ...] = ()  # addresses or CIDR networks never cooled off
+    max_new_connections_per_s: int = 0
+    max_server_connects_in_flight: int = 0
+    query_timeout_ms: int = 0
+    idle_in_transaction_timeout_ms: int = 0
+    client_idle_timeout_s: float = 0.0
+    client_login_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +83,11 @@ class UserConfig:
     pool_size: int | None = None
     min_pool_size: int | None = None
     required_scope: str | None = None
+    # limits (issue 16): client connections of this user, and its own timeouts over [general]'s
+    max_connections: int | None = None
+    query_timeout_ms: int | None = None
+    idle_in_transaction_timeout_ms: int | None = None
+    client_idle_timeout_s: float | None = None
 
     @property
     def backend_user(self) -> str:
@@ -90,6 +106,7 @@ class DatabaseConfig:
     database_name: str | None = None
     role: str = "primary"
     shard: int = 0
+    max_connections: int | None = None  # client connections to this logical database (limits, issue 16)
 
     @property
     def server_database(self) -> str:

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from proxy import views
 from proxy.errors import ProxyError
+from proxy.limits import REFUSAL_REASONS, TIMEOUT_KINDS
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -88,6 +89,7 @@ class RuntimeCollector:
         yield statements
 
         yield from _two_phase_metrics(rt)
+        yield from _limit_metrics(rt)
 
         jwt = rt.auth.jwt
         if jwt is not None:
@@ -104,6 +106,23 @@ class RuntimeCollector:
             for reason, count in jwt.validator.rejections.items():
                 rejections.add_metric([reason], count)
             yield rejections
+
+
+def _limit_metrics(rt: Runtime) -> Iterator[Metric]:
+    limits = rt.limits
+    failures = CounterMetricFamily("shardgate_auth_failures", "Failed authentications by reason",
+                                   labels=["reason"])
+    for reason, count in sorted(limits.auth_failures.items()):
+        failures.add_metric([reason], count)
+    refused = CounterMetricFamily("shardgate_clients_refused", "Clients refused by a limit (auth_cooloff, "
+                                  "max_connections_user, max_connections_database, accept_rate)", labels=["reason"])
+    for reason in REFUSAL_REASONS:
+        refused.add_metric([reason], limits.refused[reason])
+    timeouts = CounterMetricFamily("shardgate_timeouts", "Timeouts enforced by kind (query: canceled; the others "
+                                   "closed the client)", labels=["kind"])
+    for kind in TIMEOUT_KINDS:
+        timeouts.add_metric([kind], limits.timeouts[kind])
+    yield from (failures, refused, timeouts)
 
 
 def _two_phase_metrics(rt: Runtime) -> Iterator[Metric]:

@@ -20,6 +20,7 @@ from proxy.executor import FanoutExecutor
 from proxy.fanout import FanoutRelay
 from proxy.guard import Guard
 from proxy.handshake import Handshake, HandshakeState
+from proxy.limits import IDLE, IDLE_IN_TRANSACTION, LOGGING_IN, OTHER, RUNNING
 from proxy.login import login_pool, parameter_block, setup_session
 from proxy.pool import Pool
 from proxy.protocol import codec, sqlstate
@@ -113,6 +114,9 @@ class ClientSession(FanoutRelay):
         self.console: Console | None = None
         self.application_name = ""
         self.tls_starting = False
+        self.progress = 0  # moves at each ReadyForQuery and proxy write: the timeout sweep's sign of life
+        self.admitted: tuple[str, str] | None = None  # (user, database) counted against max_connections
+        self.turn_pending = False  # max_new_connections_per_s: what it sends waits in inbuf for its turn
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -125,6 +129,29 @@ class ClientSession(FanoutRelay):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._pace_accept(peer[0] if isinstance(peer, tuple) else "")
+
+    def _pace_accept(self, host: str) -> None:
+        """max_new_connections_per_s: a connection over the pace waits for its turn (what it sends is kept,
+        not handled, for at most ACCEPT_MAX_WAIT_S), or is refused with 53300 when its turn is further away."""
+        if self.handshake is not None:
+            self.handshake.peer_host = host
+        try:
+            delay = self.rt.limits.accept_delay()
+        except ProxyError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+            return
+        if delay > 0:
+            self.turn_pending = True
+            asyncio.get_running_loop().call_later(delay, self._accept_turn)
+
+    def _accept_turn(self) -> None:
+        self.turn_pending = False
+        if self.phase is not CLOSED and self.inbuf:
+            try:
+                self._startup_data()
+            except Exception as exc:
+                self._fault(exc)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -171,6 +198,9 @@ class ClientSession(FanoutRelay):
         self.phase = CLOSED
         self.lane = None
         self.rt.clients.discard(self)
+        if self.admitted is not None:
+            self.rt.limits.release(*self.admitted)
+            self.admitted = None
         if self.cancel_key is not None:
             self.rt.cancel_keys.pop(self.cancel_key, None)
         if self.committing:
@@ -200,6 +230,7 @@ class ClientSession(FanoutRelay):
             self.transport.resume_reading()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.progress += 1
         transport = self.transport
         if transport is not None:
             transport.write(data)
@@ -228,6 +259,10 @@ class ClientSession(FanoutRelay):
     # ------------------------------------------------------------ startup, authentication, login
 
     def _startup_data(self) -> None:
+        if self.turn_pending:  # its startup packet is read at its turn (see _pace_accept)
+            if len(self.inbuf) > 65536:
+                raise ProtocolError("too much data before the startup packet was read")
+            return
         handshake = self.handshake
         if handshake is None:
             if self.console is not None:
@@ -235,7 +270,10 @@ class ClientSession(FanoutRelay):
             return
         try:
             handshake.feed(self.inbuf)
-        except AuthError:
+        except AuthError as exc:
+            if exc.message != refusal().message:
+                reason = _FAILURE_REASONS.get(handshake.user.auth, "password") if handshake.user else "unknown_user"
+                self.rt.limits.auth_failed(handshake.peer_host, handshake.user_name, reason, exc.message)
             if handshake.user is None and handshake.database in CONSOLE_DATABASES:
                 raise refusal()  # an unknown user gets the answer a refused one gets
             raise
@@ -290,12 +328,18 @@ class ClientSession(FanoutRelay):
         if self.database in CONSOLE_DATABASES:
             self._open_console(identity)
             return
+        user = handshake.user
+        assert user is not None
+        try:
+            self.rt.limits.admit(user.name, self.database)
+        except ProxyError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+            return
+        self.admitted = (user.name, self.database)
         self.state = SessionState.from_startup(handshake.settings)
         if identity.is_jwt:
             self.state.claims = self.rt.auth.claims_sql(identity)
         self.phase = LOGIN
-        user = handshake.user
-        assert user is not None
         self.user = user
         try:
             tenant = self.rt.auth.tenant_of(identity) if identity.is_jwt else None
@@ -580,6 +624,7 @@ class ClientSession(FanoutRelay):
 
     def on_server_ready(self, server: ServerConnection, status: bytes) -> None:
         """A ReadyForQuery was relayed: settle session-state changes, maybe give the server back."""
+        self.progress += 1
         if server.outstanding or self.unsynced or server is not self.server:
             return
         waiter = self._home_waiter
@@ -687,8 +732,47 @@ class ClientSession(FanoutRelay):
             return
         self.fatal(sqlstate.CONNECTION_FAILURE, "server connection lost")
 
+    # ------------------------------------------------------------ limits (the janitor's timeout sweep)
+
+    def activity(self) -> tuple[str, int, str]:
+        """Where this client is for the timeouts (see proxy/limits.py), read once a second."""
+        phase = self.phase
+        if phase is STARTUP:
+            return LOGGING_IN, 0, ""
+        if phase is not READY or self.acquiring:
+            return OTHER, 0, ""  # logging in or waiting for a server: checkout_timeout_ms applies
+        user = self.user.name if self.user is not None else ""
+        server = self.server
+        if self.fanout is not None or (server is not None and not self.parked and (server.outstanding or self.unsynced)):
+            return RUNNING, self.progress, user
+        if self.links or (server is not None and not self.parked and server.txn_status != b"I") or (
+                self.split is not None and self.split.deferred_begin):
+            return IDLE_IN_TRANSACTION, self.progress, user
+        return IDLE, self.progress, user
+
+    def timed_out(self, kind: str, limit: str) -> None:
+        if kind == "query":
+            server = self.server
+            # a note to the client, where its stream is between two messages (never inside a relayed one)
+            if self.fanout is None and server is not None and server.at_message_boundary():
+                self.write(b"N" + codec.error_response(
+                    sqlstate.QUERY_CANCELED, f"shardgate: canceling statement due to {limit} ms", "NOTICE")[1:])
+            self.cancel_running()
+        elif kind == "idle_in_transaction":
+            # the server goes back with ROLLBACK when the connection is gone (see _release)
+            self.fatal(sqlstate.IDLE_IN_TRANSACTION_TIMEOUT, "terminating connection due to idle-in-transaction "
+                       f"timeout ({limit} ms)")
+        elif kind == "client_idle":
+            self.fatal(sqlstate.IDLE_SESSION_TIMEOUT, f"terminating connection due to idle-session timeout ({limit} s)")
+        else:
+            self.fatal(sqlstate.PROTOCOL_VIOLATION, f"login not finished within {limit} s")
+
     def cancel_running(self) -> None:
         """A CancelRequest named this client: pass it to every server of its link set running its query."""
         for server in self._link_set():
             if server.outstanding or (server is self.server and self.unsynced):
                 self.rt.send_cancel(server.address, server.process_id, server.secret_key)
+
+
+# auth method -> the reason an auth failure is counted under (shardgate_auth_failures_total{reason})
+_FAILURE_REASONS = {"scram-sha-256": "scram", "md5": "md5", "plain": "password", "jwt": "jwt", "trust": "trust"}

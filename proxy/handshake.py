@@ -44,6 +44,8 @@ class Handshake:
         self._md5_salt = b""
         self._scram_started = False
         self._first_packet = True
+        self.peer_host = ""  # the client's address (set by the session), for proxy/limits.py
+        self.user_name = ""  # as the startup packet gave it, known to the config or not
         self.tls: ClientTlsSession | None = None  # once the connection is TLS
         self.tls_wanted: ClientTlsContext | None = None  # in state TLS: the context to start it with
         self.tls_direct = False  # in state TLS: the ClientHello is what `buffer` holds
@@ -122,6 +124,8 @@ class Handshake:
         settings = {k.lower(): v for k, v in params.items() if k.lower() not in _STARTUP_ONLY}
         settings.update(codec.parse_options(params.get("options", "")))
         self.settings = settings
+        self.user_name = user_name
+        self.rt.limits.check_auth(self.peer_host, user_name)  # a cool-off refuses before any check runs
         user = self.rt.config.user(user_name)
         if user is None:
             raise AuthError(sqlstate.INVALID_AUTHORIZATION, f'role "{user_name}" does not exist')

@@ -32,6 +32,7 @@ class PoolSettings:
     healthcheck_idle_ms: int
     connect_timeout_ms: int
     reset_query: str
+    connects_in_flight: int = 0  # at most this many server logins at once (0 = no limit)
 
 
 class Pool:
@@ -71,6 +72,9 @@ class Pool:
         self._tasks: set[asyncio.Task[None]] = set()
         self.paused = False  # admin PAUSE: no checkout, no parking until resume
         self._resumed: asyncio.Event | None = None
+        self.logins_in_flight = 0  # server logins under way (max_server_connects_in_flight bounds them)
+        self.logins_peak = 0
+        self._login_turns: deque[asyncio.Future[None]] = deque()
 
     @property
     def busy(self) -> int:
@@ -189,7 +193,11 @@ class Pool:
         self.connecting += 1
         server = ServerConnection(self, self.address, self.user, self.password, self.database, self.tls)
         try:
-            await server.connect({}, self.settings.connect_timeout_ms / 1000)
+            await self._login_turn()
+            try:
+                await server.connect({}, self.settings.connect_timeout_ms / 1000)
+            finally:
+                self._login_done()
         except ServerError:
             self.servers_failed += 1
             raise
@@ -204,6 +212,33 @@ class Pool:
             self.base_params = dict(server.params)
         server.last_used = time.monotonic()
         return server
+
+    async def _login_turn(self) -> None:
+        """Wait while max_server_connects_in_flight logins are under way (a reconnect storm opens servers a
+        few at a time instead of all at once); the wait counts as connecting, so the pool does not overfill."""
+        limit = self.settings.connects_in_flight
+        if limit > 0 and self.logins_in_flight >= limit:
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._login_turns.append(turn)
+            try:
+                await turn  # handed the slot of a finished login (see _login_done)
+            except BaseException:
+                if not turn.cancelled() and turn.done():
+                    self._login_done()  # given the slot, but gone: pass it on
+                elif turn in self._login_turns:
+                    self._login_turns.remove(turn)
+                raise
+        else:
+            self.logins_in_flight += 1
+        self.logins_peak = max(self.logins_peak, self.logins_in_flight)
+
+    def _login_done(self) -> None:
+        while self._login_turns:
+            turn = self._login_turns.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the slot goes to the next waiter: logins_in_flight stays
+                return
+        self.logins_in_flight -= 1
 
     # ------------------------------------------------------------ parking
 

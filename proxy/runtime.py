@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from config.model import Config, DatabaseConfig, UserConfig
 from proxy.authenticator import Authenticator
 from proxy.cluster import Cluster, build_clusters
+from proxy.limits import Limits
 from proxy.pool import Pool, PoolSettings
 from proxy.protocol import codec
 from proxy.server import ServerConnection
@@ -63,6 +64,10 @@ class Session(Protocol):
 
     def reconfigure(self) -> None: ...
 
+    def activity(self) -> tuple[str, int, str]: ...
+
+    def timed_out(self, kind: str, limit: str) -> None: ...
+
 
 class Runtime:
     """Everything the sessions share: config, pools, cancel keys, caches."""
@@ -83,6 +88,7 @@ class Runtime:
             cluster.tls = self.tls
         self.router = Router(config.general.volatile_functions if hasattr(config.general, "volatile_functions") else ())
         self.auth = Authenticator(config)
+        self.limits = Limits(config)  # auth cool-offs, accept pace, client counts, timeouts (proxy/limits.py)
         self.collations: dict[str, str] = {}  # database -> its collation as the merger compares text
         self.shard_routers: dict[str, ShardRouter | None] = {}
         self.twophase = TwoPhase(self)
@@ -149,6 +155,7 @@ class Runtime:
             healthcheck_idle_ms=general.healthcheck_idle_ms,
             connect_timeout_ms=general.server_connect_timeout_ms,
             reset_query=general.server_reset_query,
+            connects_in_flight=general.max_server_connects_in_flight,
         )
 
     def create_min_pools(self) -> None:
@@ -210,6 +217,7 @@ class Runtime:
         transaction uses the new servers. Returns what changed, as short phrases for the log."""
         old, self.config = self.config, config
         changes: list[str] = []
+        self.limits.configure(config)
         self._apply_clusters(config, changes)
         self._apply_pools(config, changes)
         for database in list(self.shard_routers):
@@ -306,6 +314,10 @@ class Runtime:
                     pool.maintain()
                 except Exception:
                     log.exception("event=janitor_error pool=%s", pool.name)
+            try:
+                self.limits.sweep(list(self.clients))
+            except Exception:
+                log.exception("event=janitor_error task=timeouts")
 
 
 def monitor_credentials(config: Config) -> tuple[str, str] | None:

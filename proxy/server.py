@@ -564,6 +564,10 @@ class ServerConnection(asyncio.Protocol):
         return (not self.broken and self.outstanding == 0 and self._skip == 0 and not self._pending
                 and not self.swallow)
 
+    def at_message_boundary(self) -> bool:
+        """Everything relayed so far ended with a whole message: the proxy may write one of its own."""
+        return self._skip == 0 and not self._pending and not self.swallow
+
     def track_tags(self, enabled: bool) -> None:
         self.tags = enabled
         self._rewatch()

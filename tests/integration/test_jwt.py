@@ -300,6 +300,8 @@ def start_jwt_proxy(
         users=[APP_USER, API_USER],
         databases=database_entries(pg.primary),
         jwt=jwt_settings(**jwt_overrides),
+        # these tests send many refused tokens on purpose: no auth-failure cool-off (tests/integration/test_limits.py)
+        general={"auth_failure_limit": 0},
     )
     assert isinstance(started, ProxyProcess)
     return started
