@@ -32,6 +32,10 @@ from proxy.statements import PreparedStatements
 
 log = logging.getLogger("shardgate.client")
 
+# ParameterStatus values that follow the role (SET ROLE, a JWT's role, SET SESSION AUTHORIZATION): the server
+# reports a change while the proxy replays a session on it, unseen by the client, so the client is told then.
+_ROLE_PARAMETERS = ("is_superuser", "session_authorization")
+
 
 
 class Phase(Enum):
@@ -102,6 +106,7 @@ class ClientSession(FanoutRelay):
         self.effects_of = runtime.effects.effects
         self.parsed_effects_of = runtime.effects.parsed_effects
         self._task: asyncio.Task[None] | None = None
+        self.reported: dict[str, str] = {}  # the role's ParameterStatus values as the client was last told
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -292,6 +297,7 @@ class ClientSession(FanoutRelay):
         """AuthenticationOk, ParameterStatus, BackendKeyData and ReadyForQuery in one write."""
         self.cancel_key = cancel_key
         self.rt.cancel_keys[cancel_key] = self
+        self.reported = _role_parameters(params)
         self.write(codec.AUTH_OK + params + codec.backend_key_data(*cancel_key) + codec.ready_for_query(b"I"))
         self.phase = READY
         self._snapshot = None
@@ -309,7 +315,10 @@ class ClientSession(FanoutRelay):
         server = await pool.checkout()
         self._link(server)
         try:
-            await pool.restore(server, self.snapshot())
+            # without JWT claims: the block is shared by every client with these startup settings, and a
+            # claim's role is reported at the client's first transaction (see `_report_role`)
+            snapshot = self.snapshot()
+            await pool.restore(server, (snapshot[0], snapshot[1], ("", "")))
             params = parameter_block(server.params)
         finally:
             self._unlink_and_release()
@@ -379,6 +388,7 @@ class ClientSession(FanoutRelay):
             try:
                 self._link(server)
                 await server.pool.restore(server, self.snapshot(), then)
+                self._report_role(server)
             except asyncio.CancelledError:
                 return
             except ProxyError as exc:  # the session state could not be restored: its server is unusable for it
@@ -430,10 +440,22 @@ class ClientSession(FanoutRelay):
                 Pool.adopt(server, wanted)
                 state = wanted
             if state is wanted and (split is None or not split.deferred_begin) and not self.links:
+                self._report_role(server)
                 return server
         self.acquiring = True
         self._start_task(self._acquire())
         return None
+
+    def _report_role(self, server: ServerConnection) -> None:
+        """Tell the client the role's ParameterStatus values of a server it now uses where they differ from
+        what it was told: the role was replayed there with its answers hidden (or was the server's own)."""
+        params = server.params
+        reported = self.reported
+        for name in _ROLE_PARAMETERS:
+            value = params.get(name)
+            if value is not None and reported.get(name, value) != value:
+                reported[name] = value
+                self.write(codec.parameter_status(name, value))
 
     def _unlink_and_release(self, *, closing: bool = False) -> None:
         server = self.server
@@ -468,6 +490,10 @@ class ClientSession(FanoutRelay):
 
     def on_server_ready(self, server: ServerConnection, status: bytes) -> None:
         """A ReadyForQuery was relayed: settle session-state changes, maybe give the server back."""
+        statements = self.statements
+        if server.failed_parses or statements.dropped:
+            statements.dropped.clear()
+            statements.forget_failed(Pool.take_failed_parses(server))
         if server.outstanding or self.unsynced or server is not self.server:
             return
         waiter = self._home_waiter
@@ -521,13 +547,14 @@ class ClientSession(FanoutRelay):
         server.last_tag_rollback = False
         server.track_tags(False)
         if rolled_back:
-            return
+            # PREPARE and DEALLOCATE are not undone by a rollback (DISCARD ALL cannot run in a transaction)
+            effects = [e for e in effects if e.kind in ("prepare", "deallocate")]
+            if not effects:
+                return
         if self.state.apply(effects):
             self.pinned = True
         self._snapshot = None
         Pool.settle(server, effects)
-        if any(e.kind == "discard_all" or (e.kind == "deallocate" and not e.name) for e in effects):
-            self.statements.clear()
 
     def on_server_lost(self, server: ServerConnection) -> None:
         """The server died under us. If it never answered this transaction, replay it on another one."""
@@ -556,3 +583,16 @@ class ClientSession(FanoutRelay):
         for server in self._link_set():
             if server.outstanding or (server is self.server and self.unsynced):
                 self.rt.send_cancel(server.address, server.process_id, server.secret_key)
+
+
+def _role_parameters(block: bytes) -> dict[str, str]:
+    """The role's values among a login's ParameterStatus messages."""
+    found: dict[str, str] = {}
+    pos = 0
+    while pos + 5 <= len(block):
+        length = codec.unpack_u32(block, pos + 1)[0]
+        name, _, value = block[pos + 5 : pos + 1 + length].rstrip(b"\x00").partition(b"\x00")
+        if name.decode() in _ROLE_PARAMETERS:
+            found[name.decode()] = value.decode()
+        pos += 1 + length
+    return found
