@@ -35,6 +35,7 @@ log = logging.getLogger("shardgate.client")
 # ParameterStatus values that follow the role (SET ROLE, a JWT's role, SET SESSION AUTHORIZATION): the server
 # reports a change while the proxy replays a session on it, unseen by the client, so the client is told then.
 _ROLE_PARAMETERS = ("is_superuser", "session_authorization")
+_NOT_TRANSACTIONAL = ("prepare", "deallocate", "discard_all")  # effects a ROLLBACK does not undo
 
 
 
@@ -517,7 +518,7 @@ class ClientSession(FanoutRelay):
             self.split.transaction_ended()
         if self.links:
             self._release_links()
-        if server.pool.park(server, self):
+        if not server.broken and server.pool.park(server, self):
             self.parked = True
             if (self.lane_ok or self.lane_routed) and server.session_state is self._snapshot and not self.inbuf:
                 self.lane = server
@@ -534,6 +535,10 @@ class ClientSession(FanoutRelay):
         """Effects take hold once their transaction commits; an error or ROLLBACK drops them."""
         pending, self.pending_effects = self.pending_effects, []
         if server.saw_error:
+            if any(e.kind in _NOT_TRANSACTIONAL for e in pending):
+                # which of them ran before the error is not known: the server's SQL prepared statements
+                # are not either, so it is not lent again
+                server.broken = True
             if status == b"I":
                 self.txn_effects = []
             elif status == b"E":
@@ -547,9 +552,9 @@ class ClientSession(FanoutRelay):
         server.last_tag_rollback = False
         server.track_tags(False)
         if rolled_back:
-            # PREPARE and DEALLOCATE are not undone by a rollback (DISCARD ALL cannot run in a transaction)
-            effects = [e for e in effects if e.kind in ("prepare", "deallocate")]
-            if not effects:
+            # PREPARE and DEALLOCATE are not undone by a ROLLBACK (DISCARD ALL cannot run in a transaction)
+            effects = [e for e in effects if e.kind in _NOT_TRANSACTIONAL]
+            if server.saw_error or not effects:
                 return
         if self.state.apply(effects):
             self.pinned = True

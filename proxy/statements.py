@@ -86,9 +86,9 @@ class PreparedStatements:
               settings_key: bytes, taken: bool = False) -> bytes:
         """A client Parse of `name`: what to send `server` instead, the renamed Parse. It is parsed afresh
         even when the server has the statement (from this client or another): a Parse after a schema
-        change sees the new schema, as on PostgreSQL. A name the client has (`taken`: by SQL PREPARE)
-        gets PostgreSQL's 42P05, in its place among the answers."""
-        if taken or name in self.known:
+        change sees the new schema, as on PostgreSQL. A name the client has (`taken`: not closed, or
+        prepared by SQL) gets PostgreSQL's 42P05, in its place among the answers."""
+        if taken:
             server.expect_rewrite(EXPECT_DUPLICATE, name)
             return _DUPLICATE_BIND
         global_name = statement_global_name(query_text, param_types, settings_key)

@@ -328,6 +328,41 @@ def test_sql_prepare_then_execute_on_whichever_server(
     assert seen[-1], "A's transactions all ran on one server: the test did not move it"
 
 
+def test_sql_prepare_and_deallocate_outlive_a_rollback_as_directly(
+    proxies: Callable[[str, int], ProxyProcess], pg: Topology
+) -> None:
+    # PREPARE and DEALLOCATE are not undone by ROLLBACK; a PREPARE that fails prepares nothing. Another
+    # client uses the same one server in between, with statements of the same names.
+    proxy = proxies("transaction", 1)
+
+    def steps(url: str) -> Outcome:
+        seen: Outcome = []
+        with psycopg.connect(url, autocommit=True) as a, psycopg.connect(url, autocommit=True) as b:
+            def both(sql: str) -> None:
+                seen.append(psycopg_outcome(lambda: a.execute(sql).fetchall()))
+                seen.append(psycopg_outcome(lambda: b.execute(sql.replace("EXECUTE kept", "SELECT 'b'"))
+                                            .fetchall()))
+
+            b.execute("PREPARE gone AS SELECT 'b-gone'")
+            a.execute("PREPARE gone AS SELECT 'a-gone'")
+            a.execute("BEGIN")
+            a.execute("PREPARE kept AS SELECT 'kept'")
+            a.execute("DEALLOCATE gone")
+            seen.append(psycopg_outcome(lambda: a.execute("SELECT 1 / 0").fetchall()))
+            a.execute("ROLLBACK")
+            both("EXECUTE kept")
+            seen.append(psycopg_outcome(lambda: a.execute("EXECUTE gone").fetchall()))
+            seen.append(psycopg_outcome(lambda: b.execute("EXECUTE gone").fetchall()))
+            seen.append(psycopg_outcome(lambda: a.execute("PREPARE broken AS SELECT no_such_column").fetchall()))
+            seen.append(psycopg_outcome(lambda: a.execute("EXECUTE broken").fetchall()))
+            both("EXECUTE kept")
+        return seen
+
+    direct = steps(direct_url(pg))
+    assert direct[1] == [("kept",)] and direct[4] == [("b-gone",)], direct
+    assert steps(proxy_url(proxy)) == direct
+
+
 # -- 3. statement caches across schema changes ----------------------------------------------------------
 
 
