@@ -363,6 +363,48 @@ def test_sql_prepare_and_deallocate_outlive_a_rollback_as_directly(
     assert steps(proxy_url(proxy)) == direct
 
 
+PSQL_SCRIPT = """
+PREPARE p AS SELECT 'first';
+BEGIN;
+PREPARE q AS SELECT 'in a transaction';
+DEALLOCATE ALL;
+PREPARE p AS SELECT 'second';
+EXECUTE p;
+ROLLBACK;
+\\! psql -X -At -d '{url}' -c "PREPARE p AS SELECT 'other'" -c "EXECUTE p"
+EXECUTE p;
+EXECUTE q;
+DEALLOCATE PREPARE p;
+\\! psql -X -At -d '{url}' -c "PREPARE p AS SELECT 'other'" -c "EXECUTE p"
+EXECUTE p;
+DISCARD PLANS;
+PREPARE p AS SELECT 'third';
+EXECUTE p;
+"""
+
+
+def test_psql_script_of_sql_prepared_statements_as_directly(
+    proxies: Callable[[str, int], ProxyProcess], pg: Topology
+) -> None:
+    # psql (the simple protocol); another client (a psql the script starts) takes the one server in
+    # between, so the script's next statements run with its session replayed.
+    proxy = proxies("transaction", 1)
+
+    def run(url: str) -> str:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
+        with psycopg.connect(url, autocommit=True) as other:
+            other.execute("PREPARE p AS SELECT 'other'")
+            result = subprocess.run(["psql", "-X", "-At", "-d", url], input=PSQL_SCRIPT.format(url=url),
+                                    capture_output=True,
+                                    text=True, env=env, timeout=CLIENT_TIMEOUT_S)
+            assert other.execute("EXECUTE p").fetchone() == ("other",)
+        return result.stdout + result.stderr.replace("psql:<stdin>", "")
+
+    direct = run(direct_url(pg))
+    assert "second" in direct and "third" in direct and 'prepared statement "q" does not exist' in direct
+    assert run(proxy_url(proxy)) == direct
+
+
 # -- 3. statement caches across schema changes ----------------------------------------------------------
 
 
