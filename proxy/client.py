@@ -35,6 +35,7 @@ log = logging.getLogger("shardgate.client")
 # ParameterStatus values that follow the role (SET ROLE, a JWT's role, SET SESSION AUTHORIZATION): the server
 # reports a change while the proxy replays a session on it, unseen by the client, so the client is told then.
 _ROLE_PARAMETERS = ("is_superuser", "session_authorization")
+_ROLE_PARAMETER_NAMES = frozenset(name.encode() for name in _ROLE_PARAMETERS)
 _NOT_TRANSACTIONAL = ("prepare", "deallocate", "discard_all")  # effects a ROLLBACK does not undo
 
 
@@ -532,7 +533,8 @@ class ClientSession(FanoutRelay):
             self._forget_server()
 
     def _settle_effects(self, server: ServerConnection, status: bytes) -> None:
-        """Effects take hold once their transaction commits; an error or ROLLBACK drops them."""
+        """Effects take hold once their transaction commits; an error or ROLLBACK drops them, but for those
+        of PREPARE and DEALLOCATE, which a ROLLBACK does not undo."""
         pending, self.pending_effects = self.pending_effects, []
         if server.saw_error:
             if any(e.kind in _NOT_TRANSACTIONAL for e in pending):
@@ -597,7 +599,7 @@ def _role_parameters(block: bytes) -> dict[str, str]:
     while pos + 5 <= len(block):
         length = codec.unpack_u32(block, pos + 1)[0]
         name, _, value = block[pos + 5 : pos + 1 + length].rstrip(b"\x00").partition(b"\x00")
-        if name.decode() in _ROLE_PARAMETERS:
+        if name in _ROLE_PARAMETER_NAMES:
             found[name.decode()] = value.decode()
         pos += 1 + length
     return found

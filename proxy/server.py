@@ -119,8 +119,8 @@ class ServerConnection(asyncio.Protocol):
         self.retire_at = float("inf")  # server_lifetime_s after its login (set by the pool)
         self.session_state: ServerState = EMPTY_SERVER_STATE
         self.prepared: set[str] = set()
-        # statements the server may or may not have (a DEALLOCATE in flight, a plan invalidated): prepared
-        # afresh, with a Close before the Parse, at their next use
+        # statements the server may or may not have (after a DEALLOCATE ALL or DISCARD ALL, or a Parse of
+        # them that failed): prepared afresh, with a Close before the Parse, at their next use
         self.stale: set[str] = set()
         # the client's renamed Parses that failed in the batch that just ended (their global names)
         self.failed_parses: list[str] = []
