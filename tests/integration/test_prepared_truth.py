@@ -185,7 +185,7 @@ async def _deallocating_steps(url: str, statement: str, protocol: str, place: st
 @pytest.mark.parametrize("place", ["outside", "commit", "rollback"])
 @pytest.mark.parametrize("protocol", ["simple", "extended"])
 @pytest.mark.parametrize("statement", DEALLOCATING)
-def test_deallocate_and_discard_leave_statements_as_postgresql_does(
+def test_asyncpg_deallocate_and_discard_leave_statements_as_postgresql_does(
     proxies: Callable[[str, int], ProxyProcess], pg: Topology, statement: str, protocol: str, place: str
 ) -> None:
     # asyncpg, by the simple (execute) or the extended protocol (fetch), outside a transaction or in one
@@ -270,7 +270,7 @@ def _move_to_another_server(proxy: ProxyProcess, a: psycopg.Connection[Any]) -> 
 
 
 @pytest.mark.parametrize("pool_mode", ["transaction", "statement"])
-def test_execute_by_name_on_a_server_that_lacks_the_statement(
+def test_psycopg_execute_by_name_on_a_server_that_lacks_the_statement(
     proxies: Callable[[str, int], ProxyProcess], pool_mode: str
 ) -> None:
     # psycopg prepares `SELECT $1::int * 7` on server X (a protocol-level Parse named _pg3_0); once the
@@ -289,7 +289,7 @@ def test_execute_by_name_on_a_server_that_lacks_the_statement(
 
 @pytest.mark.parametrize("protocol", ["simple", "extended"])
 @pytest.mark.parametrize("pool_mode", ["session", "transaction", "statement"])
-def test_sql_prepare_then_execute_on_whichever_server(
+def test_asyncpg_sql_prepare_then_execute_on_whichever_server(
     proxies: Callable[[str, int], ProxyProcess], pool_mode: str, protocol: str
 ) -> None:
     proxy = proxies(pool_mode, 3 if pool_mode == "session" else 2)  # session mode: a server per client
@@ -328,7 +328,7 @@ def test_sql_prepare_then_execute_on_whichever_server(
     assert seen[-1], "A's transactions all ran on one server: the test did not move it"
 
 
-def test_sql_prepare_and_deallocate_outlive_a_rollback_as_directly(
+def test_psycopg_sql_prepare_and_deallocate_outlive_a_rollback_as_directly(
     proxies: Callable[[str, int], ProxyProcess], pg: Topology
 ) -> None:
     # PREPARE and DEALLOCATE are not undone by ROLLBACK; a PREPARE that fails prepares nothing. Another
@@ -474,7 +474,7 @@ def test_statement_caches_recover_from_schema_changes_as_directly(
     assert steps(proxy_url(proxy)) == direct
 
 
-def test_a_statement_parsed_again_after_a_schema_change_sees_the_new_columns(
+def test_psycopg_statement_parsed_again_after_a_schema_change_sees_the_new_columns(
     proxies: Callable[[str, int], ProxyProcess], pg: Topology
 ) -> None:
     # Two clients share one server; A prepared `SELECT * FROM t`, the table gains a column, and B (whose
@@ -501,7 +501,7 @@ def _role_parameters(conn: psycopg.Connection[Any]) -> tuple[str | None, str | N
     return conn.info.parameter_status("is_superuser"), conn.info.parameter_status("session_authorization")
 
 
-def test_set_role_parameter_status_as_directly_also_after_a_server_change(
+def test_psycopg_set_role_parameter_status_as_directly_also_after_a_server_change(
     proxies: Callable[[str, int], ProxyProcess], pg: Topology, super_role: str
 ) -> None:
     proxy = proxies("transaction", 2)
@@ -540,7 +540,7 @@ def test_set_role_parameter_status_as_directly_also_after_a_server_change(
     assert all(old != new for old, new in moves), moves
 
 
-def test_set_session_authorization_parameter_status_as_directly(
+def test_psycopg_set_session_authorization_parameter_status_as_directly(
     proxy: ProxyFactory, pg: Topology
 ) -> None:
     # SET SESSION AUTHORIZATION needs a superuser session; it pins the client to its server.
@@ -571,7 +571,7 @@ def test_set_session_authorization_parameter_status_as_directly(
         assert _role_parameters(conn) == ("on", "postgres")
 
 
-def test_jwt_switch_role_reports_the_roles_parameter_status(
+def test_psycopg_jwt_switch_role_reports_the_roles_parameter_status(
     proxy: ProxyFactory, pg: Topology, super_role: str
 ) -> None:
     # A JWT client whose role claim is switched to gets what a direct connection of `app` gets after
