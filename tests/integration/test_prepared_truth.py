@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import jwt as pyjwt
 import psycopg
 import pytest
 
@@ -576,8 +577,6 @@ def test_psycopg_jwt_switch_role_reports_the_roles_parameter_status(
 ) -> None:
     # A JWT client whose role claim is switched to gets what a direct connection of `app` gets after
     # SET ROLE to that role, with its first answer; two such clients alternate on one server.
-    import jwt as pyjwt
-
     assert pg.primary is not None
     secret = "shardgate-truth-test-secret-0123456789abcdefghij"
     api_user = {"name": "api", "auth": "jwt", "server_user": "app", "server_password": "app"}
