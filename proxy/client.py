@@ -36,6 +36,12 @@ from proxy.tls import ClientTlsContext, client_session_of, start_client_tls
 
 log = logging.getLogger("shardgate.client")
 
+# ParameterStatus values that follow the role (SET ROLE, a JWT's role, SET SESSION AUTHORIZATION): the server
+# reports a change while the proxy replays a session on it, unseen by the client, so the client is told then.
+_ROLE_PARAMETERS = ("is_superuser", "session_authorization")
+_ROLE_PARAMETER_NAMES = frozenset(name.encode() for name in _ROLE_PARAMETERS)
+_NOT_TRANSACTIONAL = ("prepare", "deallocate", "discard_all")  # effects a ROLLBACK does not undo
+
 
 
 class Phase(Enum):
@@ -117,6 +123,7 @@ class ClientSession(FanoutRelay):
         self.progress = 0  # moves at each ReadyForQuery and proxy write: the timeout sweep's sign of life
         self.admitted: tuple[str, str] | None = None  # (user, database) counted against max_connections
         self.turn_pending = False  # max_new_connections_per_s: what it sends waits in inbuf for its turn
+        self.reported: dict[str, str] = {}  # the role's ParameterStatus values as the client was last told
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -398,6 +405,7 @@ class ClientSession(FanoutRelay):
         """AuthenticationOk, ParameterStatus, BackendKeyData and ReadyForQuery in one write."""
         self.cancel_key = cancel_key
         self.rt.cancel_keys[cancel_key] = self
+        self.reported = _role_parameters(params)
         self.write(codec.AUTH_OK + params + codec.backend_key_data(*cancel_key) + codec.ready_for_query(b"I"))
         self.phase = READY
         self._snapshot = None
@@ -415,7 +423,10 @@ class ClientSession(FanoutRelay):
         server = await pool.checkout()
         self._link(server)
         try:
-            await pool.restore(server, self.snapshot())
+            # without JWT claims: the block is shared by every client with these startup settings, and a
+            # claim's role is reported at the client's first transaction (see `_report_role`)
+            snapshot = self.snapshot()
+            await pool.restore(server, (snapshot[0], snapshot[1], ("", "")))
             params = parameter_block(server.params)
         finally:
             self._unlink_and_release()
@@ -535,6 +546,7 @@ class ClientSession(FanoutRelay):
             try:
                 self._link(server)
                 await server.pool.restore(server, self.snapshot(), then)
+                self._report_role(server)
             except asyncio.CancelledError:
                 return
             except ProxyError as exc:  # the session state could not be restored: its server is unusable for it
@@ -586,10 +598,22 @@ class ClientSession(FanoutRelay):
                 Pool.adopt(server, wanted)
                 state = wanted
             if state is wanted and (split is None or not split.deferred_begin) and not self.links:
+                self._report_role(server)
                 return server
         self.acquiring = True
         self._start_task(self._acquire())
         return None
+
+    def _report_role(self, server: ServerConnection) -> None:
+        """Tell the client the role's ParameterStatus values of a server it now uses where they differ from
+        what it was told: the role was replayed there with its answers hidden (or was the server's own)."""
+        params = server.params
+        reported = self.reported
+        for name in _ROLE_PARAMETERS:
+            value = params.get(name)
+            if value is not None and reported.get(name, value) != value:
+                reported[name] = value
+                self.write(codec.parameter_status(name, value))
 
     def _unlink_and_release(self, *, closing: bool = False) -> None:
         server = self.server
@@ -625,6 +649,10 @@ class ClientSession(FanoutRelay):
     def on_server_ready(self, server: ServerConnection, status: bytes) -> None:
         """A ReadyForQuery was relayed: settle session-state changes, maybe give the server back."""
         self.progress += 1
+        statements = self.statements
+        if server.failed_parses or statements.dropped:
+            statements.dropped.clear()
+            statements.forget_failed(Pool.take_failed_parses(server))
         if server.outstanding or self.unsynced or server is not self.server:
             return
         waiter = self._home_waiter
@@ -648,7 +676,7 @@ class ClientSession(FanoutRelay):
             self.split.transaction_ended()
         if self.links:
             self._release_links()
-        if server.pool.park(server, self):
+        if not server.broken and server.pool.park(server, self):
             self.parked = True
             if (self.lane_ok or self.lane_routed) and server.session_state is self._snapshot and not self.inbuf:
                 self.lane = server
@@ -686,9 +714,14 @@ class ClientSession(FanoutRelay):
             self._forget_server()
 
     def _settle_effects(self, server: ServerConnection, status: bytes) -> None:
-        """Effects take hold once their transaction commits; an error or ROLLBACK drops them."""
+        """Effects take hold once their transaction commits; an error or ROLLBACK drops them, but for those
+        of PREPARE and DEALLOCATE, which a ROLLBACK does not undo."""
         pending, self.pending_effects = self.pending_effects, []
         if server.saw_error:
+            if any(e.kind in _NOT_TRANSACTIONAL for e in pending):
+                # which of them ran before the error is not known: the server's SQL prepared statements
+                # are not either, so it is not lent again
+                server.broken = True
             if status == b"I":
                 self.txn_effects = []
             elif status == b"E":
@@ -702,13 +735,14 @@ class ClientSession(FanoutRelay):
         server.last_tag_rollback = False
         server.track_tags(False)
         if rolled_back:
-            return
+            # PREPARE and DEALLOCATE are not undone by a ROLLBACK (DISCARD ALL cannot run in a transaction)
+            effects = [e for e in effects if e.kind in _NOT_TRANSACTIONAL]
+            if server.saw_error or not effects:
+                return
         if self.state.apply(effects):
             self.pinned = True
         self._snapshot = None
         Pool.settle(server, effects)
-        if any(e.kind == "discard_all" or (e.kind == "deallocate" and not e.name) for e in effects):
-            self.statements.clear()
 
     def on_server_lost(self, server: ServerConnection) -> None:
         """The server died under us. If it never answered this transaction, replay it on another one."""
@@ -776,3 +810,16 @@ class ClientSession(FanoutRelay):
 
 # auth method -> the reason an auth failure is counted under (shardgate_auth_failures_total{reason})
 _FAILURE_REASONS = {"scram-sha-256": "scram", "md5": "md5", "plain": "password", "jwt": "jwt", "trust": "trust"}
+
+
+def _role_parameters(block: bytes) -> dict[str, str]:
+    """The role's values among a login's ParameterStatus messages."""
+    found: dict[str, str] = {}
+    pos = 0
+    while pos + 5 <= len(block):
+        length = codec.unpack_u32(block, pos + 1)[0]
+        name, _, value = block[pos + 5 : pos + 1 + length].rstrip(b"\x00").partition(b"\x00")
+        if name in _ROLE_PARAMETER_NAMES:
+            found[name.decode()] = value.decode()
+        pos += 1 + length
+    return found

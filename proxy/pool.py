@@ -311,14 +311,27 @@ class Pool:
     def settle(server: ServerConnection, effects: list[Effect]) -> None:
         """A transaction that changed session state committed on `server`: record what it has now."""
         server.session_state = server_state_after(server.session_state, effects)
-        if any(e.kind == "discard_all" or (e.kind == "deallocate" and not e.name) for e in effects):
-            server.prepared.clear()
 
     @staticmethod
     def mark_prepared(server: ServerConnection, global_name: str) -> None:
         """A Parse of `global_name` is on its way to `server`: later Binds need not prepare it again (an
         error in its batch takes it back, see ServerConnection._batch_failed)."""
         server.prepared.add(global_name)
+        server.stale.discard(global_name)
+
+    @staticmethod
+    def mark_deallocated(server: ServerConnection) -> None:
+        """A DEALLOCATE ALL or DISCARD ALL is on its way to `server` (it takes effect at once, whatever
+        becomes of its transaction): what the server had is prepared afresh at its next use, a Close first
+        in case the statement failed and left them there."""
+        server.stale |= server.prepared
+        server.prepared.clear()
+
+    @staticmethod
+    def take_failed_parses(server: ServerConnection) -> list[str]:
+        """The global names of the client's Parses that failed on `server` since the last call."""
+        failed, server.failed_parses = server.failed_parses, []
+        return failed
 
     # ------------------------------------------------------------ checkin
 
@@ -328,6 +341,7 @@ class Pool:
         if self.parked:
             self.parked.pop(server, None)
         server.sink = server.out = None
+        server.failed_parses.clear()
         now = time.monotonic()
         if server.broken or self.closed or not server.idle_clean or self._expired(server, now):
             server.close()

@@ -12,7 +12,7 @@ from proxy.pool import Pool
 from proxy.protocol import codec, sqlstate
 from proxy.protocol.codec import ProtocolError
 from proxy.server import ServerConnection
-from proxy.session_state import Effect, ServerState
+from proxy.session_state import Effect, ServerState, SessionState
 from proxy.splitter import ReadWriteSplit
 from proxy.statements import NamedBind, PreparedStatements
 
@@ -76,6 +76,7 @@ class Relay(asyncio.Protocol):
     guard: Guard
     refusals: bool
     statements: PreparedStatements
+    state: SessionState  # what the client expects of its session (its SQL prepared statements among it)
     split: ReadWriteSplit | None
     sharded: bool  # the database has several shards: every statement is looked at for its shards
     discarding: bool
@@ -192,7 +193,6 @@ class Relay(asyncio.Protocol):
                 attached = True
                 sent_from = pos
             if kind <= _K_QUERY:  # Sync, FunctionCall or Query: answered with a ReadyForQuery
-                server.outstanding += 1
                 self.unsynced = False
                 if kind == _K_QUERY:
                     sql = data[pos + 5 : end - 1]
@@ -200,6 +200,7 @@ class Relay(asyncio.Protocol):
                     if refusal is not None:
                         # the server raises the error itself: it aborts an open transaction as PostgreSQL
                         # would, and its reply keeps its place among pipelined responses
+                        server.outstanding += 1
                         if out is None:
                             out = []
                         if run < pos:
@@ -219,6 +220,15 @@ class Relay(asyncio.Protocol):
                                 pos = run = end
                                 continue
                             self._note_effects(effects)
+                            renamed = self._statements_in_sql(server, sql, effects, True)
+                            if renamed is not None:  # sent after the Sync its preamble may have counted
+                                if out is None:
+                                    out = []
+                                if run < pos:
+                                    out.append(memoryview(data)[run:pos])
+                                out += (renamed[0], codec.message(b"Q", renamed[1] + b"\x00"))
+                                run = end
+                server.outstanding += 1
             elif kind == _K_UNSYNCED:
                 self.unsynced = True
             elif kind != _K_PASS:
@@ -236,10 +246,18 @@ class Relay(asyncio.Protocol):
                     named = data[pos + 5] and self.pool_mode is not SESSION
                     if not named:  # goes as it is, but its text is still read
                         try:
-                            _, query, _ = codec.split_parse(data[pos + 5 : end])
+                            _, query, types = codec.split_parse(data[pos + 5 : end])
                         except ValueError:
                             raise ProtocolError(_MALFORMED % "P") from None
-                        self._parse_text(query)
+                        effects = self._parse_text(query)
+                        renamed = self._statements_in_sql(server, query, effects, False) if effects else None
+                        if renamed is not None:
+                            if out is None:
+                                out = []
+                            if run < pos:
+                                out.append(memoryview(data)[run:pos])
+                            out += (renamed[0], codec.build_parse("", renamed[1], types))
+                            run = end
                 else:
                     named = True
                 if named:
@@ -290,16 +308,23 @@ class Relay(asyncio.Protocol):
             raw_name, query_text, param_types = codec.split_parse(data[pos + 5 : end])
             if not raw_name:
                 return None  # unnamed: its ParseComplete needs no matching (they are all alike)
-            self._parse_text(query_text)
             name = raw_name.decode()
+            taken = name in self.state.prepared or name in self.statements.known
+            effects = () if taken else self._parse_text(query_text)
+            before = b""
+            if effects:
+                renamed = self._statements_in_sql(server, query_text, effects, False)
+                if renamed is not None:
+                    before, query_text = renamed
             if self.split is not None:
                 self.split.note_prepared(name, query_text)
-            return self.statements.parse(server, name, query_text, param_types, self.settings_key())
+            return before + self.statements.parse(server, name, query_text, param_types, self.settings_key(),
+                                                  taken)
         return self.statements.rename(server, type_code, data, pos, end)
 
-    def _parse_text(self, query: bytes) -> None:
+    def _parse_text(self, query: bytes) -> tuple[Effect, ...]:
         """A Parse's statement text: refused when a JWT session forges its claims; when pooled, a SET or
-        set_config in it is tracked like a Query's."""
+        set_config in it is tracked like a Query's (its effects are returned)."""
         if self.guard.forges_claims(query):
             raise ProxyError(sqlstate.INSUFFICIENT_PRIVILEGE, "a JWT session cannot change its claims or role")
         if self.pool_mode is not SESSION:
@@ -309,13 +334,28 @@ class Relay(asyncio.Protocol):
                     raise ProxyError(PREPARE_TRANSACTION_POOLED[0], PREPARE_TRANSACTION_POOLED[1],
                                      detail=PREPARE_TRANSACTION_POOLED[2])
                 self._note_effects(effects)
+                return effects
+        return ()
 
     def _note_effects(self, effects: tuple[Effect, ...]) -> None:
         if any(e.kind == "pin" for e in effects):
             self.pinned = True
         self.pending_effects.extend(effects)
-        if self.server is not None:
-            self.server.track_tags(True)
+        server = self.server
+        if server is not None:
+            server.track_tags(True)
+            status = server.txn_status  # DISCARD ALL fails in a transaction block, anything in a failed one
+            if any((e.kind == "discard_all" and status == b"I") or (e.kind == "deallocate" and not e.name
+                                                                    and status != b"E") for e in effects):
+                # takes effect at once, also in a transaction that rolls back: every statement of the
+                # client's is gone, and the server's may be
+                Pool.mark_deallocated(server)
+                self.statements.clear()
+
+    def _statements_in_sql(self, server: ServerConnection, sql: bytes, effects: tuple[Effect, ...],
+                           query: bool) -> tuple[bytes, bytes] | None:
+        """SQL naming the client's protocol-level statements: see PreparedStatements.in_sql."""
+        return self.statements.in_sql(server, sql, effects, self.state.prepared, query)
 
     # ------------------------------------------------------------ answered without a server
 

@@ -64,7 +64,14 @@ class ServerPool(Protocol):
 EXPECT_PARSE = 1       # a client Parse: forward its ParseComplete
 EXPECT_PARSE_DROP = 2  # a Parse the proxy injected: drop its ParseComplete
 EXPECT_CLOSE = 3       # a client Close: forward CloseComplete
-EXPECT_CLOSE_AS_PARSE = 4  # a Parse the server already had, replaced by a no-op Close: answer ParseComplete
+EXPECT_CLOSE_DROP = 4  # a Close the proxy injected (a statement prepared afresh): drop its CloseComplete
+EXPECT_SYNC_DROP = 5   # a Sync the proxy injected (a statement prepared before a Query): drop its ReadyForQuery
+EXPECT_DUPLICATE = 6   # a client Parse of a name it has (sent as a Bind that fails): answer 42P05 instead
+
+# The statement a Bind of EXPECT_DUPLICATE names: it never exists, so the server raises 26000 for it and skips
+# to the client's Sync, as it would after its own 42P05.
+DUPLICATE_PROBE = "sg_no_such_statement"
+_PROBE_BYTES = DUPLICATE_PROBE.encode()
 
 NOOP_CLOSE = codec.message(b"C", b"Ssg_noop\x00")
 
@@ -117,6 +124,11 @@ class ServerConnection(asyncio.Protocol):
         self.retire_at = float("inf")  # server_lifetime_s after its login (set by the pool)
         self.session_state: ServerState = EMPTY_SERVER_STATE
         self.prepared: set[str] = set()
+        # statements the server may or may not have (after a DEALLOCATE ALL or DISCARD ALL, or a Parse of
+        # them that failed): prepared afresh, with a Close before the Parse, at their next use
+        self.stale: set[str] = set()
+        # the client's renamed Parses that failed in the batch that just ended (their global names)
+        self.failed_parses: list[str] = []
         self.expect: deque[tuple[int, str, int]] = deque()
         self.outstanding = 0
         self.txn_status = b"I"
@@ -344,8 +356,13 @@ class ServerConnection(asyncio.Protocol):
                 break  # kept whole in _pending until the rest arrives
             if type_code == _Z and not self.swallow:
                 # ReadyForQuery, inlined: it ends every transaction and is the hottest watched message.
-                if self.rewrites:
-                    self._batch_done()
+                if self.rewrites and self._batch_done():  # the answer to a Sync the proxy injected
+                    self.outstanding -= 1
+                    self.txn_status = data[pos + 5 : pos + 6]
+                    self._flush_run(data, run, pos)
+                    pos = run = end
+                    watched = self.watched
+                    continue
                 self.outstanding -= 1
                 status = data[pos + 5 : pos + 6]
                 self.txn_status = status
@@ -420,6 +437,17 @@ class ServerConnection(asyncio.Protocol):
         if type_code == _E:
             self.saw_error = True
             if self.rewrites:
+                expect = self.expect
+                if (expect and not expect[0][2] and expect[0][0] == EXPECT_DUPLICATE
+                        and data.find(_PROBE_BYTES, pos, end) != -1):
+                    _, name, _ = expect.popleft()
+                    self._rewrite_done()
+                    self._batch_failed()
+                    self._flush_run(data, run, pos)
+                    if self.sink is not None:
+                        self.out.write(codec.error_response(  # type: ignore[union-attr]
+                            sqlstate.DUPLICATE_PSTATEMENT, f'prepared statement "{name}" already exists'))
+                    return True
                 self._batch_failed()
             return False
         if type_code == _PARAM:
@@ -435,13 +463,11 @@ class ServerConnection(asyncio.Protocol):
             if kind == EXPECT_PARSE_DROP:
                 self._flush_run(data, run, pos)
                 return True
-        elif type_code == _CLOSE_DONE and kind in (EXPECT_CLOSE, EXPECT_CLOSE_AS_PARSE):
+        elif type_code == _CLOSE_DONE and kind in (EXPECT_CLOSE, EXPECT_CLOSE_DROP):
             expect.popleft()
             self._rewrite_done()
-            if kind == EXPECT_CLOSE_AS_PARSE:
+            if kind == EXPECT_CLOSE_DROP:
                 self._flush_run(data, run, pos)
-                if self.sink is not None:
-                    self.out.write(codec.PARSE_COMPLETE)  # type: ignore[union-attr]
                 return True
         return False
 
@@ -458,19 +484,32 @@ class ServerConnection(asyncio.Protocol):
             self._rewatch()
 
     def _batch_failed(self) -> None:
-        """An error: the server skips the rest of the running batch, up to its Sync."""
+        """An error: the server skips the rest of the running batch, up to its Sync (an injected Sync's
+        entry stays for its ReadyForQuery)."""
         expect = self.expect
-        while expect and not expect[0][2]:
+        while expect and not expect[0][2] and expect[0][0] != EXPECT_SYNC_DROP:
             kind, name, _ = expect.popleft()
             if kind in (EXPECT_PARSE, EXPECT_PARSE_DROP) and name:
-                self.prepared.discard(name)
+                # not known to be there any more: it may have been before (a Parse after a DEALLOCATE)
+                if name in self.prepared:
+                    self.prepared.discard(name)
+                    self.stale.add(name)
+                if kind == EXPECT_PARSE:
+                    self.failed_parses.append(name)
             self._rewrite_done()
 
-    def _batch_done(self) -> None:
-        """A ReadyForQuery: what the finished batch did not answer never will be; the next batch runs."""
+    def _batch_done(self) -> bool:
+        """A ReadyForQuery: what the finished batch did not answer never will be; the next batch runs. True
+        when the batch was one the proxy ended with a Sync of its own (the client does not see its answer)."""
         self._batch_failed()
-        if self.expect:
-            self.expect = deque((kind, name, batch - 1) for kind, name, batch in self.expect)
+        expect = self.expect
+        injected = bool(expect) and not expect[0][2] and expect[0][0] == EXPECT_SYNC_DROP
+        if injected:
+            expect.popleft()
+            self._rewrite_done()
+        if expect:
+            self.expect = deque((kind, name, batch - 1) for kind, name, batch in expect)
+        return injected
 
     def _record_parameter(self, data: bytes, pos: int, end: int) -> None:
         raw_name, _, raw_value = data[pos + 5 : end - 1].partition(b"\x00")
@@ -579,6 +618,8 @@ class ServerConnection(asyncio.Protocol):
     def reset_tracking(self) -> None:
         self.session_state = EMPTY_SERVER_STATE
         self.prepared.clear()
+        self.stale.clear()
+        self.failed_parses.clear()
         self.expect.clear()
         self.rewrites = 0
         self._rewatch()

@@ -13,7 +13,7 @@ from routing.classify import split_statements as routing_split_statements
 # Cheap test run once per Query, a few C-level calls on the bytes off the wire; only a hit pays for the
 # statement splitter. A false hit costs time, never correctness. Statement heads are compared on their
 # first three letters; leading comments count as a hit (they may hide a SET).
-_STATEFUL_HEADS = frozenset((b"set", b"res", b"dis", b"dea", b"pre", b"lis", b"dec", b"cre"))
+_STATEFUL_HEADS = frozenset((b"set", b"res", b"dis", b"dea", b"pre", b"lis", b"dec", b"cre", b"exe", b"exp"))
 # the same heads in every letter case, so that text starting with a letter needs no lowering
 _STATEFUL_HEADS_ANY_CASE = frozenset(
     bytes(letters) for head in _STATEFUL_HEADS
@@ -57,6 +57,12 @@ _RESET = re.compile(r"reset\s+(all|[\w.\"]+)\s*$", re.IGNORECASE)
 _PREPARE_TRANSACTION = re.compile(r"prepare\s+transaction\b", re.IGNORECASE)
 _PREPARE = re.compile(r"prepare\s+(?!transaction\b)([\w\"]+)", re.IGNORECASE)
 _DEALLOCATE = re.compile(r"deallocate\s+(?:prepare\s+)?(all|[\w\"]+)\s*$", re.IGNORECASE)
+# EXECUTE name, EXPLAIN [ANALYZE] [VERBOSE] EXECUTE name, EXPLAIN (options) EXECUTE name: group 1 is the name
+EXECUTE_NAME = re.compile(
+    r"(?:explain\s*(?:\([^)]*\)\s*|(?:analy[sz]e\s+)?(?:verbose\s+)?))?execute\s+(\"(?:[^\"]|\"\")+\"|\w+)",
+    re.IGNORECASE,
+)
+DEALLOCATE_NAME = _DEALLOCATE
 # set_config with its name, value and is_local written out (is_local true lasts one transaction)
 _SET_CONFIG = re.compile(
     r"set_config\s*\(\s*'((?:[^']|'')*)'\s*,\s*'((?:[^']|'')*)'\s*,\s*(false|true)\s*\)", re.IGNORECASE
@@ -73,7 +79,8 @@ _ALIASES = {"time zone": "timezone", "names": "client_encoding", "schema": "sear
 @dataclass(frozen=True, slots=True)
 class Effect:
     """One change to session state. kind: set | reset | reset_all | prepare | deallocate | discard_all | pin;
-    prepare_transaction (PREPARE TRANSACTION: no state, but refused when pooled)."""
+    prepare_transaction (PREPARE TRANSACTION: no state, but refused when pooled); execute (no change: a
+    statement named by SQL, which may be one of the client's protocol-level ones)."""
 
     kind: str
     name: str = ""
@@ -82,8 +89,11 @@ class Effect:
 
 def _normalise_name(name: str) -> str:
     if name.startswith('"') and name.endswith('"'):
-        return name[1:-1]
+        return name[1:-1].replace('""', '"')
     return name.lower()
+
+
+normalise_name = _normalise_name
 
 
 def split_statements(sql: str) -> list[str]:
@@ -136,6 +146,9 @@ def _statement_effects(statement: str) -> list[Effect]:
             return []
         target = match.group(1)
         return [Effect("deallocate", "" if target.lower() == "all" else _normalise_name(target))]
+    if keyword.startswith(("execute", "explain")):
+        named = EXECUTE_NAME.match(statement)
+        return [Effect("execute", _normalise_name(named.group(1)))] if named else []
     if keyword.startswith("prepare"):
         if _PREPARE_TRANSACTION.match(statement):
             return [Effect("prepare_transaction")]  # refused when pooled (see proxy.guard)

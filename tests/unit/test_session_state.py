@@ -61,6 +61,16 @@ from proxy.session_state import Effect, EffectScanner, SessionState, split_state
         ("SELECT 1;  \n", []),
         ("select PG_TRY_ADVISORY_LOCK(7)", [Effect("pin", value="SELECT")]),
         ("", []),
+        # statements named by SQL: no change, but they may name a client's protocol-level statement
+        ("EXECUTE foobar", [Effect("execute", "foobar")]),
+        ("execute FooBar (1, 'x')", [Effect("execute", "foobar")]),
+        ('EXECUTE "FooBar"(1)', [Effect("execute", "FooBar")]),
+        ("EXPLAIN EXECUTE q(1)", [Effect("execute", "q")]),
+        ("explain analyze verbose execute q", [Effect("execute", "q")]),
+        ("EXPLAIN (ANALYZE, COSTS OFF) EXECUTE q(2)", [Effect("execute", "q")]),
+        ("EXPLAIN SELECT 1", []),
+        ("DEALLOCATE PREPARE q", [Effect("deallocate", "q")]),
+        ("DISCARD TEMP", []),
     ],
 )
 def test_effects(sql: str, expected: list[Effect]) -> None:

@@ -2,6 +2,12 @@
 //
 // Usage: pgx postgresql://user:password@host:port/db
 //
+//	pgx schema-change postgresql://... TABLE
+//
+// The second form runs one statement from pgx's statement cache around schema changes of a new table
+// TABLE and prints one line per run ("ok <columns>" or "error <SQLSTATE>"), for a test to compare with
+// the same steps run directly against PostgreSQL.
+//
 // The checksum is the sum of every value read back, so the Python test can
 // recompute it and catch a wrong answer as well as an error. Any failure is
 // printed on stderr and exits 1.
@@ -9,10 +15,12 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"time"
 
+	"github.com/jackc/pgconn"
 	"github.com/jackc/pgx/v4"
 )
 
@@ -178,7 +186,71 @@ func run(url string) (int64, error) {
 	return checksum, nil
 }
 
+// schemaChange prints what each run of a cached SELECT * gives as the table under it changes.
+func schemaChange(url, table string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		return step("connect", err)
+	}
+	defer conn.Close(context.Background())
+	query := "SELECT * FROM " + table
+	run := func(q interface {
+		Query(context.Context, string, ...interface{}) (pgx.Rows, error)
+	}) {
+		rows, err := q.Query(ctx, query)
+		columns := 0
+		if err == nil {
+			columns = len(rows.FieldDescriptions())
+			for rows.Next() {
+			}
+			rows.Close()
+			err = rows.Err()
+		}
+		var pgErr *pgconn.PgError
+		switch {
+		case err == nil:
+			fmt.Printf("ok %d\n", columns)
+		case errors.As(err, &pgErr):
+			fmt.Printf("error %s\n", pgErr.Code)
+		default:
+			fmt.Printf("failure %v\n", err)
+		}
+	}
+	for _, sql := range []string{"CREATE TABLE " + table + " (a int4, b int4)", "INSERT INTO " + table + " VALUES (1, 2)"} {
+		if _, err := conn.Exec(ctx, sql); err != nil {
+			return step("setup", err)
+		}
+	}
+	run(conn)
+	for _, change := range []string{"ADD COLUMN c int4", "ALTER COLUMN a TYPE int8", "DROP COLUMN b"} {
+		if _, err := conn.Exec(ctx, "ALTER TABLE "+table+" "+change); err != nil {
+			return step("alter", err)
+		}
+		run(conn)
+		run(conn)
+		tx, err := conn.Begin(ctx)
+		if err != nil {
+			return step("begin", err)
+		}
+		run(tx)
+		if err := tx.Rollback(ctx); err != nil {
+			return step("rollback", err)
+		}
+	}
+	_, err = conn.Exec(ctx, "DROP TABLE "+table)
+	return step("drop", err)
+}
+
 func main() {
+	if len(os.Args) == 4 && os.Args[1] == "schema-change" {
+		if err := schemaChange(os.Args[2], os.Args[3]); err != nil {
+			fmt.Fprintln(os.Stderr, "ERROR", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if len(os.Args) != 2 {
 		fmt.Fprintln(os.Stderr, "usage: pgx postgresql://user:password@host:port/db")
 		os.Exit(2)
