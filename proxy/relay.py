@@ -175,10 +175,11 @@ class Relay(asyncio.Protocol):
                     continue
                 split = self.split
                 if split is not None:
-                    reply = split.start(data, pos, size)
-                    if reply is not None:  # answered by the proxy itself
+                    answered = split.start(data, pos, size)
+                    if answered is not None:  # answered by the proxy itself, up to where the reply ends
+                        reply, pos = answered
                         self.write(reply)
-                        pos = run = end
+                        run = pos
                         continue
                 try:
                     linked = self._attach_now()

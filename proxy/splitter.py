@@ -48,9 +48,11 @@ class ReadWriteSplit:
         # the last plain read sent as one unnamed batch: its bytes before and after its one Bind
         self._read_batch: tuple[bytes, bytes] | None = None
 
-    def start(self, data: bytes, pos: int, size: int) -> bytes | None:
-        """A transaction starts: route every statement of the batch. Returns the reply when the proxy
-        answers the batch itself (a lone BEGIN, BEGIN; COMMIT, SHOW shardgate.role, a routing error)."""
+    def start(self, data: bytes, pos: int, size: int) -> tuple[bytes, int] | None:
+        """A transaction starts: route every statement of the batch. When the proxy answers the first
+        message itself (a lone BEGIN, BEGIN; COMMIT, SHOW shardgate.role, a routing error) returns the reply
+        and where the messages it answers end: the Query's end, or for an unnamed BEGIN sent by the extended
+        protocol its Sync's (the end of `data`), so none of its messages reaches a server."""
         routing = self.routing
         if pos == 0 and self.repeats_read(data, size):
             return None
@@ -70,20 +72,20 @@ class ReadWriteSplit:
                     if not first:
                         raise ProxyError(exc.sqlstate, str(exc), fatal=True)
                     status = b"T" if self.deferred_begin else b"I"
-                    return codec.error_response(exc.sqlstate, str(exc)) + codec.ready_for_query(status)
+                    return codec.error_response(exc.sqlstate, str(exc)) + codec.ready_for_query(status), end
                 if first and self.deferred_begin and route.ends_transaction and end == size:
                     # BEGIN; COMMIT with nothing between: no server needed
                     self.deferred_begin = b""
                     routing.on_transaction_end()
                     head = data[pos + 5 : pos + 25].lstrip()[:8].lower()
                     tag = "ROLLBACK" if head.startswith((b"rollback", b"abort")) else "COMMIT"
-                    return codec.command_complete(tag) + codec.ready_for_query(b"I")
+                    return codec.command_complete(tag) + codec.ready_for_query(b"I"), end
                 if first and route.local and data[pos + 5 : pos + 25].lstrip()[:4].lower() == b"show":
-                    return _show_session_role(route)
+                    return _show_session_role(route), end
                 if first and route.role_pending and end == size:
                     # a lone BEGIN: the next statement decides where the transaction runs
                     self.deferred_begin = data[pos + 5 : end - 1]
-                    return codec.command_complete("BEGIN") + codec.ready_for_query(b"T")
+                    return codec.command_complete("BEGIN") + codec.ready_for_query(b"T"), end
                 routes.append(route)
             elif type_code == _P:
                 try:
@@ -100,9 +102,9 @@ class ReadWriteSplit:
                     route = Route(Role.ANY, write=False, reason="invalid session role")
                 if first and route.role_pending and not name:
                     reply = _extended_begin_reply(data, end, size)
-                    if reply is not None:
+                    if reply is not None:  # answers the Bind, Describe, Execute and Sync too
                         self.deferred_begin = query
-                        return reply
+                        return reply, size
                 if name:
                     try:
                         parsed = self.rt.router.route_statement(text)

@@ -42,8 +42,6 @@ SECRET_OLD = "reload-test-secret-old-0123456789abcdef"
 SECRET_NEW = "reload-test-secret-new-0123456789abcdef"
 AUDIENCE = "shardgate-reload"
 # Point reads and writes by sharding key, for a sharded database (pgbench's own tables are not sharded).
-# No BEGIN ... END here, nor TPC-B on a database with replicas: an extended-protocol BEGIN the read/write
-# split holds back fails with or without a reload ("unnamed prepared statement does not exist").
 SHARD_SCRIPT = """\\set tid random(1, 100000)
 SELECT note FROM orders WHERE tenant_id = :tid;
 UPDATE orders SET amount = amount + 1 WHERE tenant_id = :tid;
