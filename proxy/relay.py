@@ -198,6 +198,9 @@ class Relay(asyncio.Protocol):
                 if kind == _K_QUERY:
                     sql = data[pos + 5 : end - 1]
                     refusal = self.guard.refusal(sql) if self.refusals else None
+                    effects = self.effects_of(sql) if self.pool_mode is not SESSION else ()
+                    if refusal is None and effects and prepares_transaction(effects):
+                        refusal = PREPARE_TRANSACTION_POOLED
                     if refusal is not None:
                         # the server raises the error itself: it aborts an open transaction as PostgreSQL
                         # would, and its reply keeps its place among pipelined responses
@@ -209,26 +212,16 @@ class Relay(asyncio.Protocol):
                         out.append(raising_query(refusal))
                         pos = run = end
                         continue
-                    if self.pool_mode is not SESSION:
-                        effects = self.effects_of(sql)
-                        if effects:
-                            if prepares_transaction(effects):
-                                if out is None:
-                                    out = []
-                                if run < pos:
-                                    out.append(memoryview(data)[run:pos])
-                                out.append(raising_query(PREPARE_TRANSACTION_POOLED))
-                                pos = run = end
-                                continue
-                            self._note_effects(effects)
-                            renamed = self._statements_in_sql(server, sql, effects, True)
-                            if renamed is not None:  # sent after the Sync its preamble may have counted
-                                if out is None:
-                                    out = []
-                                if run < pos:
-                                    out.append(memoryview(data)[run:pos])
-                                out += (renamed[0], codec.message(b"Q", renamed[1] + b"\x00"))
-                                run = end
+                    if effects:
+                        self._note_effects(effects)
+                        renamed = self._statements_in_sql(server, sql, effects, True)
+                        if renamed is not None:  # sent after the Sync its preamble may have counted
+                            if out is None:
+                                out = []
+                            if run < pos:
+                                out.append(memoryview(data)[run:pos])
+                            out += (renamed[0], codec.message(b"Q", renamed[1] + b"\x00"))
+                            run = end
                 server.outstanding += 1
             elif kind == _K_UNSYNCED:
                 self.unsynced = True
