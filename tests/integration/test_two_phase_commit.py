@@ -70,6 +70,15 @@ def _direct(server: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(server.dsn(password="app"), autocommit=True)
 
 
+def _fresh(proxy: ProxyFactory, shards: list[Any], **options: Any) -> tuple[ProxyProcess, int, int]:
+    """Shards reset, a proxy started (see _start), the accounts seeded: the proxy, an account on shard 0 and
+    one on shard 1."""
+    _reset(shards)
+    started = _start(proxy, shards, **options)
+    placement = _seed(started, shards)
+    return started, _on(placement, 0), _on(placement, 1)
+
+
 def _start(proxy: ProxyFactory, shards: list[Any], settings: dict[str, Any] | None = None,
            general: dict[str, Any] | None = None) -> ProxyProcess:
     databases = []
@@ -82,6 +91,9 @@ def _start(proxy: ProxyFactory, shards: list[Any], settings: dict[str, Any] | No
 
 
 def _reset(shards: list[Any]) -> None:
+    """Every shard up (a fault test may have stopped one), with a fresh accounts table and no 2PC state."""
+    for server in shards:
+        server.start()
     for server in shards:
         with _direct(server) as conn:
             for (gid,) in conn.execute("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"):
@@ -155,8 +167,6 @@ def _transfer(conn: psycopg.Connection[Any], source: int, target: int, amount: i
 
 @pytest.fixture
 def bank(proxy: ProxyFactory, shards: list[Any]) -> Iterator[tuple[ProxyProcess, dict[int, int]]]:
-    for server in shards:
-        server.start()
     _reset(shards)
     started = _start(proxy, shards)
     yield started, _seed(started, shards)
@@ -249,10 +259,7 @@ def test_commit_over_the_extended_protocol(bank: Any, shards: list[Any]) -> None
 
 
 def test_two_phase_commit_off_commits_shard_by_shard(proxy: ProxyFactory, shards: list[Any]) -> None:
-    _reset(shards)
-    started = _start(proxy, shards, general={"two_phase_commit": False})
-    placement = _seed(started, shards)
-    first, second = _on(placement, 0), _on(placement, 1)
+    started, first, second = _fresh(proxy, shards, general={"two_phase_commit": False})
     with psycopg.connect(started.dsn()) as conn:
         _transfer(conn, first, second, 5)
     balances = _balances(shards)
@@ -288,13 +295,8 @@ def test_a_participant_killed_before_prepare_rolls_back_everywhere(bank: Any, sh
 
 def test_a_participant_killed_after_prepare_is_committed_when_it_comes_back(
         proxy: ProxyFactory, shards: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    for server in shards:
-        server.start()
-    _reset(shards)
     monkeypatch.setenv("SHARDGATE_FAILPOINT", "after_decision:sleep=3")
-    started = _start(proxy, shards)
-    placement = _seed(started, shards)
-    first, second = _on(placement, 0), _on(placement, 1)
+    started, first, second = _fresh(proxy, shards)
     killer = threading.Timer(1.0, shards[1].kill)
     killer.start()
     with psycopg.connect(started.dsn()) as conn:
@@ -312,13 +314,8 @@ def test_a_participant_killed_after_prepare_is_committed_when_it_comes_back(
 def test_the_proxy_killed_in_the_commit_round_is_finished_by_a_new_instance(
         proxy: ProxyFactory, shards: list[Any], monkeypatch: pytest.MonkeyPatch, point: str,
         committed: bool) -> None:
-    for server in shards:
-        server.start()
-    _reset(shards)
     monkeypatch.setenv("SHARDGATE_FAILPOINT", f"{point}:kill")
-    doomed = _start(proxy, shards)
-    placement = _seed(doomed, shards)
-    first, second = _on(placement, 0), _on(placement, 1)
+    doomed, first, second = _fresh(proxy, shards)
     with psycopg.connect(doomed.dsn()) as conn, pytest.raises(psycopg.OperationalError):
         _transfer(conn, first, second, 40)
     doomed.process.wait(timeout=10)  # type: ignore[union-attr]
@@ -339,8 +336,6 @@ def test_the_connection_to_a_shard_cut_in_the_commit_round(
     """A TCP relay in front of shard 1 drops the connection that carries PREPARE TRANSACTION (before any
     decision: everything rolls back) or COMMIT PREPARED (after it: the client is told COMMIT and
     recovery commits shard 1 over a new connection)."""
-    for server in shards:
-        server.start()
     _reset(shards)
     forwarder = CuttingForwarder(shards[1].host, shards[1].port)
     try:
@@ -371,8 +366,6 @@ def test_the_connection_to_a_shard_cut_in_the_commit_round(
 
 def test_a_shard_without_prepared_transactions_is_reported_and_refused(
         proxy: ProxyFactory, shards: list[Any]) -> None:
-    for server in shards:
-        server.start()
     _reset(shards)
     shards[1].psql("ALTER SYSTEM SET max_prepared_transactions = 0")
     shards[1].stop()
@@ -397,13 +390,8 @@ def test_a_shard_without_prepared_transactions_is_reported_and_refused(
 
 def test_in_doubt_transactions_listed_and_resolved_by_hand(
         proxy: ProxyFactory, shards: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    for server in shards:
-        server.start()
-    _reset(shards)
     monkeypatch.setenv("SHARDGATE_FAILPOINT", "after_prepare:kill")
-    doomed = _start(proxy, shards)
-    placement = _seed(doomed, shards)
-    first, second = _on(placement, 0), _on(placement, 1)
+    doomed, first, second = _fresh(proxy, shards)
     with psycopg.connect(doomed.dsn()) as conn, pytest.raises(psycopg.OperationalError):
         _transfer(conn, first, second, 60)
     doomed.process.wait(timeout=10)  # type: ignore[union-attr]
@@ -452,8 +440,6 @@ def _transfers(dsn: str, pairs: list[tuple[int, int]], stop: threading.Event, se
 
 def test_two_instances_share_the_log_and_the_survivor_finishes_the_dead_ones_work(
         proxy: ProxyFactory, shards: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    for server in shards:
-        server.start()
     _reset(shards)
     survivor = _start(proxy, shards)
     placement = _seed(survivor, shards)
@@ -483,8 +469,6 @@ def test_two_instances_share_the_log_and_the_survivor_finishes_the_dead_ones_wor
 def test_transfers_between_shards_survive_two_proxy_crashes(proxy: ProxyFactory, shards: list[Any]) -> None:
     """Clients move money between accounts on different shards for a minute while the proxy is SIGKILLed
     and restarted twice: afterwards no prepared transaction is left and the total is unchanged."""
-    for server in shards:
-        server.start()
     _reset(shards)
     started = _start(proxy, shards)
     placement = _seed(started, shards)
@@ -556,13 +540,8 @@ def test_session_mode_passes_prepare_transaction_through(proxy: ProxyFactory, pg
 
 def test_a_client_that_leaves_during_the_commit_round_does_not_stop_it(
         proxy: ProxyFactory, shards: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    for server in shards:
-        server.start()
-    _reset(shards)
     monkeypatch.setenv("SHARDGATE_FAILPOINT", "after_prepare:sleep=1")
-    started = _start(proxy, shards, settings={**FAST_RECOVERY, "prepared_timeout_s": 600})
-    placement = _seed(started, shards)
-    first, second = _on(placement, 0), _on(placement, 1)
+    started, first, second = _fresh(proxy, shards, settings={**FAST_RECOVERY, "prepared_timeout_s": 600})
     conn = psycopg.connect(started.dsn())
     conn.execute("UPDATE accounts SET balance = balance - 80 WHERE id = %s", (first,))
     conn.execute("UPDATE accounts SET balance = balance + 80 WHERE id = %s", (second,))
