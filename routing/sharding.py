@@ -397,24 +397,57 @@ class ShardRouter:
         return self.columns[0].column
 
 
-_SHAPE_INTEGER = re.compile(r"(?<![\w$.])\d+(?![\w.])")
-_SHAPE_UNSAFE = re.compile(r"['\"\\]|--|/\*|\$\$|-\s*\d|\d\.|\.\d|\d[eE]")
+_SHAPE_INTEGER = re.compile(r"(?<![\w$.])(-\s*)?\d+(?![\w.])")
+_SHAPE_UNSAFE = re.compile(r"['\"\\]|--|/\*|\$\$|\d\.|\.\d|\d[eE]")
+# words after which a minus sign is the sign of the number that follows (elsewhere, after a name, a number
+# or a closing bracket, it is the binary operator and the number is a plain positive literal)
+_UNARY_AFTER = frozenset((
+    "select", "where", "and", "or", "not", "between", "in", "is", "then", "else", "when", "case", "values",
+    "set", "by", "limit", "offset", "like", "ilike", "as", "on", "having", "any", "all", "some", "returning",
+    "distinct", "exists", "array", "over", "filter", "using", "to", "from", "into", "default", "return"))
 _PARAMETER_NUMBER = re.compile(r"\$(\d+)")
 
 
 def _literal_shape(sql: str) -> tuple[str, list[str], int] | None:
     """The text with each integer literal replaced by a parameter numbered after the client's own, the
-    integers, and the client's highest parameter number; None for a text with no integer, or with quotes,
-    comments, signs or decimals (its literals are not all plain integers)."""
+    integers (a sign included where the minus is one), and the client's highest parameter number; None for
+    a text with no integer, or with quotes, comments or decimals (its literals are not all integers)."""
     if _SHAPE_UNSAFE.search(sql) is not None:
-        return None
-    literals = _SHAPE_INTEGER.findall(sql)
-    if not literals:
         return None
     numbers = _PARAMETER_NUMBER.findall(sql)
     base = max(map(int, numbers)) if numbers else 0
-    counter = iter(range(base + 1, base + 1 + len(literals)))
-    return _SHAPE_INTEGER.sub(lambda _: f"${next(counter)}", sql), literals, base
+    literals: list[str] = []
+
+    def parameter(found: re.Match[str]) -> str:
+        sign = found.group(1)
+        digits = found.group()[len(sign):] if sign else found.group()
+        literals.append("-" + digits if sign and _unary_minus(sql, found.start()) else digits)
+        kept = sign if sign and literals[-1][0] != "-" else ""
+        return f"{kept}${base + len(literals)}"
+
+    template = _SHAPE_INTEGER.sub(parameter, sql)
+    if not literals:
+        return None
+    return template, literals, base
+
+
+def _unary_minus(sql: str, at: int) -> bool:
+    """Whether the minus at `at` is a number's sign (after an operator, a bracket, a comma or a keyword)
+    rather than a subtraction (after a name, a number or a closing bracket)."""
+    end = at - 1
+    while end >= 0 and sql[end].isspace():
+        end -= 1
+    if end < 0:
+        return True
+    last = sql[end]
+    if last in ")]":
+        return False
+    if not (last.isalnum() or last in "_$"):
+        return True
+    start = end
+    while start > 0 and (sql[start - 1].isalnum() or sql[start - 1] in "_$"):
+        start -= 1
+    return sql[start : end + 1].lower() in _UNARY_AFTER
 
 
 def _instantiate(template: KeyFinding, literals: list[str], base: int) -> KeyFinding:

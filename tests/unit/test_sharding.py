@@ -135,3 +135,35 @@ def test_array_parsers() -> None:
         parse_text_array("{1,NULL}")
     empty = (0).to_bytes(4, "big") + bytes(4) + (20).to_bytes(4, "big")
     assert parse_binary_array(empty) == []
+
+
+SIGNED_TEXTS = [
+    "UPDATE orders SET amount = amount - 57 WHERE tenant_id = 33",
+    "UPDATE orders SET amount = amount -57 WHERE tenant_id = -33",
+    "SELECT * FROM orders WHERE tenant_id = -5",
+    "SELECT * FROM orders WHERE tenant_id = - 5",
+    "SELECT * FROM orders WHERE tenant_id IN (1, -9, - 4)",
+    "SELECT * FROM orders WHERE tenant_id = 7 AND amount > -3",
+    "SELECT amount - 4 FROM orders WHERE tenant_id BETWEEN -5 AND 5",
+    "SELECT * FROM orders WHERE tenant_id = 10 - 3",
+    "SELECT * FROM orders WHERE tenant_id = (2) - 1",
+    "DELETE FROM orders WHERE tenant_id = -9223372036854775808",
+    "INSERT INTO orders (tenant_id, id) VALUES (-1, 2), (3, -4)",
+]
+
+
+@pytest.mark.parametrize("sql", SIGNED_TEXTS)
+def test_the_literal_shape_cache_reads_minus_signs_as_the_parser_does(sql: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Texts that differ only in their integers share one analysis; a minus is a sign or a subtraction as
+    sqlglot reads it, so the cached route is the one a full parse gives (a wrong sign is a wrong shard)."""
+    def hashed() -> ShardRouter:
+        placement = make_sharder("orders", "tenant_id", "bigint", "hash", 3)
+        return ShardRouter("app", 3, [ORDERS], {ORDERS: placement}, frozenset())
+    cached = hashed()
+    for warm in (sql, sql):  # the second decision comes from the shape cache
+        found = cached.decide(warm)
+    import routing.sharding as module
+    monkeypatch.setattr(module, "_literal_shape", lambda text: None)
+    parsed = hashed().decide(sql)
+    assert (found.shards, found.refusal, found.inserts) == (parsed.shards, parsed.refusal, parsed.inserts)
+    assert module._SHAPE_INTEGER.search(sql) is not None
