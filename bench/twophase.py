@@ -165,6 +165,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=8, help="pgbench clients (default 8)")
     parser.add_argument("--threads", type=int, default=2, help="pgbench -j (default 2)")
     parser.add_argument(
+        "--mode", choices=("simple", "extended"), default="simple",
+        help="pgbench -M (default simple: each UPDATE's text has its own literals)",
+    )  # fmt: skip
+    parser.add_argument(
         "--auth", choices=("scram-sha-256", "md5"), default="scram-sha-256",
         help="client authentication on both poolers (default scram-sha-256)",
     )  # fmt: skip
@@ -595,15 +599,14 @@ def percentile(values: Sequence[float], fraction: float) -> float | None:
 
 
 def run_job(
-    job: Job, round_index: int, target: pgbench.Target, clients: int, duration_s: int, threads: int,
+    job: Job, round_index: int, target: pgbench.Target, args: argparse.Namespace, duration_s: int,
     pgbench_path: str, env: dict[str, str], work_dir: Path, shardgate: RangeShardgate | None,
 ) -> Run:  # fmt: skip
     prefix = work_dir / f"txlog-{job.key}-{round_index}"
-    scenario = pgbench.Scenario(
-        job.key, job.label, clients, ("-M", "simple", "-l", f"--log-prefix={prefix}"), script=job.script
-    )
+    options = ("-M", args.mode, "-l", f"--log-prefix={prefix}")
+    scenario = pgbench.Scenario(job.key, job.label, args.clients, options, script=job.script)
     before = read_counters(shardgate) if shardgate is not None else None
-    measurement = pgbench.run(pgbench_path, target, scenario, duration_s, threads, USER, DATABASE, env,
+    measurement = pgbench.run(pgbench_path, target, scenario, duration_s, args.threads, USER, DATABASE, env,
                               work_dir, cpu_seconds, rss_kb)  # fmt: skip
     measurement.scenario = SCENARIO  # one scenario, a target per job: Results pairs the jobs round by round
     run = Run(job.key, round_index, measurement)
@@ -622,8 +625,8 @@ def run_rounds(
     env: dict[str, str], work_dir: Path,
 ) -> None:  # fmt: skip
     for job in JOBS:
-        warm = run_job(job, -1, targets[job.key], args.clients, WARMUP_S, args.threads, pgbench_path, env,
-                       work_dir, shardgates.get(job.service))  # fmt: skip
+        warm = run_job(job, -1, targets[job.key], args, WARMUP_S, pgbench_path, env, work_dir,
+                       shardgates.get(job.service))  # fmt: skip
         if not warm.measurement.ok or warm.problems:
             state.notes.append(
                 f"warm-up of {job.label} failed: {'; '.join((warm.measurement.problems + warm.problems)[:3])}"
@@ -638,8 +641,8 @@ def run_rounds(
         for job in order:
             for pooler in poolers:
                 pooler.check_alive()
-            run = run_job(job, round_index, targets[job.key], args.clients, duration_s, args.threads,
-                          pgbench_path, env, work_dir, shardgates.get(job.service))  # fmt: skip
+            run = run_job(job, round_index, targets[job.key], args, duration_s, pgbench_path, env, work_dir,
+                          shardgates.get(job.service))  # fmt: skip
             state.runs.append(run)
             state.results.add(run.measurement)
             done += 1
@@ -813,7 +816,8 @@ def body(state: TwoPhaseResults, level: int) -> list[str]:
         *runs_table(state),
         "",
         "Each transaction is `BEGIN; UPDATE accounts SET balance = balance - :d WHERE id = :a; UPDATE accounts "
-        "SET balance = balance + :d WHERE id = :b; END;` (pgbench `-M simple`). Multi-shard: a in 1..N, b in "
+        f"SET balance = balance + :d WHERE id = :b; END;` (pgbench `-M {info.get('mode_flag', MISSING)}`). "
+        "Multi-shard: a in 1..N, b in "
         "N+1..2N (one UPDATE on each shard); single-shard: a in 1..N/2, b in N/2+1..N (both on shard 0); direct "
         "and PgBouncer run the multi-shard script against the reference server, where every row is on one "
         "server. TPS and latency avg: the median run by TPS (pgbench's summary); p95: the same run's "
@@ -917,6 +921,7 @@ def run_info(
     postgres = _command_output([str(bin_dir / "postgres"), "--version"]).replace("postgres (PostgreSQL) ", "")
     return {
         "mode": "Quick" if args.quick and args.duration is None else "Full",
+        "mode_flag": args.mode,
         "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": (
             f"{os.cpu_count()} CPUs ({_cpu_model()}), Linux {platform.release()}, "
@@ -928,7 +933,7 @@ def run_info(
             f"· Shardgate commit {commit}"
         ),
         "setup": (
-            f"Three PostgreSQL servers on this machine (shard 0, shard 1, reference; fsync off, synchronous_commit "
+            f"pgbench -M {args.mode}. Three PostgreSQL servers on this machine (shard 0, shard 1, reference; fsync off, synchronous_commit "
             f"off except for the decision log's own insert, max_prepared_transactions 50, shared_buffers "
             f"{SHARED_BUFFERS}). pgbench {duration_s} s per run, -c {args.clients} -j {args.threads}, "
             f"{args.rounds} round(s) of {len(JOBS)} runs, the first one rotating. PgBouncer and both Shardgates: "
