@@ -304,6 +304,7 @@ def test_bad_requests(http_proxy: HttpProxy) -> None:
     token = make_token()
     status, _, body = http_proxy.post(None, token, raw=b'{"query": "SELECT 1"')
     assert status == 400 and body["error"]["sqlstate"] == "08P01" and "JSON" in body["error"]["message"]
+    wrong: Any
     for wrong in ({"sql": "SELECT 1"}, {"query": 1}, {"query": "SELECT 1", "params": "x"}, [], "SELECT 1",
                   {"query": "  "}):
         status, _, body = http_proxy.post(wrong, token)
