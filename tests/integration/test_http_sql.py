@@ -460,3 +460,76 @@ def test_a_short_k6_point_read_run_meets_its_thresholds(http_proxy: HttpProxy, p
         assert all(passed is False or passed is True for passed in metrics[threshold]["thresholds"].values())
         # in the summary export a threshold's value is true when it was crossed
         assert not any(metrics[threshold]["thresholds"].values()), (threshold, metrics[threshold])
+
+
+# -- shards ----------------------------------------------------------------------------------------------------
+
+SHARD_SETUP_SQL = f"""
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{TENANT_ROLE}') THEN
+        CREATE ROLE {TENANT_ROLE} NOLOGIN;
+    END IF;
+END $$;
+GRANT {TENANT_ROLE} TO app;
+DROP TABLE IF EXISTS http_orders;
+CREATE TABLE http_orders (tenant_id bigint NOT NULL, note text NOT NULL);
+GRANT SELECT, INSERT ON http_orders TO {TENANT_ROLE};
+CREATE TABLE IF NOT EXISTS http_hash_probe (k bigint) PARTITION BY HASH (k);
+"""
+
+
+def test_a_sharded_database_runs_each_request_on_its_shard(pg: Topology, proxy_work_root: Path) -> None:
+    assert pg.primary is not None
+    shard1 = pg.add_server("http_shard1")
+    factory = ProxyFactory(pg, proxy_work_root)
+    try:
+        servers = [pg.primary, shard1]
+        for server in servers:
+            server.psql(SHARD_SETUP_SQL, user="postgres", db="app")
+        port = free_port()
+        process = factory(
+            pool_size=2, users=[APP_USER, API_USER],
+            databases=database_entries(pg.primary, shard=0) + database_entries(shard1, shard=1),
+            jwt={"algorithms": ["HS256"], "secret": SECRET, "issuer": ISSUER, "audience": [AUDIENCE],
+                 "switch_role": True, "allowed_roles": [TENANT_ROLE]},
+            extra_toml=(f'[http]\nlisten = "127.0.0.1:{port}"\nuser = "api"\ndatabase = "app"\n\n'
+                        '[[sharded_tables]]\ndatabase = "app"\ntable = "http_orders"\ncolumn = "tenant_id"\n'
+                        'data_type = "bigint"\n'),
+        )
+        assert isinstance(process, ProxyProcess)
+        assert wait_for_port("127.0.0.1", port, 30, alive=process.is_running), process.stderr_text()[-4000:]
+        front = HttpProxy(process, port)
+        token = make_token()
+        tenants = list(range(1, 9))
+        for tenant in tenants:
+            status, _, body = front.post({"query": "INSERT INTO http_orders (tenant_id, note) VALUES ($1, $2)",
+                                          "params": [tenant, f"order of {tenant}"]}, token)
+            assert status == 200 and body["command"] == "INSERT 0 1", body
+        for tenant in tenants:
+            # where PostgreSQL's own hash partitioning puts the key, with two partitions
+            wanted = [remainder for remainder in (0, 1) if pg.primary.psql(
+                f"SELECT satisfies_hash_partition('http_hash_probe'::regclass, 2, {remainder}, {tenant}::bigint)",
+                user="postgres", db="app") == "t"]
+            found = [index for index, server in enumerate(servers) if server.psql(
+                f"SELECT count(*) FROM http_orders WHERE tenant_id = {tenant}", user="postgres", db="app") == "1"]
+            assert found == wanted, (tenant, found, wanted)
+            status, _, body = front.post({"query": "SELECT note FROM http_orders WHERE tenant_id = $1",
+                                          "params": [tenant]}, token)
+            assert status == 200 and body["rows"] == [[f"order of {tenant}"]]
+        status, _, body = front.post({"query": "/* shardgate: shard=1 */ SELECT current_setting('port')::int4"},
+                                     token)
+        assert status == 200 and body["rows"] == [[shard1.port]], body
+        status, _, body = front.post({"query": "SELECT count(*) FROM http_orders"}, token)
+        assert status == 422 and body["error"]["sqlstate"] == "0A000", body
+        on = {tenant: next(i for i, s in enumerate(servers) if s.psql(
+            f"SELECT count(*) FROM http_orders WHERE tenant_id = {tenant}", user="postgres", db="app") == "1")
+            for tenant in tenants}
+        apart = [next(t for t in tenants if on[t] == 0), next(t for t in tenants if on[t] == 1)]
+        status, _, body = front.post([{"query": "INSERT INTO http_orders (tenant_id, note) VALUES ($1, 'x')", "params": [apart[0]]},
+                                      {"query": "INSERT INTO http_orders (tenant_id, note) VALUES ($1, 'x')", "params": [apart[1]]}],
+                                     token)
+        assert status == 422 and body["error"]["sqlstate"] == "0A000" and body["error"]["statement"] == 1, body
+    finally:
+        factory.close()
+        shard1.stop()
