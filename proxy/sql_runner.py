@@ -202,7 +202,8 @@ class TypeNames:
                f" OR oid IN (SELECT typelem FROM pg_catalog.pg_type WHERE oid IN ({listed}))")
         try:
             rows = await server.fetch_rows(sql, timeout_s)
-        except ProxyError:
+        except (ProxyError, TimeoutError):
+            server.broken = True  # its answer may still come: the pool closes it at checkin
             rows = []
         for found_oid, name, category, element in rows:
             if found_oid is not None and name is not None:
