@@ -29,6 +29,7 @@ from config.model import (
     Config,
     DatabaseConfig,
     GeneralConfig,
+    HttpConfig,
     JwtConfig,
     OmnishardedTableConfig,
     ShardedTableConfig,
@@ -60,7 +61,7 @@ SCRAM_PREFIX = "SCRAM-SHA-256$"
 SCRAM_KEY_BYTES = 32  # SHA-256 digest size: StoredKey and ServerKey
 
 _SECTIONS = ("general", "users", "databases", "jwt", "sharded_tables", "omnisharded_tables",
-             "two_phase_commit", "tls")
+             "two_phase_commit", "tls", "http")
 # Inclusive bounds of the integer key types; a range's exclusive end may be one above the maximum.
 _INTEGER_BOUNDS = {"bigint": (-(2**63), 2**63 - 1), "integer": (-(2**31), 2**31 - 1)}
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
@@ -128,6 +129,8 @@ def parse(data: dict[str, Any], source_path: str | None = None) -> Config:
     two_phase = _parse_two_phase_commit(_table(data, "two_phase_commit", problems), data, problems)
     tls_table = _table(data, "tls", problems)
     tls = _parse_tls(tls_table, problems) if tls_table is not None else None
+    http_table = _table(data, "http", problems)
+    http = _parse_http(http_table, data, problems) if http_table is not None else None
 
     if problems:
         raise ConfigError(problems, source_path)
@@ -142,6 +145,7 @@ def parse(data: dict[str, Any], source_path: str | None = None) -> Config:
         omnisharded_tables=tuple(t for t in omnisharded if t is not None),
         two_phase_commit=two_phase or TwoPhaseCommitConfig(),
         tls=tls or TlsConfig(),
+        http=http or HttpConfig(),
     )
 
 
@@ -761,6 +765,37 @@ def _parse_jwt(table: dict[str, Any], problems: list[str]) -> JwtConfig | None:
     key_sources = ("secret", "secret_file", "public_keys", "jwks_file")
     if not (secret or secret_file or public_keys or jwks_file) and not any(map(section.failed, key_sources)):
         problems.append("jwt: needs a key: set secret, secret_file, public_keys or jwks_file")
+    return section.build()
+
+
+def _parse_http(table: dict[str, Any], data: dict[str, Any], problems: list[str]) -> HttpConfig | None:
+    """[http]: SQL over HTTP; with `listen` set it needs a JWT user, a database and a [jwt] section."""
+    section = _Section(table, "http", HttpConfig, problems)
+    listen = section.address("listen", allow_empty=True)
+    user = section.string("user")
+    database = section.string("database")
+    section.integer("max_body_bytes", minimum=2)
+    section.integer("max_statements", minimum=1)
+    section.integer("max_result_rows", minimum=1)
+    section.integer("max_connections", minimum=1)
+    section.seconds("keep_alive_timeout_s")
+    section.finish()
+    if listen:
+        users = {entry.get("name"): entry for entry in data.get("users", []) if isinstance(entry, dict)}
+        if not user and not section.failed("user"):
+            problems.append("http.user: required when http.listen is set: the [[users]] entry (auth = \"jwt\") "
+                            "that HTTP requests log in as")
+        elif user and user not in users:
+            problems.append(f'http.user: no [[users]] entry is named "{user}"')
+        elif user and users[user].get("auth") != "jwt":
+            problems.append(f'http.user: [[users]] entry "{user}" must have auth = "jwt" (requests carry a JWT)')
+        databases = {entry.get("name") for entry in data.get("databases", []) if isinstance(entry, dict)}
+        if not database and not section.failed("database"):
+            problems.append("http.database: required when http.listen is set: the [[databases]] name requests use")
+        elif database and database not in databases:
+            problems.append(f'http.database: no [[databases]] entry is named "{database}"')
+        if "jwt" not in data:
+            problems.append("http.listen: SQL over HTTP authenticates with JWTs: it needs a [jwt] section")
     return section.build()
 
 

@@ -217,6 +217,21 @@ class TwoPhaseCommitConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """[http]: SQL over HTTP (`POST /v1/query`), off unless `listen` is set; requests log in as `user`
+    (a [[users]] entry with auth = "jwt") to `database` with the bearer token of each request."""
+
+    listen: str = ""
+    user: str = ""
+    database: str = ""
+    max_body_bytes: int = 1024 * 1024
+    max_statements: int = 100
+    max_result_rows: int = 10000
+    max_connections: int = 1000
+    keep_alive_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     general: GeneralConfig = field(default_factory=GeneralConfig)
     users: tuple[UserConfig, ...] = ()
@@ -227,6 +242,7 @@ class Config:
     omnisharded_tables: tuple[OmnishardedTableConfig, ...] = ()
     two_phase_commit: TwoPhaseCommitConfig = field(default_factory=TwoPhaseCommitConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def user(self, name: str) -> UserConfig | None:
         for user in self.users:

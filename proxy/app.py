@@ -16,6 +16,7 @@ from config.model import Config
 from proxy import catalog
 from proxy.admin import start_admin
 from proxy.client import ClientSession
+from proxy.http_sql import HttpSql
 from proxy.protocol import sqlstate
 from proxy.runtime import Runtime
 from proxy.tls import TlsSetupError
@@ -49,6 +50,7 @@ class App:
         self.runtime = Runtime(config)
         self.server: asyncio.base_events.Server | None = None
         self.admin: asyncio.base_events.Server | None = None
+        self.http: HttpSql | None = None  # [http]: SQL over HTTP, when http.listen is set
         self.stopped = asyncio.Event()
         self._watching = False
 
@@ -74,6 +76,9 @@ class App:
         if config.general.admin_listen:
             admin_host, admin_port = split_address(config.general.admin_listen)
             self.admin = await start_admin(self.runtime, admin_host, admin_port)
+        if config.http.listen:
+            self.http = HttpSql(self.runtime)
+            await self.http.start()
         # the admin console reaches the reload and the graceful stop through the runtime
         self.runtime.reload_config = self._reload_problems
         self.runtime.request_shutdown = self._request_shutdown
@@ -172,6 +177,8 @@ class App:
         log.info("event=shutdown_started clients=%d", len(runtime.clients))
         if self.server is not None:
             self.server.close()
+        if self.http is not None:
+            self.http.close()
         deadline = time.monotonic() + runtime.config.general.shutdown_timeout_s
         while time.monotonic() < deadline:
             if not any(client.busy() for client in runtime.clients):

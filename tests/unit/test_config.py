@@ -29,7 +29,7 @@ from config import (
     parse,
     split_address,
 )
-from config.model import TlsConfig
+from config.model import HttpConfig, TlsConfig
 
 EXAMPLE_PATH = Path(config.__file__).parent / "example.toml"
 # Password "app-secret", salt "shardgate-exampl", 4096 iterations (same as the example file).
@@ -93,8 +93,9 @@ def test_example_with_jwt_enabled_loads() -> None:
 def test_example_sets_every_key_of_every_section() -> None:
     data = tomllib.loads(example_with_optional_sections_enabled())
     assert set(data) == {"general", "users", "databases", "jwt", "sharded_tables", "omnisharded_tables",
-                         "two_phase_commit", "tls"}
+                         "two_phase_commit", "tls", "http"}
     assert set(data["tls"]) == field_names(TlsConfig)
+    assert set(data["http"]) == field_names(HttpConfig)
     assert set(data["general"]) == field_names(GeneralConfig)
     assert set().union(*data["users"]) == field_names(UserConfig)
     assert set().union(*data["databases"]) == field_names(DatabaseConfig)
