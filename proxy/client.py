@@ -31,6 +31,7 @@ from proxy.runtime import Runtime, SessionInfo
 from proxy.scatter import FanoutPlan, Scatter
 from proxy.server import ServerConnection
 from proxy.session_state import Effect, ServerState, SessionState
+from proxy.splitter import ReadWriteSplit
 from proxy.statements import PreparedStatements
 from proxy.tls import ClientTlsContext, client_session_of, start_client_tls
 
@@ -105,6 +106,7 @@ class ClientSession(FanoutRelay):
         self.scatter: Scatter | None = None
         self.sharded = False
         self.split = None
+        self.split_pending = False  # a reload gave the database replicas: split reads from the next transaction
         self._home_waiter: asyncio.Future[None] | None = None  # a fan-out waits for the home server's answers
         self._more_waiter: asyncio.Future[None] | None = None  # a fan-out waits for the rest of its batch
         # the unnamed statement was last prepared by a fan-out: on which shards, and its Parse
@@ -674,6 +676,8 @@ class ClientSession(FanoutRelay):
             return
         if self.split is not None:
             self.split.transaction_ended()
+        elif self.split_pending:
+            self._adopt_split()
         if self.links:
             self._release_links()
         if not server.broken and server.pool.park(server, self):
@@ -686,8 +690,8 @@ class ClientSession(FanoutRelay):
 
     def reconfigure(self) -> None:
         """A reload: the user's new settings, the database's new servers and shard map apply from the next
-        transaction (a transaction in flight finishes where it is); the pool mode and whether reads are
-        split stay as they were at login."""
+        transaction (a transaction in flight finishes where it is); a database that now has replicas starts
+        splitting reads at the session's next transaction. The pool mode stays as it was at login."""
         user, cluster = self.user, self.cluster
         if user is None or cluster is None or self.phase is CLOSED:
             return
@@ -703,10 +707,25 @@ class ClientSession(FanoutRelay):
                 self.pool = rt.pool_for_server(user, home.primary().config)
             except ProxyError:
                 pass  # no primary now: the next transaction reports it, as before the reload
+            if self.pool_mode is not SESSION and rt.splits_reads(home):
+                self.split_pending = True
+                if not self.acquiring and (self.server is None or self.parked):
+                    self._adopt_split()  # between transactions; otherwise when this one ends
         scatter = self.scatter
         if scatter is not None and len(rt.shards_of(self.database)) > 1:
             scatter.shard_count = len(rt.shards_of(self.database))
             scatter.shards = rt.shard_router(self.database)
+
+    def _adopt_split(self) -> None:
+        """Reads are split from now on (a reload gave the database replicas): as a login would set it up,
+        between transactions."""
+        self.split_pending = False
+        if self.split is not None or self.cluster is None or self.user is None:
+            return
+        self.split = ReadWriteSplit(self.rt, self.cluster, self.user)
+        self.lane = None
+        self.lane_ok = False
+        self.lane_routed = self.pool_mode is TRANSACTION and self.scatter is None
 
     def on_server_taken(self, server: ServerConnection) -> None:
         """The pool gave our parked server to another client (or back to the idle list)."""

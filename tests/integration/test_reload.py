@@ -327,10 +327,22 @@ def test_replica_added_then_removed(proxy: ProxyFactory, servers: dict[str, PgSe
     shardgate = _start(proxy, pool_size=4, databases=database_entries(primary),
                        general={"read_write_split": "exclude_primary"})
     assert _port(shardgate.dsn()) == primary.port
+    before = psycopg.connect(shardgate.dsn(), autocommit=True)  # logged in while there is no replica
+    in_transaction = psycopg.connect(shardgate.dsn())
+    assert before.execute("SELECT inet_server_port()").fetchone() == (primary.port,)
+    assert in_transaction.execute("SELECT inet_server_port()").fetchone() == (primary.port,)  # BEGIN ... open
     under_load(shardgate, lambda: reload(shardgate, databases=database_entries(primary, [replica])))
     reader = psycopg.connect(shardgate.dsn(), autocommit=True)
     try:
         assert reader.execute("SELECT inet_server_port()").fetchone() == (replica.port,)
+        # the open transaction finishes where it started; then both older sessions split their reads too
+        assert in_transaction.execute("SELECT inet_server_port()").fetchone() == (primary.port,)
+        in_transaction.commit()
+        in_transaction.autocommit = True  # a plain read outside a transaction block, as a split routes it
+        assert in_transaction.execute("SELECT inet_server_port()").fetchone() == (replica.port,)
+        assert before.execute("SELECT inet_server_port()").fetchone() == (replica.port,)
+        before.close()
+        in_transaction.close()
         # pgbench's clients now read from the replica; it goes away under them
         under_load(shardgate, lambda: reload(shardgate, databases=database_entries(primary)), select_only=True)
         # the connected reader's next read goes where the new config says
