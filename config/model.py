@@ -63,7 +63,9 @@ class GeneralConfig:
     auth_failure_limit: int = 10
     auth_failure_window_s: float = 60.0
     auth_failure_cooloff_s: float = 60.0
-    auth_failure_exempt: tuple[str, ...] = ()  # addresses or CIDR networks never cooled off
+    # addresses or CIDR networks never cooled off; loopback by default (local tools and test suites fail
+    # logins on purpose; an abusive client comes from elsewhere)
+    auth_failure_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     max_new_connections_per_s: int = 0
     max_server_connects_in_flight: int = 0
     query_timeout_ms: int = 0

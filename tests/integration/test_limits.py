@@ -100,7 +100,8 @@ def superuser(pg: Topology, sql: str) -> str:
 def test_wrong_passwords_start_a_cooloff_that_refuses_the_right_one_until_it_ends(proxy: ProxyFactory,
                                                                                   pg: Topology) -> None:
     shardgate = proxy(databases=entries(pg),
-                      general={"auth_failure_limit": 3, "auth_failure_window_s": 30, "auth_failure_cooloff_s": 4})
+                      general={"auth_failure_limit": 3, "auth_failure_window_s": 30, "auth_failure_cooloff_s": 4,
+                               "auth_failure_exempt": []})
     assert isinstance(shardgate, ProxyProcess)
     for attempt in range(3):
         error = refusal(shardgate, password=f"wrong-guess-{attempt}")
@@ -147,7 +148,7 @@ def test_a_jwt_with_a_bad_signature_counts_as_a_failure(proxy: ProxyFactory, pg:
     users = [*default_users(), {"name": "api", "auth": "jwt", "server_user": "app", "server_password": "app"}]
     shardgate = proxy(databases=entries(pg), users=users,
                       jwt={"algorithms": ["HS256"], "secret": JWT_SECRET},
-                      general={"auth_failure_limit": 2, "auth_failure_cooloff_s": 30})
+                      general={"auth_failure_limit": 2, "auth_failure_cooloff_s": 30, "auth_failure_exempt": []})
     assert isinstance(shardgate, ProxyProcess)
     claims = {"sub": "someone", "exp": int(time.time()) + 600}
     good = pyjwt.encode(claims, JWT_SECRET, algorithm="HS256")
