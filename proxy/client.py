@@ -366,7 +366,7 @@ class ClientSession(FanoutRelay):
         self.scatter = setup.scatter
         self.sharded = setup.scatter is not None
         self.lane_ok = setup.lane_ok
-        self.lane_routed = setup.pool_mode is TRANSACTION and setup.split is not None and setup.scatter is None
+        self.lane_routed = setup.pool_mode is TRANSACTION and setup.split is not None
         if self.pool_mode is not SESSION:
             params = self.rt.login_params.get(self._login_params_key(pool))
             if params is not None:  # the usual case: no server needed to log in
@@ -725,7 +725,7 @@ class ClientSession(FanoutRelay):
         self.split = ReadWriteSplit(self.rt, self.cluster, self.user)
         self.lane = None
         self.lane_ok = False
-        self.lane_routed = self.pool_mode is TRANSACTION and self.scatter is None
+        self.lane_routed = self.pool_mode is TRANSACTION
 
     def on_server_taken(self, server: ServerConnection) -> None:
         """The pool gave our parked server to another client (or back to the idle list)."""
