@@ -3,6 +3,7 @@ auth_user and cached for auth_query_cache_s."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -61,6 +62,9 @@ class AuthQuery:
             raise self._failed(pool, user_name, exc) from None
         try:
             rows = await server.fetch_rows(self.query, self.timeout_s, (user_name,))
+        except asyncio.CancelledError:
+            server.broken = True  # the client left mid-query: its answer must not reach the next borrower
+            raise
         except TimeoutError:
             server.broken = True
             raise self._failed(pool, user_name, ProxyError(sqlstate.CONNECTION_FAILURE,

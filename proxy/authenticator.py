@@ -24,7 +24,7 @@ class Authenticator:
         self.config = config
         self._verifiers: dict[str, ScramVerifier] = {}
         # users of auth_query: the keys their last SCRAM login left, which log them in to PostgreSQL
-        self.passthrough: dict[str, ScramKeys] = {}
+        self.passthrough: dict[str, str | ScramKeys] = {}  # (an md5 user's: its md5 hash)
         self.mock_nonce = secrets.token_bytes(16)  # salts the mock verifiers of users PostgreSQL does not know
         self.jwt: CachedJwtValidator | None = None
         if config.jwt is not None:

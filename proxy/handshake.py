@@ -232,6 +232,8 @@ class Handshake:
             ok = auth.check_md5(user, given, self._md5_salt) if method == "md5" else auth.check_plain(user, given)
             if not ok or (self.queried and not self._known):
                 raise failed
+            if self.queried:
+                self.rt.use_server_secret(user.name, user.password)  # its md5 hash answers the server
             self._authenticated(Identity(user.name, self.database))
             return
         scram = self._scram

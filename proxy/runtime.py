@@ -131,15 +131,15 @@ class Runtime:
             target = cluster.pick_read()  # the roles are the same on a replica
         return self.pool_for_server(auth_user, target.config)
 
-    def use_server_secret(self, user_name: str, keys: ScramKeys) -> None:
-        """A user of auth_query logged in with SCRAM: its keys log its servers in from now on (a changed
-        password gives new keys, which the pools it already has take too)."""
-        if self.auth.passthrough.get(user_name) == keys:
+    def use_server_secret(self, user_name: str, secret: str | ScramKeys) -> None:
+        """A user of auth_query logged in: its SCRAM keys (or md5 hash) log its servers in from now on (a
+        changed password gives new ones, which the pools it already has take too)."""
+        if self.auth.passthrough.get(user_name) == secret or self.config.user(user_name) is not None:
             return
-        self.auth.passthrough[user_name] = keys
+        self.auth.passthrough[user_name] = secret
         for key, pool in self.pools.items():
-            if key[4] == user_name and self.config.user(user_name) is None:
-                pool.password = keys
+            if key[4] == user_name:
+                pool.password = secret
 
     def shards_of(self, database: str) -> list[Cluster]:
         """The clusters of every shard of a logical database, by shard number (the config checks they

@@ -284,14 +284,15 @@ def test_a_dropped_role_is_refused_once_the_cache_expires(server: PgServer,
     assert refusal(shardgate, role, "pw-1").sqlstate == "28P01"
 
 
-def test_a_new_password_is_taken_once_the_cache_expires(server: PgServer,
-                                                       start: Callable[..., ProxyProcess]) -> None:
+@pytest.mark.parametrize("encryption", ["scram-sha-256", "md5"])
+def test_a_new_password_is_taken_once_the_cache_expires(server: PgServer, start: Callable[..., ProxyProcess],
+                                                       encryption: str) -> None:
     role = unique("role")
-    create_role(server, role, "old-pw", "scram-sha-256")
+    create_role(server, role, "old-pw", encryption)
     shardgate = start(general={"auth_query_cache_s": 1.0})
     with connect(shardgate, role, "old-pw", "app") as conn:
         conn.execute("SELECT 1")
-    server.psql(f"ALTER ROLE {role} PASSWORD 'new-pw'")
+    server.psql(f"SET password_encryption = '{encryption}'; ALTER ROLE {role} PASSWORD 'new-pw'")
     server.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
     time.sleep(1.5)
     assert refusal(shardgate, role, "old-pw").sqlstate == "28P01"
