@@ -355,3 +355,45 @@ def test_create_database_and_role_then_connect(server: PgServer, start: Callable
 
     assert run_async(with_asyncpg()) == 7
     assert backends(server, f"datname = '{database}' AND usename = '{role}'") >= 1
+
+
+def test_auth_failure_cooloff_applies_to_users_of_auth_query(server: PgServer,
+                                                            start: Callable[..., ProxyProcess]) -> None:
+    role = unique("role")
+    create_role(server, role, "right-pw", "scram-sha-256")
+    shardgate = start(general={"auth_failure_limit": 3, "auth_failure_exempt": [], "auth_failure_cooloff_s": 60})
+    for _ in range(3):
+        assert refusal(shardgate, role, "wrong-pw").sqlstate == "28P01"
+    cooled = refusal(shardgate, role, "right-pw")  # even the right password, during the cool-off
+    assert cooled.sqlstate == "53300" and "too many authentication failures" in str(cooled)
+    for _ in range(3):  # a name PostgreSQL does not know counts the same
+        refusal(shardgate, "ghost_" + role, "x")
+    assert refusal(shardgate, "ghost_" + role, "x").sqlstate == "53300"
+
+
+def test_session_mode(server: PgServer, start: Callable[..., ProxyProcess]) -> None:
+    role = unique("role")
+    create_role(server, role, "pw", "scram-sha-256")
+    shardgate = start(general={"pool_mode": "session"})
+    with connect(shardgate, role, "pw", "app") as conn:
+        conn.execute("SET application_name = 'kept'")
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert conn.execute("SELECT pg_backend_pid(), current_setting('application_name'), current_user"
+                            ).fetchone() == (pid[0] if pid else None, "kept", role)
+        assert conn.info.backend_pid == (pid[0] if pid else None)  # session mode passes the real pid through
+
+
+def test_a_reload_without_the_wildcard_refuses_its_databases(server: PgServer,
+                                                            start: Callable[..., ProxyProcess]) -> None:
+    name = unique("reloaddb")
+    server.psql(f"CREATE DATABASE {name}")
+    shardgate = start()
+    with connect(shardgate, "app", "app", name) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == (name,)
+    shardgate.write_config(databases=[{"name": "app", "host": server.host, "port": server.port,
+                                       "database_name": "app"}])
+    shardgate.reload()
+    assert wait_until(lambda: "autodb_dropped" in shardgate.stderr_text() or "autodb_closed" in
+                      shardgate.stderr_text(), 10), shardgate.stderr_text()[-2000:]
+    assert refusal(shardgate, "app", "app", name).sqlstate == "3D000"
+    assert wait_until(lambda: backends(server, f"datname = '{name}'") == 0, 10)
