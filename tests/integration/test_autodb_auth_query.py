@@ -20,6 +20,7 @@ import pytest
 
 from localpg import PgServer, Topology
 from tests.harness import ProxyFactory, ProxyProcess, create_topology, destroy_topology, direct_mode
+from tests.tls_certs import CertificateAuthority
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -54,7 +55,7 @@ def start(server: PgServer, proxy: ProxyFactory) -> Callable[..., ProxyProcess]:
 
     def starter(*, wildcard: bool = True, general: dict[str, Any] | None = None,
                 users: list[dict[str, Any]] | None = None,
-                databases: list[dict[str, Any]] | None = None) -> ProxyProcess:
+                databases: list[dict[str, Any]] | None = None, extra_toml: str = "") -> ProxyProcess:
         entries = databases if databases is not None else [
             {"name": "app", "host": server.host, "port": server.port, "database_name": "app"}]
         if wildcard:
@@ -62,7 +63,7 @@ def start(server: PgServer, proxy: ProxyFactory) -> Callable[..., ProxyProcess]:
         settings: dict[str, Any] = {"auth_user": "postgres", "auth_query_cache_s": 30.0}
         settings.update(general or {})
         started = proxy(pool_mode="transaction", users=users if users is not None else [APP_USER, AUTH_USER],
-                        databases=entries, general=settings)
+                        databases=entries, general=settings, extra_toml=extra_toml)
         assert isinstance(started, ProxyProcess)
         return started
 
@@ -397,3 +398,18 @@ def test_a_reload_without_the_wildcard_refuses_its_databases(server: PgServer,
                       shardgate.stderr_text(), 10), shardgate.stderr_text()[-2000:]
     assert refusal(shardgate, "app", "app", name).sqlstate == "3D000"
     assert wait_until(lambda: backends(server, f"datname = '{name}'") == 0, 10)
+
+
+def test_channel_binding_over_tls(server: PgServer, start: Callable[..., ProxyProcess],
+                                  tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SCRAM-SHA-256-PLUS toward the client, the ClientKey passed through toward PostgreSQL all the same."""
+    directory = tmp_path_factory.mktemp("pki")
+    proxy_cert = CertificateAuthority.create(directory / "ca").issue(directory / "proxy", "localhost",
+                                                                    dns=("localhost",), ips=("127.0.0.1",))
+    role = unique("role")
+    create_role(server, role, "bound-pw", "scram-sha-256")
+    shardgate = start(extra_toml=f'[tls]\nmode = "require"\ncert_file = "{proxy_cert.cert}"\n'
+                                 f'key_file = "{proxy_cert.key}"\n')
+    with psycopg.connect(host=shardgate.host, port=shardgate.port, user=role, password="bound-pw", dbname="app",
+                         sslmode="require", channel_binding="require", connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (role,)
