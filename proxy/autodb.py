@@ -85,15 +85,16 @@ class AutoDatabases:
     def sweep(self, clients_of: Callable[[str], int]) -> None:
         """Janitor: close the pools of an auto database with no client and no server in use for
         autodb_idle_timeout_s (idle servers do not count as use), and forget it."""
+        if not self.names:
+            return
         now = time.monotonic()
+        in_use = {key[0] for key, pool in self.pools.items()
+                  if key[0] in self.names and (pool.busy or pool.connecting or pool.waiters)}
         for name, last_used in list(self.names.items()):
-            if clients_of(name) > 0 or any(pool.busy or pool.connecting or pool.waiters for pool in self._pools(name)):
+            if name in in_use or clients_of(name) > 0:
                 self.names[name] = now
             elif now - last_used >= self.idle_timeout_s:
                 self._close(name, "idle")
-
-    def _pools(self, database: str) -> list[Pool]:
-        return [pool for key, pool in self.pools.items() if key[0] == database]
 
     def _close(self, database: str, reason: str) -> None:
         for key in [key for key in self.pools if key[0] == database]:
