@@ -59,7 +59,7 @@ class AuthQuery:
         try:
             server = await pool.checkout()
         except ProxyError as exc:
-            raise self._failed(pool, user_name, exc) from None
+            raise self.failed(pool.name, user_name, exc) from None
         try:
             rows = await server.fetch_rows(self.query, self.timeout_s, (user_name,))
         except asyncio.CancelledError:
@@ -67,10 +67,10 @@ class AuthQuery:
             raise
         except TimeoutError:
             server.broken = True
-            raise self._failed(pool, user_name, ProxyError(sqlstate.CONNECTION_FAILURE,
+            raise self.failed(pool.name, user_name, ProxyError(sqlstate.CONNECTION_FAILURE,
                                                            f"auth_query took over {self.timeout_s:g} s")) from None
         except ProxyError as exc:
-            raise self._failed(pool, user_name, exc) from None
+            raise self.failed(pool.name, user_name, exc) from None
         finally:
             pool.checkin(server)
         secret = _secret_of(rows)
@@ -82,13 +82,15 @@ class AuthQuery:
             self._cache[key] = (secret, now + self.cache_s)
         return secret
 
-    def _failed(self, pool: Pool, user_name: str, exc: ProxyError) -> ProxyError:
-        """Log why a lookup could not run and say to the client what a person can act on."""
-        self.failures += 1
-        log.error("event=auth_query_failed auth_user=%r pool=%s user=%r sqlstate=%s error=%r", self.user, pool.name,
-                  user_name, exc.sqlstate, exc.message)
-        if exc.sqlstate == sqlstate.INVALID_CATALOG_NAME:
+    def failed(self, where: str, user_name: str, exc: ProxyError) -> ProxyError:
+        """Log why a lookup could not run (`where`: the pool, or the database with no server to run it on)
+        and say to the client what a person can act on."""
+        if exc.sqlstate == sqlstate.INVALID_CATALOG_NAME:  # the client's mistake, not the lookup's
+            log.info("event=auth_query_no_database where=%s user=%r error=%r", where, user_name, exc.message)
             return ProxyError(exc.sqlstate, exc.message, fatal=True)  # PostgreSQL's own: no such database
+        self.failures += 1
+        log.error("event=auth_query_failed auth_user=%r pool=%s user=%r sqlstate=%s error=%r", self.user, where,
+                  user_name, exc.sqlstate, exc.message)
         if exc.sqlstate == sqlstate.CONNECTION_FAILURE:
             return ProxyError(exc.sqlstate, f'cannot look up user "{user_name}": {exc.message}', fatal=True)
         return ProxyError(sqlstate.INVALID_AUTHORIZATION,

@@ -149,7 +149,11 @@ class Handshake:
         Raises ProxyError when the lookup cannot run."""
         rt = self.rt
         name = self.user_name
-        secret = await rt.auth_query.lookup(rt.auth_query_pool(self.database), name)
+        try:
+            pool = rt.auth_query_pool(self.database)
+        except ProxyError as exc:  # no such database, or no server of it reachable
+            raise rt.auth_query.failed(rt.config.general.auth_dbname or self.database, name, exc) from None
+        secret = await rt.auth_query.lookup(pool, name)
         self.queried = True
         self._known = secret is not None
         auth = "md5" if secret is not None and is_md5_hash(secret) else "scram-sha-256"

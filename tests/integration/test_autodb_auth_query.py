@@ -18,7 +18,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from localpg import PgServer, Topology
+from localpg import PgServer, Topology, free_port
 from tests.harness import ProxyFactory, ProxyProcess, create_topology, destroy_topology, direct_mode
 from tests.tls_certs import CertificateAuthority
 
@@ -413,3 +413,18 @@ def test_channel_binding_over_tls(server: PgServer, start: Callable[..., ProxyPr
     with psycopg.connect(host=shardgate.host, port=shardgate.port, user=role, password="bound-pw", dbname="app",
                          sslmode="require", channel_binding="require", connect_timeout=CONNECT_TIMEOUT_S) as conn:
         assert conn.execute("SELECT current_user").fetchone() == (role,)
+
+
+def test_an_unreachable_auth_database_gives_08006(server: PgServer, start: Callable[..., ProxyProcess]) -> None:
+    role = unique("role")
+    create_role(server, role, "pw", "scram-sha-256")
+    nothing_there = free_port()
+    shardgate = start(general={"auth_dbname": "lookups", "server_connect_timeout_ms": 2000}, databases=[
+        {"name": "app", "host": server.host, "port": server.port, "database_name": "app"},
+        {"name": "lookups", "host": "127.0.0.1", "port": nothing_there, "database_name": "postgres"}])
+    started = time.monotonic()
+    error = refusal(shardgate, role, "pw")
+    assert time.monotonic() - started < 15
+    assert error.sqlstate == "08006"
+    assert f'cannot look up user "{role}"' in str(error)
+    assert "event=auth_query_failed" in shardgate.stderr_text()
