@@ -11,6 +11,7 @@ from config.model import Config
 from proxy.errors import ProxyError
 from proxy.pool import Pool
 from proxy.protocol import sqlstate
+from proxy.session_state import EMPTY_SERVER_STATE
 
 log = logging.getLogger("shardgate.auth_query")
 
@@ -61,7 +62,10 @@ class AuthQuery:
         except ProxyError as exc:
             raise self.failed(pool.name, user_name, exc) from None
         try:
-            rows = await server.fetch_rows(self.query, self.timeout_s, (user_name,))
+            async with asyncio.timeout(self.timeout_s):
+                # as the server logged in: a setting or role a client of auth_user left on it does not apply
+                await pool.restore(server, EMPTY_SERVER_STATE)
+                rows = await server.fetch_rows(self.query, self.timeout_s, (user_name,))
         except asyncio.CancelledError:
             server.broken = True  # the client left mid-query: its answer must not reach the next borrower
             raise

@@ -428,3 +428,19 @@ def test_an_unreachable_auth_database_gives_08006(server: PgServer, start: Calla
     assert error.sqlstate == "08006"
     assert f'cannot look up user "{role}"' in str(error)
     assert "event=auth_query_failed" in shardgate.stderr_text()
+
+
+def test_the_lookup_ignores_what_a_client_of_auth_user_left_on_its_server(
+        server: PgServer, start: Callable[..., ProxyProcess]) -> None:
+    role = unique("role")
+    create_role(server, role, "pw", "scram-sha-256")
+    # one server per pool: the lookup gets the very server the auth_user's client switched role on
+    shardgate = start(general={"default_pool_size": 1})
+    with connect(shardgate, "postgres", "postgres", "app") as conn:
+        conn.execute("SET ROLE app")  # app may not read pg_shadow
+        conn.execute("SET search_path = nowhere")
+        assert conn.execute("SELECT current_user").fetchone() == ("app",)
+    with connect(shardgate, role, "pw", "app") as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (role,)
+    with connect(shardgate, "postgres", "postgres", "app") as conn:  # the auth_user's clients see their own state
+        assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
