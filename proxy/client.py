@@ -290,6 +290,10 @@ class ClientSession(FanoutRelay):
             self.phase = CLOSED
             if self.transport is not None:
                 self.transport.close()
+        elif handshake.state is HandshakeState.LOOKUP:
+            if not handshake.looking_up:  # what the client sends meanwhile waits in inbuf
+                handshake.looking_up = True
+                self._start_task(self._look_up(handshake))
         elif handshake.state is HandshakeState.TLS:
             if not self.tls_starting:
                 self._start_tls(handshake)
@@ -297,6 +301,16 @@ class ClientSession(FanoutRelay):
             self.handshake = None
             assert handshake.identity is not None
             self._authenticated(handshake, handshake.identity)
+
+    async def _look_up(self, handshake: Handshake) -> None:
+        """A user the config does not list: auth_query runs (other clients go on), then the exchange it
+        calls for. An error escaping here closes the client with its SQLSTATE (see `_task_done`)."""
+        try:
+            await handshake.look_up()
+        except asyncio.CancelledError:
+            return
+        if self.phase is not CLOSED:
+            self._startup_data()
 
     def _start_tls(self, handshake: Handshake) -> None:
         context = handshake.tls_wanted
