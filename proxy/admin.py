@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from proxy import views
 from proxy.errors import ProxyError
 from proxy.limits import REFUSAL_REASONS, TIMEOUT_KINDS
+from proxy.metrics import ROUTES, Histogram
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -41,6 +42,8 @@ class RuntimeCollector:
         clients = GaugeMetricFamily("shardgate_clients", "Client connections open")
         clients.add_metric([], len(rt.clients))
         yield clients
+        yield _clients_by_state(rt)
+        yield from _traffic_metrics(rt)
 
         servers = GaugeMetricFamily("shardgate_pool_servers", "Server connections by pool and state",
                                     labels=["pool", "state"])
@@ -107,6 +110,62 @@ class RuntimeCollector:
             for reason, count in jwt.validator.rejections.items():
                 rejections.add_metric([reason], count)
             yield rejections
+
+
+CLIENT_STATES = ("login", "idle", "idle_in_transaction", "running", "waiting", "console", "other")
+
+
+def _clients_by_state(rt: Runtime) -> Metric:
+    counts = dict.fromkeys(CLIENT_STATES, 0)
+    for client in list(rt.clients):
+        where = client.activity()[0]
+        if not where:  # waiting for a server, in the admin console, closing
+            where = client.info().state
+        counts[where if where in counts else "other"] += 1
+    family = GaugeMetricFamily("shardgate_clients_by_state", "Client connections by where they are: login, idle "
+                               "(between transactions), idle_in_transaction, running (a statement in flight), "
+                               "waiting (for a server), console", labels=["state"])
+    for state, count in counts.items():
+        family.add_metric([state], count)
+    return family
+
+
+def _histogram(name: str, text: str, histogram: Histogram) -> Metric:
+    family = HistogramMetricFamily(name, text)
+    family.add_metric([], histogram.cumulative(), sum_value=histogram.sum_s)
+    return family
+
+
+def _traffic_metrics(rt: Runtime) -> Iterator[Metric]:
+    traffic = rt.traffic
+    for name, counts, text in (
+        ("shardgate_queries", traffic.queries, "Statements (a Query, or an extended batch up to its Sync) by route"),
+        ("shardgate_transactions", traffic.transactions, "Transactions (autocommit statements included) by route"),
+    ):
+        family = CounterMetricFamily(name, text + ": primary, replica, shard (a sharded database's statement on "
+                                     "one shard), multi_shard", labels=["route"])
+        for route in ROUTES:
+            family.add_metric([route], counts[route])
+        yield family
+    yield _histogram("shardgate_query_duration_seconds", "From a client's statement arriving to its server's "
+                     "ReadyForQuery (several shards: to the merged answer)", traffic.query_duration)
+    yield _histogram("shardgate_checkout_wait_seconds", "How long clients that went through a pool's queue waited "
+                     "for a server (a server parked with the client, or idle, is taken without waiting)",
+                     traffic.checkout_wait)
+    received = CounterMetricFamily("shardgate_bytes", "Bytes received from clients and from servers (what servers "
+                                   "send is relayed to clients but for replies the proxy hides)", labels=["direction"])
+    received.add_metric(["from_clients"], traffic.client_bytes)
+    received.add_metric(["from_servers"], traffic.server_bytes)
+    yield received
+    errors = CounterMetricFamily("shardgate_errors", "ErrorResponses sent to clients by SQLSTATE class and source "
+                                 "(server: relayed from PostgreSQL; proxy: the proxy's own)", labels=["source", "class"])
+    for (source, code_class), count in sorted(traffic.errors.items()):
+        errors.add_metric([source, code_class], count)
+    yield errors
+    bans = CounterMetricFamily("shardgate_server_bans", "Replica bans started", labels=["database", "shard"])
+    for cluster in list(rt.clusters.values()):
+        bans.add_metric([cluster.name, str(cluster.shard)], cluster.bans)
+    yield bans
 
 
 def _limit_metrics(rt: Runtime) -> Iterator[Metric]:

@@ -34,6 +34,7 @@ from proxy.session_state import Effect, ServerState, SessionState
 from proxy.splitter import ReadWriteSplit
 from proxy.statements import PreparedStatements
 from proxy.tls import ClientTlsContext, client_session_of, start_client_tls
+from routing.route import Role
 
 log = logging.getLogger("shardgate.client")
 
@@ -44,6 +45,8 @@ _ROLE_PARAMETER_NAMES = frozenset(name.encode() for name in _ROLE_PARAMETERS)
 _NOT_TRANSACTIONAL = ("prepare", "deallocate", "discard_all")  # effects a ROLLBACK does not undo
 
 
+
+_PRIMARY, _REPLICA, _SHARD = "primary", "replica", "shard"  # proxy.metrics.ROUTES
 
 class Phase(Enum):
     STARTUP = "startup"  # startup packet and authentication (see Handshake)
@@ -64,6 +67,8 @@ class ClientSession(FanoutRelay):
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
+        self.traffic = runtime.traffic
+        self.batch_at = 0.0  # when the client's last bytes came: a statement's duration runs from there
         self.transport = None
         self.phase = STARTUP
         self.handshake: Handshake | None = Handshake(runtime, self._handshake_write)
@@ -163,6 +168,8 @@ class ClientSession(FanoutRelay):
                 self._fault(exc)
 
     def data_received(self, data: bytes) -> None:
+        self.traffic.client_bytes += len(data)
+        self.batch_at = time.monotonic()
         try:
             lane = self.lane
             if lane is not None:
@@ -248,6 +255,7 @@ class ClientSession(FanoutRelay):
         """Send a FATAL error and close this client only."""
         if self.phase is CLOSED or self.transport is None:
             return
+        self.traffic.error("proxy", code)
         self.write(codec.error_response(code, text, "FATAL"))
         self.phase = CLOSED
         self.lane = None
@@ -671,6 +679,14 @@ class ClientSession(FanoutRelay):
             statements.forget_failed(Pool.take_failed_parses(server))
         if server.outstanding or self.unsynced or server is not self.server:
             return
+        # counted per answered batch, not per message: its route, and its time since the client's bytes came
+        traffic = self.traffic
+        split = self.split
+        route = _REPLICA if split is not None and split.role is Role.REPLICA else _SHARD if self.sharded else _PRIMARY
+        traffic.query_duration.observe(time.monotonic() - self.batch_at)
+        traffic.queries[route] += 1
+        if status == b"I":
+            traffic.transactions[route] += 1
         waiter = self._home_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

@@ -125,6 +125,7 @@ class Cluster:
         self.tls: TlsContexts | None = None  # the runtime's, for monitor connections
         self.servers: list[ClusterServer] = [ClusterServer(config, now) for config in servers]
         self.probes = 0
+        self.bans = 0  # bans started (a ban extended is not a new one)
         self.wake = asyncio.Event()
         self._now = now
         self._next = 0  # round-robin position, also the tie breaker of least_connections
@@ -249,6 +250,7 @@ class Cluster:
         already = server.banned(now)
         server.banned_until = max(server.banned_until, now + self.general.ban_timeout_s)
         if not already:
+            self.bans += 1
             server.ban_reason = reason
             log.warning("event=server_banned database=%s shard=%d server=%s role=%s ban_timeout_s=%s reason=%r",
                         self.name, self.shard, server.name, server.role, self.general.ban_timeout_s, reason)

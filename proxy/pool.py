@@ -12,6 +12,7 @@ from typing import Any
 
 from auth.scram import ScramKeys
 from proxy.errors import PoolError, ProxyError, ServerError
+from proxy.metrics import Traffic
 from proxy.protocol import codec, sqlstate
 from proxy.server import ServerConnection, ServerOwner
 from proxy.session_state import Effect, ServerState, server_state_after, sync_sql
@@ -46,8 +47,9 @@ class Pool:
     """
 
     def __init__(self, name: str, address: tuple[str, int], database: str, user: str, password: str | ScramKeys,
-                 settings: PoolSettings, tls: TlsContexts | None = None) -> None:
+                 settings: PoolSettings, tls: TlsContexts | None = None, traffic: Traffic | None = None) -> None:
         self.name = name
+        self.traffic = traffic if traffic is not None else Traffic()  # the runtime's, shared by its pools
         self.tls = tls  # read at each server connect: a reload's new certificates go to new servers
         self.address = address
         self.database = database
@@ -135,7 +137,9 @@ class Pool:
                 self.active.add(server)
                 server.state = "active"
                 self.checkouts += 1
-                self.wait_time_total_s += time.monotonic() - started
+                waited_s = time.monotonic() - started
+                self.wait_time_total_s += waited_s
+                self.traffic.checkout_wait.observe(waited_s)
                 return server
             remaining: float | None = deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -155,7 +159,9 @@ class Pool:
                 if handed.broken:
                     continue
                 self.checkouts += 1
-                self.wait_time_total_s += time.monotonic() - started
+                waited_s = time.monotonic() - started
+                self.wait_time_total_s += waited_s
+                self.traffic.checkout_wait.observe(waited_s)
                 return handed
 
     def _timeout_error(self) -> PoolError:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from proxy.errors import ProxyError
 from proxy.guard import PREPARE_TRANSACTION_POOLED, Guard, prepares_transaction, raising_query
+from proxy.metrics import Traffic
 from proxy.pool import Pool
 from proxy.protocol import codec, sqlstate
 from proxy.protocol.codec import ProtocolError
@@ -61,6 +62,8 @@ class Relay(asyncio.Protocol):
     parked: bool  # `server` stays linked between transactions (see Pool)
     lane: ServerConnection | None  # the client's server while in the steady state (see `_lane`)
     lane_ok: bool  # transaction mode with no routing (set at login)
+    batch_at: float  # when the client's last bytes came (time.monotonic)
+    traffic: Traffic  # the runtime's counters (proxy/metrics.py)
     lane_routed: bool  # transaction mode, read/write split or shards: the lane takes repeated reads
     # the last extended batch with one Bind taken by `_lane_batch`: the bytes before and after the Bind,
     # its Syncs, and for a Bind of a named statement how it is renamed
@@ -386,6 +389,7 @@ class Relay(asyncio.Protocol):
         ReadyForQuery at its Sync (a group still missing its Sync is discarded up to it, as the server would).
         """
         data, self.waiting = self.waiting, b""
+        self.traffic.error("proxy", exc.sqlstate)
         deferred = False
         if self.split is not None:
             self.split.routing.on_transaction_end()

@@ -18,6 +18,7 @@ from proxy.autodb import AutoDatabases
 from proxy.cluster import Cluster, build_clusters
 from proxy.errors import ProxyError
 from proxy.limits import Limits
+from proxy.metrics import Traffic
 from proxy.pool import Pool, PoolSettings
 from proxy.protocol import codec, sqlstate
 from proxy.server import ServerConnection
@@ -94,6 +95,7 @@ class Runtime:
         self.auth = Authenticator(config)
         self.auth_query = AuthQuery(config)  # users the config does not list (general.auth_user)
         self.autodb = AutoDatabases(config, self.clusters, self.pools, self.tls)  # the wildcard's databases
+        self.traffic = Traffic()  # statements, durations, bytes, errors by SQLSTATE class (proxy/metrics.py)
         self.limits = Limits(config)  # auth cool-offs, accept pace, client counts, timeouts (proxy/limits.py)
         self.collations: dict[str, str] = {}  # database -> its collation as the merger compares text
         self.shard_routers: dict[str, ShardRouter | None] = {}
@@ -172,6 +174,7 @@ class Runtime:
                 self.auth.backend_secret(user),
                 self.pool_settings(user),
                 tls=self.tls,
+                traffic=self.traffic,
             )
             self.pools[key] = pool
             if self.is_paused(server.name):

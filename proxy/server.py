@@ -13,6 +13,7 @@ from typing import Protocol
 from auth.errors import AuthError
 from auth.scram import MECHANISM, ScramClient, ScramKeys, md5_response
 from proxy.errors import ServerError, ServerLostError
+from proxy.metrics import Traffic, error_code
 from proxy.protocol import codec, sqlstate
 from proxy.session_state import EMPTY_SERVER_STATE, ServerState
 from proxy.tls import TLS_HANDSHAKE_TIMEOUT_S, ServerTlsContext, TlsContexts
@@ -33,6 +34,7 @@ class ServerSink(Protocol):
     def on_server_ready(self, server: ServerConnection, status: bytes) -> None: ...
 
     def on_server_lost(self, server: ServerConnection) -> None: ...
+
 
     def pause_reading(self) -> None: ...
 
@@ -107,6 +109,8 @@ class ServerConnection(asyncio.Protocol):
     def __init__(self, pool: ServerPool, address: tuple[str, int], user: str, password: str | ScramKeys,
                  database: str, tls: TlsContexts | None = None) -> None:
         self.pool = pool
+        # what it relays is counted with its pool's (a monitor's stand-in pool counts apart)
+        self.traffic: Traffic = getattr(pool, "traffic", None) or Traffic()
         self.tls = tls
         self.tls_version: str | None = None  # once logged in over TLS: "TLSv1.3", say
         self.address = address
@@ -320,6 +324,7 @@ class ServerConnection(asyncio.Protocol):
             self._login_data(data)
             return
         self.relayed = True
+        self.traffic.server_bytes += len(data)
         if self._pending:
             data = self._pending + data
             self._pending = b""
@@ -448,6 +453,7 @@ class ServerConnection(asyncio.Protocol):
             return False
         if type_code == _E:
             self.saw_error = True
+            self.traffic.error("server", error_code(data[pos + 5 : end]))
             if self.rewrites:
                 expect = self.expect
                 if (expect and not expect[0][2] and expect[0][0] == EXPECT_DUPLICATE
