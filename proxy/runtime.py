@@ -14,6 +14,7 @@ from config.model import Config, DatabaseConfig, UserConfig
 from proxy.authenticator import Authenticator
 from proxy.cluster import Cluster, build_clusters
 from proxy.limits import Limits
+from proxy.notify import NotifyHubs
 from proxy.pool import Pool, PoolSettings
 from proxy.protocol import codec
 from proxy.server import ServerConnection
@@ -92,6 +93,7 @@ class Runtime:
         self.collations: dict[str, str] = {}  # database -> its collation as the merger compares text
         self.shard_routers: dict[str, ShardRouter | None] = {}
         self.twophase = TwoPhase(self)
+        self.notify = NotifyHubs()  # LISTEN/NOTIFY in the pooled modes: a listening server per (database, user)
         # admin console: client ids, paused databases, and what App lends it (reload, graceful stop)
         self.client_ids = itertools.count(1)
         self.paused_databases: set[str] = set()
