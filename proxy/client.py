@@ -816,7 +816,9 @@ class ClientSession(FanoutRelay):
         """The hub of the database's primary for the session's user (ProxyError when there is no primary)."""
         cluster, user = self.cluster, self.user
         assert cluster is not None and user is not None
-        return self.rt.notify.hub_for(self.rt.pool_for_server(user, cluster.primary().config))
+        shared = self.rt.config.general.listen_user
+        listener = (self.rt.config.user(shared) if shared else None) or user
+        return self.rt.notify.hub_for(self.rt.pool_for_server(listener, cluster.primary().config))
 
     def _answer_listen(self, effects: tuple[Effect, ...], tags: tuple[str, ...], status: bytes,
                        rest: bytes) -> bool:
@@ -938,8 +940,12 @@ class ClientSession(FanoutRelay):
         listening = self.listening
         if listening is None or self.phase is not READY:
             return
-        if not listening.pending and self._idle():
-            self.write(message)
+        if self._idle():
+            if listening.pending:  # kept while it was busy: they go first
+                listening.pending.append(message)
+                self._flush_notifications()
+            else:
+                self.write(message)
             return
         if len(listening.pending) >= MAX_PENDING_NOTIFICATIONS:
             self.fatal(sqlstate.PROGRAM_LIMIT_EXCEEDED, f"more than {MAX_PENDING_NOTIFICATIONS} notifications "

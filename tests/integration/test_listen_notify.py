@@ -27,6 +27,7 @@ from tests.harness import (
     ProxyProcess,
     RawClient,
     database_entries,
+    default_users,
     message,
 )
 
@@ -425,3 +426,46 @@ def test_many_notifications_reach_every_listener_in_order(start: Callable[..., P
         notifier.execute(f"SELECT pg_notify('{channel}', g::text) FROM generate_series(1, {count}) AS g")
         for conn in (first, second):
             assert [p for _, p, _ in received(conn, count, 10)] == [str(i) for i in range(1, count + 1)]
+
+
+# -- listen_user ------------------------------------------------------------------------------------------------
+
+
+def _users_with_listener(server_password: str) -> list[dict[str, Any]]:
+    users = default_users()
+    users.append({"name": "listener", "password": "unused", "auth": "scram-sha-256", "server_user": "app",
+                  "server_password": server_password})
+    return users
+
+
+def test_listen_user_makes_one_hub_per_database(
+    proxy: ProxyFactory, pg: Topology, admin: psycopg.Connection[Any]
+) -> None:
+    assert pg.primary is not None
+    shared = real_proxy(proxy(databases=database_entries(pg.primary), users=_users_with_listener("app"),
+                              general={"listen_user": "listener"}))
+    channel = unique_name("shared_hub")
+    with psycopg.connect(shared.dsn(), autocommit=True) as as_app, \
+            psycopg.connect(shared.dsn("md5user", "md5pw"), autocommit=True) as as_md5:
+        as_app.execute(f"LISTEN {channel}")
+        as_md5.execute(f"LISTEN {channel}")
+        found = admin.execute("SELECT usename FROM pg_stat_activity WHERE application_name = %s",
+                              (HUB_APPLICATION_NAME,)).fetchall()
+        assert found == [("app",)]  # one connection, the listen_user's server login, for both users
+        as_md5.execute(f"NOTIFY {channel}, 'both'")
+        assert [(c, p) for c, p, _ in received(as_app, 1)] == [(channel, "both")]
+        assert [(c, p) for c, p, _ in received(as_md5, 1)] == [(channel, "both")]
+
+
+def test_listen_fails_with_the_reason_when_the_hub_cannot_log_in(proxy: ProxyFactory, pg: Topology) -> None:
+    assert pg.primary is not None
+    broken = real_proxy(proxy(databases=database_entries(pg.primary), users=_users_with_listener("wrong"),
+                              general={"listen_user": "listener"}))
+    channel = unique_name("nohub")
+    with connect(broken) as client:
+        with pytest.raises(psycopg.OperationalError) as raised:
+            client.execute(f"LISTEN {channel}")
+        assert raised.value.sqlstate == "08006"
+        assert "notification connection" in str(raised.value) and "password" in str(raised.value)
+        assert client.execute("SELECT 'still usable'").fetchone() == ("still usable",)
+    assert "Traceback" not in broken.stderr_text()
