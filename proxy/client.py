@@ -21,7 +21,7 @@ from proxy.fanout import FanoutRelay
 from proxy.guard import Guard, raising_query
 from proxy.handshake import Handshake, HandshakeState
 from proxy.limits import IDLE, IDLE_IN_TRANSACTION, LOGGING_IN, OTHER, RUNNING
-from proxy.listening import MAX_PENDING_NOTIFICATIONS, Listening
+from proxy.listening import LISTENING_KINDS, MAX_PENDING_NOTIFICATIONS, Listening
 from proxy.login import login_pool, parameter_block, setup_session
 from proxy.notify import NotifyHub
 from proxy.pool import Pool
@@ -32,7 +32,7 @@ from proxy.retry import only_reads
 from proxy.runtime import Runtime, SessionInfo
 from proxy.scatter import FanoutPlan, Scatter
 from proxy.server import ServerConnection
-from proxy.session_state import LISTEN_KINDS, Effect, ServerState, SessionState
+from proxy.session_state import Effect, ServerState, SessionState
 from proxy.splitter import ReadWriteSplit
 from proxy.statements import PreparedStatements
 from proxy.tls import ClientTlsContext, client_session_of, start_client_tls
@@ -131,6 +131,7 @@ class ClientSession(FanoutRelay):
         self.reported: dict[str, str] = {}  # the role's ParameterStatus values as the client was last told
         self.listen_ok = False
         self.listen_statements: dict[str, tuple[Effect, ...]] = {}
+        self.listen_unheld = False
         self.listening: Listening | None = None  # from its first LISTEN (pooled modes, see proxy/notify.py)
 
     # ------------------------------------------------------------ asyncio callbacks
@@ -777,7 +778,7 @@ class ClientSession(FanoutRelay):
                 return
         if self.state.apply(effects):
             self.pinned = True
-        if self.listening is not None and any(e.kind in LISTEN_KINDS for e in effects):
+        if self.listening is not None and any(e.kind in LISTENING_KINDS for e in effects):
             self._listen_apply(effects)
         self._snapshot = None
         Pool.settle(server, effects)
@@ -890,6 +891,9 @@ class ClientSession(FanoutRelay):
         channels = frozenset(e.name for e in effects if e.kind == "listen")
         if not channels or not self.listen_ok:
             return False
+        if self.listen_unheld:  # held once already and the hub did not come up: it goes now
+            self.listen_unheld = False
+            return False
         listening = self._listening()
         try:
             hub = listening.hub_now()
@@ -909,6 +913,7 @@ class ClientSession(FanoutRelay):
             return
         except ProxyError as exc:  # the statement runs: its registration waits for the hub to come up
             log.info("event=listen_hub_not_ready peer=%s error=%r", self.peer, exc.message)
+            self.listen_unheld = True
         self.acquiring = False
         if self.phase is CLOSED:
             return

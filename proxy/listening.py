@@ -6,11 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from proxy.notify import Listener, NotifyHub
-from proxy.session_state import Effect
+from proxy.session_state import LISTEN_KINDS, Effect
 
 # Notifications kept for a client inside a long transaction; past this many it is closed (54000), as the
 # memory they take is not bounded otherwise.
 MAX_PENDING_NOTIFICATIONS = 100_000
+LISTENING_KINDS = LISTEN_KINDS | {"discard_all"}  # DISCARD ALL runs UNLISTEN * too
 
 
 class Listening:
@@ -61,7 +62,7 @@ class Listening:
                 if effect.name in self.channels and self.hub is not None:
                     self.channels.discard(effect.name)
                     self.hub.remove(self.client, effect.name)
-            elif kind == "unlisten_all":
+            elif kind in ("unlisten_all", "discard_all"):
                 self._unlisten_all()
 
     def _unlisten_all(self) -> None:

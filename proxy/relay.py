@@ -52,9 +52,10 @@ KINDS_POOLED = _kinds_table({b"SF": _K_SYNC, b"Q": _K_QUERY, b"EH": _K_UNSYNCED,
 _MALFORMED = 'invalid frontend message format: "%s" message body does not hold its names'
 _HIGH_WATER_BYTES = 1 << 20
 _ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
-# first bytes of a Query the proxy may answer itself (LISTEN, UNLISTEN); others with white space or comments
-# before their LISTEN go to the server as its substitute (see listen_substitute)
-_LISTEN_FIRST_BYTES = frozenset(b"lLuU")
+# first bytes of a Query the proxy may answer itself (LISTEN, UNLISTEN; the second byte tells UNLISTEN from
+# UPDATE); others, with white space or comments before their LISTEN, go to the server as its substitute
+_LISTEN_FIRST_BYTES = frozenset(b"lL")
+_UNLISTEN_BYTES = (frozenset(b"uU"), frozenset(b"nN"))
 
 
 class Relay(asyncio.Protocol):
@@ -201,7 +202,9 @@ class Relay(asyncio.Protocol):
                     self._answer_without_server(type_code, data, pos, end)
                     pos = run = end
                     continue
-                if (kind == _K_QUERY and self.listen_ok and end - pos > 6 and data[pos + 5] in _LISTEN_FIRST_BYTES
+                if (kind == _K_QUERY and self.listen_ok and end - pos > 7
+                        and (data[pos + 5] in _LISTEN_FIRST_BYTES
+                             or (data[pos + 5] in _UNLISTEN_BYTES[0] and data[pos + 6] in _UNLISTEN_BYTES[1]))
                         and (self.split is None or not self.split.deferred_begin)):
                     listened = self._listen_query(data, pos, end)
                     if listened is not None:

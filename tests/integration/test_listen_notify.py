@@ -181,11 +181,13 @@ def test_asyncpg_listener_added_removed_and_added_again(start: Callable[..., Pro
 
 
 def test_psql_gets_its_own_notification(start: Callable[..., Proxy]) -> None:
+    # its own notification comes through the hub just after its commit's answer (directly: just before it),
+    # so psql prints it after a later command
     shared = real_proxy(start())
     channel = unique_name("psql")
     result = subprocess.run(
         ["psql", shared.dsn(), "-X", "-v", "ON_ERROR_STOP=1", "-c", f"LISTEN {channel}",
-         "-c", f"SELECT pg_notify('{channel}', 'from-psql')", "-c", "SELECT 1"],
+         "-c", f"SELECT pg_notify('{channel}', 'from-psql')", "-c", "SELECT pg_sleep(0.5)", "-c", "SELECT 1"],
         capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
     assert f'Asynchronous notification "{channel}" with payload "from-psql" received' in result.stdout, result.stdout
@@ -215,6 +217,10 @@ def test_unlisten_and_unlisten_all_stop_delivery(start: Callable[..., Proxy]) ->
         assert [(c, p) for c, p, _ in received(listener, 1)] == [(two, "still")]
         listener.execute("UNLISTEN *")
         notifier.execute(f"NOTIFY {two}, 'after-all'")
+        assert nothing_for(listener) == []
+        listener.execute(f"LISTEN {one}")
+        listener.execute("DISCARD ALL")  # as in PostgreSQL, it UNLISTENs everything
+        notifier.execute(f"NOTIFY {one}, 'after-discard'")
         assert nothing_for(listener) == []
 
 
