@@ -21,7 +21,7 @@ from proxy.fanout import FanoutRelay
 from proxy.guard import Guard, raising_query
 from proxy.handshake import Handshake, HandshakeState
 from proxy.limits import IDLE, IDLE_IN_TRANSACTION, LOGGING_IN, OTHER, RUNNING
-from proxy.listening import LISTENING_KINDS, MAX_PENDING_NOTIFICATIONS, Listening
+from proxy.listening import LISTENING_KINDS, MAX_PENDING_NOTIFICATION_BYTES, Listening
 from proxy.login import login_pool, parameter_block, setup_session
 from proxy.notify import NotifyHub
 from proxy.pool import Pool
@@ -952,9 +952,10 @@ class ClientSession(FanoutRelay):
             else:
                 self.write(message)
             return
-        if len(listening.pending) >= MAX_PENDING_NOTIFICATIONS:
-            self.fatal(sqlstate.PROGRAM_LIMIT_EXCEEDED, f"more than {MAX_PENDING_NOTIFICATIONS} notifications "
-                       "waited for this client to end its transaction")
+        listening.pending_bytes += len(message)
+        if listening.pending_bytes > MAX_PENDING_NOTIFICATION_BYTES:
+            self.fatal(sqlstate.PROGRAM_LIMIT_EXCEEDED, f"more than {MAX_PENDING_NOTIFICATION_BYTES >> 20} MiB of "
+                       "notifications waited for this client to end its transaction")
             return
         listening.pending.append(message)
 
@@ -973,6 +974,7 @@ class ClientSession(FanoutRelay):
         listening = self.listening
         if listening is not None and listening.pending and self.phase is READY and self._idle():
             pending, listening.pending = listening.pending, []
+            listening.pending_bytes = 0
             self.write(b"".join(pending))
 
     # ------------------------------------------------------------ limits (the janitor's timeout sweep)

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from proxy.notify import Listener, NotifyHub
 from proxy.session_state import LISTEN_KINDS, Effect
 
-# Notifications kept for a client inside a long transaction; past this many it is closed (54000), as the
-# memory they take is not bounded otherwise.
-MAX_PENDING_NOTIFICATIONS = 100_000
+# Notifications kept for a client inside a long transaction, in bytes; past this it is closed (54000), as
+# the memory they take is not bounded otherwise.
+MAX_PENDING_NOTIFICATION_BYTES = 64 << 20
 LISTENING_KINDS = LISTEN_KINDS | {"discard_all"}  # DISCARD ALL runs UNLISTEN * too
 
 
@@ -25,6 +25,7 @@ class Listening:
         self.channels: set[str] = set()
         self.reserved: list[str] = []
         self.pending: list[bytes] = []
+        self.pending_bytes = 0
 
     def hub_now(self) -> NotifyHub:
         hub = self.hub
@@ -75,5 +76,6 @@ class Listening:
     def close(self) -> None:
         """The client is gone."""
         self.pending = []
+        self.pending_bytes = 0
         self.release()
         self._unlisten_all()

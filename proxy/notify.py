@@ -23,7 +23,8 @@ _NOTIFICATION, _ERROR = b"A"[0], b"E"[0]
 
 
 class Listener(Protocol):
-    """A client registered on channels: told each notification, as the server sent it."""
+    """A client registered on channels: told its notifications (one or several whole NotificationResponse
+    messages), as the server sent them."""
 
     def notify(self, message: bytes) -> None: ...
 
@@ -218,13 +219,15 @@ class NotifyHub:
             chunk = data
         size = len(chunk)
         pos = 0
+        # a burst of notifications arrives in few reads: each listener gets its share of a read in one write
+        batch: dict[Listener, list[bytes]] = {}
         while size - pos >= 5:
             type_code, length = codec.unpack_header(chunk, pos)
             end = pos + 1 + length
             if end > size:
                 break
             if type_code == _NOTIFICATION:
-                self._deliver(bytes(chunk[pos:end]))
+                self._collect(bytes(chunk[pos:end]), batch)
             elif type_code == _ERROR:
                 self.failed = codec.parse_error_fields(bytes(chunk[pos + 5 : end])).get("M", "error")
             pos = end
@@ -232,15 +235,21 @@ class NotifyHub:
             del buffer[:pos]
         elif pos < size:
             buffer += chunk[pos:]
+        for listener, messages in batch.items():
+            listener.notify(messages[0] if len(messages) == 1 else b"".join(messages))
 
-    def _deliver(self, message: bytes) -> None:
+    def _collect(self, message: bytes, batch: dict[Listener, list[bytes]]) -> None:
         # NotificationResponse: type, length, the notifying backend's pid, channel, payload
         channel = message[9 : message.index(b"\x00", 9)].decode("utf-8", "replace")
         listeners = self.listeners.get(channel)
         if not listeners:
             return  # a channel nobody listens to any more (its UNLISTEN is on its way)
-        for listener in list(listeners):
-            listener.notify(message)
+        for listener in listeners:
+            found = batch.get(listener)
+            if found is None:
+                batch[listener] = [message]
+            else:
+                found.append(message)
         self.delivered += len(listeners)
 
     def on_server_ready(self, server: ServerConnection, status: bytes) -> None:

@@ -475,3 +475,19 @@ def test_listen_fails_with_the_reason_when_the_hub_cannot_log_in(proxy: ProxyFac
         assert "notification connection" in str(raised.value) and "password" in str(raised.value)
         assert client.execute("SELECT 'still usable'").fetchone() == ("still usable",)
     assert "Traceback" not in broken.stderr_text()
+
+
+def test_listen_with_read_write_splitting(proxy: ProxyFactory, pg: Topology) -> None:
+    # a primary and two replicas: reads go to replicas, the hub and every NOTIFY to the primary
+    split = proxy(pool_mode="transaction")
+    channel = unique_name("split")
+    with connect(split) as listener, connect(split) as notifier:
+        listener.execute(f"LISTEN {channel}")
+        assert listener.execute("SELECT 1").fetchone() == (1,)
+        with notifier.transaction():
+            notifier.execute("SELECT pg_notify(%s, 'in-block')", (channel,))
+        listener.execute("BEGIN")  # held back by the router until the next statement says where it goes
+        listener.execute(f'LISTEN "{channel}_2"')
+        listener.execute("COMMIT")
+        notifier.execute(f"NOTIFY {channel}_2, 'second'")
+        assert [(c, p) for c, p, _ in received(listener, 2)] == [(channel, "in-block"), (f"{channel}_2", "second")]

@@ -101,3 +101,9 @@ def test_hub_delivers_whole_notifications_to_each_listener_of_their_channel() ->
     assert other.got == [_notification(42, "sport", "goal")]
     assert hub.delivered == 5
     assert not hub.buffer
+    # a whole burst in one read: each listener gets its notifications in one write, in order
+    first.got.clear()
+    other.got.clear()
+    hub.write(stream)
+    assert first.got == [_notification(41, "news", "one") + _notification(44, "news", "two")]
+    assert other.got == [_notification(42, "sport", "goal")]
