@@ -814,12 +814,19 @@ class ClientSession(FanoutRelay):
         return listening
 
     def _notify_hub(self) -> NotifyHub:
-        """The hub of the database's primary for the session's user (ProxyError when there is no primary)."""
-        cluster, user = self.cluster, self.user
-        assert cluster is not None and user is not None
-        shared = self.rt.config.general.listen_user
-        listener = (self.rt.config.user(shared) if shared else None) or user
-        return self.rt.notify.hub_for(self.rt.pool_for_server(listener, cluster.primary().config))
+        """The hub of the database for the session's user, or for general.listen_user."""
+        rt, database, own = self.rt, self.database, self.user
+        assert own is not None
+        name = rt.config.general.listen_user or own.name
+
+        def primary_pool() -> Pool:  # asked at each connect of the hub: it follows a failover
+            user = rt.config.user(name) or own
+            cluster = rt.cluster_for(database)
+            if cluster is None:
+                raise ProxyError(sqlstate.INVALID_CATALOG_NAME, f'database "{database}" does not exist')
+            return rt.pool_for_server(user, cluster.primary().config)
+
+        return rt.notify.hub_for(name, database, primary_pool)
 
     def _answer_listen(self, effects: tuple[Effect, ...], tags: tuple[str, ...], status: bytes,
                        rest: bytes) -> bool:

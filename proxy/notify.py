@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from proxy.errors import ProxyError
@@ -30,17 +31,18 @@ class Listener(Protocol):
 
 
 class NotifyHub:
-    """The clients listening through one pool's server and user, by channel, and the one server connection
-    that LISTENs on the union of their channels (outside the pool: it never takes a client's server).
+    """The clients listening to one database as one user, by channel, and the one server connection to its
+    primary that LISTENs on the union of their channels (outside the pool: it never takes a client's server).
 
     A channel is on the server while a client listens to it or has reserved it (a LISTEN inside a
     transaction, registered at its commit); the last one gone, the hub UNLISTENs it, and with no channel left
-    closes its connection. A lost connection is opened again and LISTENs again; what was notified
-    meanwhile is lost."""
+    closes its connection. A lost connection is opened again, to the primary of that moment (after a
+    failover: the promoted server), and LISTENs again; what was notified meanwhile is lost."""
 
-    def __init__(self, pool: Pool) -> None:
-        self.name = pool.name
-        self.pool = pool  # address and credentials, read at each connect (a reload may change them)
+    def __init__(self, name: str, primary_pool: Callable[[], Pool]) -> None:
+        self.name = name  # user@database
+        # the primary's pool (address and credentials), asked at each connect; ProxyError: no primary now
+        self.primary_pool = primary_pool
         self.listeners: dict[str, set[Listener]] = {}
         self.reserved: dict[str, int] = {}
         self.server: ServerConnection | None = None
@@ -153,9 +155,9 @@ class NotifyHub:
     async def _connect(self) -> None:
         try:
             while not self.closed and self._wanted():
-                pool = self.pool
-                server = ServerConnection(self, pool.address, pool.user, pool.password, pool.database, pool.tls)
                 try:
+                    pool = self.primary_pool()
+                    server = ServerConnection(self, pool.address, pool.user, pool.password, pool.database, pool.tls)
                     await server.connect({"application_name": APPLICATION_NAME, "client_encoding": "UTF8"},
                                          pool.settings.connect_timeout_ms / 1000)
                 except ProxyError as exc:
@@ -173,8 +175,8 @@ class NotifyHub:
                 server.sink = self
                 server.out = self
                 self.server = server
-                log.info("event=listen_connected hub=%s server_pid=%s channels=%d", self.name, server.process_id,
-                         len(self._wanted()))
+                log.info("event=listen_connected hub=%s server=%s:%s server_pid=%s channels=%d", self.name,
+                         pool.address[0], pool.address[1], server.process_id, len(self._wanted()))
                 self.connecting = None
                 self._sync()
                 return
@@ -310,17 +312,16 @@ class NotifyHub:
 
 
 class NotifyHubs:
-    """Every hub of the runtime, by pool (one primary server and backend user)."""
+    """Every hub of the runtime, by user and database."""
 
     def __init__(self) -> None:
         self.hubs: dict[str, NotifyHub] = {}
 
-    def hub_for(self, pool: Pool) -> NotifyHub:
-        hub = self.hubs.get(pool.name)
+    def hub_for(self, user: str, database: str, primary_pool: Callable[[], Pool]) -> NotifyHub:
+        name = f"{user}@{database}"
+        hub = self.hubs.get(name)
         if hub is None:
-            hub = self.hubs[pool.name] = NotifyHub(pool)
-        else:
-            hub.pool = pool  # a reload may have made a new pool of that name: its credentials, from the next connect
+            hub = self.hubs[name] = NotifyHub(name, primary_pool)
         return hub
 
     def close(self) -> None:

@@ -491,3 +491,44 @@ def test_listen_with_read_write_splitting(proxy: ProxyFactory, pg: Topology) -> 
         listener.execute("COMMIT")
         notifier.execute(f"NOTIFY {channel}_2, 'second'")
         assert [(c, p) for c, p, _ in received(listener, 2)] == [(channel, "in-block"), (f"{channel}_2", "second")]
+
+
+# -- failover ---------------------------------------------------------------------------------------------------
+
+
+def test_hub_follows_a_failover_to_the_promoted_server(proxy: ProxyFactory, throwaway_topology: Topology) -> None:
+    old, new = throwaway_topology.primary, throwaway_topology.replicas[0]
+    assert old is not None
+    databases = [{"name": "app", "host": server.host, "port": server.port, "database_name": "app", "role": "auto"}
+                 for server in (old, new)]
+    failing = real_proxy(proxy(databases=databases, general={
+        "healthcheck_interval_ms": 200, "ban_timeout_s": 1.0, "server_connect_timeout_ms": 1000}))
+    channel = unique_name("failover")
+
+    def connected() -> psycopg.Connection[Any] | None:
+        try:
+            conn = connect(failing)
+            conn.execute(f"LISTEN {channel}")
+            return conn
+        except psycopg.Error:
+            return None
+
+    deadline = time.monotonic() + 10  # roles are known after the first probe
+    while (listener := connected()) is None:
+        assert time.monotonic() < deadline, "LISTEN never went through before the failover"
+        time.sleep(POLL_INTERVAL_S)
+    with listener:
+        old.stop("immediate")
+        new.promote()
+        with psycopg.connect(new.dsn("postgres", dbname="postgres"), autocommit=True) as observer:
+            def listening_on_new() -> bool:
+                rows = observer.execute("SELECT query FROM pg_stat_activity WHERE application_name = %s",
+                                        (HUB_APPLICATION_NAME,)).fetchall()
+                return rows == [(f'LISTEN "{channel}"',)]
+
+            wait_until(listening_on_new, 20, "the hub to LISTEN on the promoted server")
+        time.sleep(0.2)
+        with psycopg.connect(new.dsn("app", dbname="app"), autocommit=True) as notifier:
+            notifier.execute(f"NOTIFY {channel}, 'after-failover'")
+        assert [(c, p) for c, p, _ in received(listener, 1)] == [(channel, "after-failover")]
+    assert "Traceback" not in failing.stderr_text()

@@ -86,7 +86,8 @@ def _notification(pid: int, channel: str, payload: str) -> bytes:
 def _hub() -> NotifyHub:
     settings = PoolSettings(size=1, min_size=0, checkout_timeout_ms=1000, idle_timeout_s=0, server_lifetime_s=0,
                             healthcheck_idle_ms=0, connect_timeout_ms=1000, reset_query="")
-    return NotifyHub(Pool("app@app/127.0.0.1:1", ("127.0.0.1", 1), "app", "app", "app", settings))
+    pool = Pool("app@app/127.0.0.1:1", ("127.0.0.1", 1), "app", "app", "app", settings)
+    return NotifyHub("app@app", lambda: pool)
 
 
 def test_hub_delivers_whole_notifications_to_each_listener_of_their_channel() -> None:
