@@ -957,7 +957,7 @@ class ClientSession(FanoutRelay):
                 listening.pending.append(message)
                 self._flush_notifications()
             else:
-                self.write(message)
+                self._write_notifications(message)
             return
         listening.pending_bytes += len(message)
         if listening.pending_bytes > MAX_PENDING_NOTIFICATION_BYTES:
@@ -965,6 +965,19 @@ class ClientSession(FanoutRelay):
                        "notifications waited for this client to end its transaction")
             return
         listening.pending.append(message)
+
+    def _write_notifications(self, data: bytes) -> None:
+        """Straight to the transport: a notification is no sign of life of the client's (client_idle_timeout_s
+        goes on, as PostgreSQL's idle_session_timeout does). A client that reads none of them is closed
+        rather than buffered for without bound."""
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size() > MAX_PENDING_NOTIFICATION_BYTES:
+            self.fatal(sqlstate.PROGRAM_LIMIT_EXCEEDED, f"more than {MAX_PENDING_NOTIFICATION_BYTES >> 20} MiB of "
+                       "notifications are not read by this client")
+            return
+        transport.write(data)
 
     def _idle(self) -> bool:
         """Between transactions, with nothing of the client's under way: a notification may be written."""
@@ -982,7 +995,7 @@ class ClientSession(FanoutRelay):
         if listening is not None and listening.pending and self.phase is READY and self._idle():
             pending, listening.pending = listening.pending, []
             listening.pending_bytes = 0
-            self.write(b"".join(pending))
+            self._write_notifications(b"".join(pending))
 
     # ------------------------------------------------------------ limits (the janitor's timeout sweep)
 
