@@ -532,3 +532,19 @@ def test_hub_follows_a_failover_to_the_promoted_server(proxy: ProxyFactory, thro
             notifier.execute(f"NOTIFY {channel}, 'after-failover'")
         assert [(c, p) for c, p, _ in received(listener, 1)] == [(channel, "after-failover")]
     assert "Traceback" not in failing.stderr_text()
+
+
+def test_listen_on_a_wildcard_database_as_an_auth_query_user(proxy: ProxyFactory, pg: Topology) -> None:
+    # neither the database nor the user is in the config: the hub uses the session's cluster and login
+    assert pg.primary is not None
+    primary = pg.primary
+    started = real_proxy(proxy(
+        users=[{"name": "postgres", "password": "postgres", "auth": "scram-sha-256"}],
+        databases=[{"name": "*", "host": primary.host, "port": primary.port}],
+        general={"auth_user": "postgres"}))
+    channel = unique_name("wild")
+    dsn = started.dsn("app", "app", connect_timeout=CONNECT_TIMEOUT_S)
+    with psycopg.connect(dsn, autocommit=True) as listener, psycopg.connect(dsn, autocommit=True) as notifier:
+        listener.execute(f"LISTEN {channel}")
+        pid = notify_in_transaction(notifier, channel, "wildcard")
+        assert received(listener, 1) == [(channel, "wildcard", pid)]
