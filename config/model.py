@@ -63,6 +63,9 @@ class GeneralConfig:
     admin_token: str = ""
     # hot reload (issue 15): poll the config file every second and reload it when it changes
     watch_config: bool = False
+    # LISTEN/NOTIFY in the pooled modes (issue 17): the [[users]] entry whose server login the notification
+    # hub listens as, one connection per database; "" listens as each client's own user
+    listen_user: str = ""
     # limits and abuse protection (issue 16): auth-failure cool-offs, connection storms, timeouts; 0 = off
     auth_failure_limit: int = 10
     auth_failure_window_s: float = 60.0

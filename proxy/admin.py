@@ -93,6 +93,7 @@ class RuntimeCollector:
 
         yield from _two_phase_metrics(rt)
         yield from _limit_metrics(rt)
+        yield from _listen_metrics(rt)
         yield from _passthrough_metrics(rt)
 
         jwt = rt.auth.jwt
@@ -183,6 +184,27 @@ def _limit_metrics(rt: Runtime) -> Iterator[Metric]:
     for kind in TIMEOUT_KINDS:
         timeouts.add_metric([kind], limits.timeouts[kind])
     yield from (failures, refused, timeouts)
+
+
+def _listen_metrics(rt: Runtime) -> Iterator[Metric]:
+    """LISTEN/NOTIFY in the pooled modes (proxy/notify.py): one hub per primary pool."""
+    clients = GaugeMetricFamily("shardgate_listen_clients", "Clients listening through the proxy's notification hubs")
+    clients.add_metric([], rt.notify.listening_clients())
+    channels = GaugeMetricFamily("shardgate_listen_channels", "Channels a hub listens to for its clients",
+                                 labels=["hub"])
+    up = GaugeMetricFamily("shardgate_listen_connection_up", "1 while a hub's listening server connection is up",
+                           labels=["hub"])
+    delivered = CounterMetricFamily("shardgate_notifications_delivered", "Notifications passed to listening clients",
+                                    labels=["hub"])
+    reconnects = CounterMetricFamily("shardgate_listen_reconnects", "Listening server connections lost and opened "
+                                     "again", labels=["hub"])
+    for name, hub in list(rt.notify.hubs.items()):
+        stats = hub.stats()
+        channels.add_metric([name], stats["channels"])
+        up.add_metric([name], stats["connected"])
+        delivered.add_metric([name], stats["delivered"])
+        reconnects.add_metric([name], stats["reconnects"])
+    yield from (clients, channels, up, delivered, reconnects)
 
 
 def _passthrough_metrics(rt: Runtime) -> Iterator[Metric]:

@@ -18,10 +18,12 @@ from proxy.console import CONSOLE_DATABASES, Console, may_enter, may_enter_as, r
 from proxy.errors import ProxyError, ServerLostError
 from proxy.executor import FanoutExecutor
 from proxy.fanout import FanoutRelay
-from proxy.guard import Guard
+from proxy.guard import Guard, raising_query
 from proxy.handshake import Handshake, HandshakeState
 from proxy.limits import IDLE, IDLE_IN_TRANSACTION, LOGGING_IN, OTHER, RUNNING
+from proxy.listening import LISTENING_KINDS, MAX_PENDING_NOTIFICATION_BYTES, Listening
 from proxy.login import login_pool, parameter_block, setup_session
+from proxy.notify import NotifyHub
 from proxy.pool import Pool
 from proxy.protocol import codec, sqlstate
 from proxy.protocol.codec import ProtocolError
@@ -43,6 +45,7 @@ log = logging.getLogger("shardgate.client")
 _ROLE_PARAMETERS = ("is_superuser", "session_authorization")
 _ROLE_PARAMETER_NAMES = frozenset(name.encode() for name in _ROLE_PARAMETERS)
 _NOT_TRANSACTIONAL = ("prepare", "deallocate", "discard_all")  # effects a ROLLBACK does not undo
+_ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
 
 
 
@@ -131,6 +134,10 @@ class ClientSession(FanoutRelay):
         self.admitted: tuple[str, str] | None = None  # (user, database) counted against max_connections
         self.turn_pending = False  # max_new_connections_per_s: what it sends waits in inbuf for its turn
         self.reported: dict[str, str] = {}  # the role's ParameterStatus values as the client was last told
+        self.listen_ok = False
+        self.listen_statements: dict[str, tuple[Effect, ...]] = {}
+        self.listen_unheld = False
+        self.listening: Listening | None = None  # from its first LISTEN (pooled modes, see proxy/notify.py)
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -183,6 +190,8 @@ class ClientSession(FanoutRelay):
                     consumed = self._relay(data)
                     if consumed < len(data):
                         self._keep(data, consumed)
+                if self.listening is not None and self.listening.pending:
+                    self._flush_notifications()  # a transaction the proxy answered the end of
             elif self.phase is not CLOSED:
                 self.inbuf += data
                 self._startup_data()
@@ -225,6 +234,8 @@ class ClientSession(FanoutRelay):
             self._task.cancel()
         if self.console is not None:
             self.console.close()
+        if self.listening is not None:
+            self.listening.close()
         self._release(closing=True)
 
     def pause_writing(self) -> None:
@@ -389,6 +400,7 @@ class ClientSession(FanoutRelay):
         self.sharded = setup.scatter is not None
         self.lane_ok = setup.lane_ok
         self.lane_routed = setup.pool_mode is TRANSACTION and setup.split is not None
+        self.listen_ok = setup.pool_mode is not SESSION and setup.scatter is None
         if self.pool_mode is not SESSION:
             params = self.rt.login_params.get(self._login_params_key(pool))
             if params is not None:  # the usual case: no server needed to log in
@@ -692,6 +704,12 @@ class ClientSession(FanoutRelay):
             waiter.set_result(None)
         if self.pending_effects or self.txn_effects:
             self._settle_effects(server, status)
+        listening = self.listening
+        if listening is not None and status == b"I":
+            if listening.reserved:
+                listening.release()
+            if listening.pending and not self.acquiring:
+                self._flush_notifications()
         mode = self.pool_mode
         if mode is SESSION or self.pinned or self.acquiring:
             return
@@ -790,6 +808,8 @@ class ClientSession(FanoutRelay):
                 return
         if self.state.apply(effects):
             self.pinned = True
+        if self.listening is not None and any(e.kind in LISTENING_KINDS for e in effects):
+            self._listen_apply(effects)
         self._snapshot = None
         Pool.settle(server, effects)
 
@@ -814,6 +834,198 @@ class ClientSession(FanoutRelay):
             self._start_task(self._acquire())
             return
         self.fatal(sqlstate.CONNECTION_FAILURE, "server connection lost")
+
+    # ------------------------------------------------------------ LISTEN/NOTIFY (pooled modes)
+
+    def _listening(self) -> Listening:
+        listening = self.listening
+        if listening is None:
+            listening = self.listening = Listening(self._notify_hub, self)
+        return listening
+
+    def _notify_hub(self) -> NotifyHub:
+        """The hub of the database for the session's user, or for general.listen_user."""
+        rt, database, own, home = self.rt, self.database, self.user, self.cluster
+        assert own is not None
+        name = rt.config.general.listen_user or own.name
+
+        def primary_pool() -> Pool:  # asked at each connect of the hub: it follows a failover
+            user = rt.config.user(name) or own  # a user found by auth_query is in no config
+            cluster = rt.cluster_for(database) or home  # the wildcard's databases are not either
+            if cluster is None:
+                raise ProxyError(sqlstate.INVALID_CATALOG_NAME, f'database "{database}" does not exist')
+            return rt.pool_for_server(user, cluster.primary().config)
+
+        return rt.notify.hub_for(name, database, primary_pool)
+
+    def _answer_listen(self, effects: tuple[Effect, ...], tags: tuple[str, ...], status: bytes,
+                       rest: bytes) -> bool:
+        if status == b"E":
+            self.write(codec.error_response("25P02", _ABORTED) + codec.ready_for_query(b"E"))
+            return True
+        reply = b"".join(codec.command_complete(tag) for tag in tags) + codec.ready_for_query(status)
+        listening = self._listening()
+        try:
+            channels = listening.reserve(effects)  # inside a transaction: held until it ends
+            hub = listening.hub_now()
+        except ProxyError as exc:  # no primary to listen on
+            self._listen_refused(status, exc)
+            return True
+        if hub.is_listening(channels):
+            self._listen_answered(effects, status, reply)
+            return True
+        # as on a direct connection, what is notified once LISTEN (or its COMMIT) has answered reaches the
+        # client: the answer waits for the hub's own LISTEN, and what the client sends meanwhile waits with it
+        self.acquiring = True
+        self.waiting += rest
+        self._start_task(self._listen_when_ready(hub, effects, channels, status, reply))
+        return False
+
+    def _listen_answered(self, effects: tuple[Effect, ...], status: bytes, reply: bytes) -> None:
+        listening = self._listening()
+        if status == b"I":
+            listening.apply(effects)
+            listening.release()
+        else:  # registered when the transaction commits (see `_settle_effects`)
+            self.pending_effects.extend(effects)
+            if self.server is not None:
+                self.server.track_tags(True)
+        self.write(reply)
+
+    def _listen_refused(self, status: bytes, exc: ProxyError) -> None:
+        if status == b"T" and self.server is not None:
+            # the server raises it: the transaction aborts there too, as it would on a direct connection
+            self.server.outstanding += 1
+            self.server.send(raising_query((exc.sqlstate, exc.message, "the proxy listens through its own "
+                                            "connection to the primary: retry once it is up")))
+            return
+        self._listening().release()
+        self.write(codec.error_response(exc.sqlstate, exc.message) + codec.ready_for_query(b"I"))
+
+    async def _listen_when_ready(self, hub: NotifyHub, effects: tuple[Effect, ...], channels: frozenset[str],
+                                 status: bytes, reply: bytes) -> None:
+        try:
+            await hub.ready(channels, self.rt.config.general.server_connect_timeout_ms / 1000 + 1)
+        except asyncio.CancelledError:
+            return  # the client is gone (its reservations go with it)
+        except ProxyError as exc:
+            log.info("event=listen_refused peer=%s sqlstate=%s error=%r", self.peer, exc.sqlstate, exc.message)
+            self.acquiring = False
+            if self.phase is not CLOSED:
+                self._listen_refused(status, exc)
+        else:
+            self.acquiring = False
+            if self.phase is not CLOSED:
+                self._listen_answered(effects, status, reply)
+        if self.phase is CLOSED:
+            return
+        data, self.waiting = self.waiting, b""
+        if data:
+            self._ready_data(data)
+        self._flush_notifications()
+
+    def _listen_hold(self, effects: tuple[Effect, ...]) -> bool:
+        channels = frozenset(e.name for e in effects if e.kind == "listen")
+        if not channels or not self.listen_ok:
+            return False
+        if self.listen_unheld:  # held once already and the hub did not come up: it goes now
+            self.listen_unheld = False
+            return False
+        listening = self._listening()
+        try:
+            hub = listening.hub_now()
+        except ProxyError:
+            return False  # no primary: the statement fails on its way to one
+        if hub.is_listening(channels):
+            return False
+        listening.reserve(effects)
+        self.acquiring = True
+        self._start_task(self._relay_when_listening(hub, channels))
+        return True
+
+    async def _relay_when_listening(self, hub: NotifyHub, channels: frozenset[str]) -> None:
+        try:
+            await hub.ready(channels, self.rt.config.general.server_connect_timeout_ms / 1000 + 1)
+        except asyncio.CancelledError:
+            return
+        except ProxyError as exc:  # the statement runs: its registration waits for the hub to come up
+            log.info("event=listen_hub_not_ready peer=%s error=%r", self.peer, exc.message)
+            self.listen_unheld = True
+        self.acquiring = False
+        if self.phase is CLOSED:
+            return
+        data, self.waiting = self.waiting, b""
+        if data:
+            self._ready_data(data)
+
+    def _listen_noted(self, effects: tuple[Effect, ...]) -> None:
+        if not self.listen_ok:
+            if any(e.kind == "listen" for e in effects):
+                self.pinned = True  # several shards: its server listens, as before the hub
+            return
+        try:
+            self._listening().reserve(effects)
+        except ProxyError:
+            pass  # no primary: the statement fails on its way to one
+
+    def _listen_apply(self, effects: list[Effect]) -> None:
+        listening = self.listening
+        assert listening is not None
+        try:
+            listening.apply(effects)
+        except ProxyError as exc:
+            log.warning("event=listen_not_registered peer=%s error=%r", self.peer, exc.message)
+
+    def notify(self, message: bytes) -> None:
+        """A notification on one of the client's channels: written now when the client is idle, as PostgreSQL
+        does, else kept until its transaction ends."""
+        listening = self.listening
+        if listening is None or self.phase is not READY:
+            return
+        if self._idle():
+            if listening.pending:  # kept while it was busy: they go first
+                listening.pending.append(message)
+                self._flush_notifications()
+            else:
+                self._write_notifications(message)
+            return
+        listening.pending_bytes += len(message)
+        if listening.pending_bytes > MAX_PENDING_NOTIFICATION_BYTES:
+            self.fatal(sqlstate.PROGRAM_LIMIT_EXCEEDED, f"more than {MAX_PENDING_NOTIFICATION_BYTES >> 20} MiB of "
+                       "notifications waited for this client to end its transaction")
+            return
+        listening.pending.append(message)
+
+    def _write_notifications(self, data: bytes) -> None:
+        """Straight to the transport: a notification is no sign of life of the client's (client_idle_timeout_s
+        goes on, as PostgreSQL's idle_session_timeout does). A client that reads none of them is closed
+        rather than buffered for without bound."""
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size() > MAX_PENDING_NOTIFICATION_BYTES:
+            self.fatal(sqlstate.PROGRAM_LIMIT_EXCEEDED, f"more than {MAX_PENDING_NOTIFICATION_BYTES >> 20} MiB of "
+                       "notifications are not read by this client")
+            return
+        transport.write(data)
+
+    def _idle(self) -> bool:
+        """Between transactions, with nothing of the client's under way: a notification may be written."""
+        if (self.acquiring or self.fanout is not None or self.links or self.committing or self.discarding
+                or self.local_failed or (self.split is not None and self.split.deferred_begin)):
+            return False
+        server = self.server
+        if server is None or self.parked:
+            return True
+        return (not server.outstanding and not self.unsynced and server.txn_status == b"I"
+                and server.at_message_boundary())
+
+    def _flush_notifications(self) -> None:
+        listening = self.listening
+        if listening is not None and listening.pending and self.phase is READY and self._idle():
+            pending, listening.pending = listening.pending, []
+            listening.pending_bytes = 0
+            self._write_notifications(b"".join(pending))
 
     # ------------------------------------------------------------ limits (the janitor's timeout sweep)
 

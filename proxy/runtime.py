@@ -19,6 +19,7 @@ from proxy.cluster import Cluster, build_clusters
 from proxy.errors import ProxyError
 from proxy.limits import Limits
 from proxy.metrics import Traffic
+from proxy.notify import NotifyHubs
 from proxy.pool import Pool, PoolSettings
 from proxy.protocol import codec, sqlstate
 from proxy.server import ServerConnection
@@ -100,6 +101,7 @@ class Runtime:
         self.collations: dict[str, str] = {}  # database -> its collation as the merger compares text
         self.shard_routers: dict[str, ShardRouter | None] = {}
         self.twophase = TwoPhase(self)
+        self.notify = NotifyHubs()  # LISTEN/NOTIFY in the pooled modes: a listening server per (database, user)
         # admin console: client ids, paused databases, and what App lends it (reload, graceful stop)
         self.client_ids = itertools.count(1)
         self.paused_databases: set[str] = set()
