@@ -196,6 +196,7 @@ def _parse_general(table: dict[str, Any] | None, problems: list[str]) -> General
     section.integer("max_replica_lag_bytes", minimum=0)
     section.integer("read_your_writes_ms", minimum=0)
     section.boolean("replica_stickiness")
+    section.integer("primary_wait_timeout_ms", minimum=0)
     section.boolean("allow_cross_shard_writes")
     section.boolean("two_phase_commit")
     _read_admin_keys(section)

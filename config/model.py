@@ -48,6 +48,8 @@ class GeneralConfig:
     max_replica_lag_bytes: int = 0
     read_your_writes_ms: int = 0
     replica_stickiness: bool = False
+    # failover (issue 17): a write with no primary waits this long for one (PgBouncer's query_wait_timeout)
+    primary_wait_timeout_ms: int = 10000
     # sharding (issue 13): may an UPDATE or DELETE without its sharding key run on every shard
     allow_cross_shard_writes: bool = False
     # two-phase commit (issue 14): a transaction that wrote on several shards commits everywhere or nowhere

@@ -13,15 +13,15 @@ from enum import Enum
 from auth.errors import AuthError
 from auth.identity import Identity
 from config.model import UserConfig
-from proxy.cluster import Cluster
+from proxy.cluster import WAITABLE_SQLSTATES, Cluster
 from proxy.console import CONSOLE_DATABASES, Console, may_enter, may_enter_as, refusal
-from proxy.errors import ProxyError, ServerLostError
+from proxy.errors import ProxyError, ServerError, ServerLostError
 from proxy.executor import FanoutExecutor
 from proxy.fanout import FanoutRelay
 from proxy.guard import Guard
 from proxy.handshake import Handshake, HandshakeState
 from proxy.limits import IDLE, IDLE_IN_TRANSACTION, LOGGING_IN, OTHER, RUNNING
-from proxy.login import login_pool, parameter_block, setup_session
+from proxy.login import SessionSetup, login_pool, parameter_block, setup_session
 from proxy.pool import Pool
 from proxy.protocol import codec, sqlstate
 from proxy.protocol.codec import ProtocolError
@@ -353,10 +353,39 @@ class ClientSession(FanoutRelay):
         try:
             tenant = self.rt.auth.tenant_of(identity) if identity.is_jwt else None
             setup = setup_session(self.rt, user, self.database, jwt=identity.is_jwt, tenant=tenant)
-            pool = self.pool = login_pool(self.rt, user, setup)
         except (ProxyError, AuthError) as exc:
             self.fatal(exc.sqlstate, exc.message)
             return
+        try:
+            pool = login_pool(self.rt, user, setup)
+        except ProxyError as exc:
+            # no server can take the login now (no primary, and no replica for a pooled client): a login
+            # waits for a primary as a write does
+            if exc.sqlstate in WAITABLE_SQLSTATES and setup.cluster.waits_for_primary():
+                self._start_task(self._login_when_primary(user, setup, exc))
+            else:
+                self.fatal(exc.sqlstate, exc.message)
+            return
+        self._log_in(setup, pool)
+
+    async def _login_when_primary(self, user: UserConfig, setup: SessionSetup, failed: ProxyError) -> None:
+        log.info("event=primary_wait peer=%s database=%s shard=%d reason=%r at=login", self.peer,
+                 setup.cluster.name, setup.cluster.shard, failed.message)
+        deadline = time.monotonic() + self.rt.config.general.primary_wait_timeout_ms / 1000
+        try:
+            await setup.cluster.wait_for_primary(deadline, failed)
+            pool = login_pool(self.rt, user, setup)
+        except asyncio.CancelledError:
+            return
+        except ProxyError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+            return
+        if self.phase is not CLOSED:
+            self._log_in(setup, pool)
+
+    def _log_in(self, setup: SessionSetup, pool: Pool) -> None:
+        """The login's pool is known: the session takes what the login decided, then logs in."""
+        self.pool = pool
         self.pool_mode = setup.pool_mode
         self.guard = setup.guard
         self.refusals = setup.guard.refuses
@@ -525,11 +554,7 @@ class ClientSession(FanoutRelay):
             try:
                 server = self.server
                 if server is None:
-                    assert self.pool is not None
-                    if split is not None:
-                        server, self.pool = await split.checkout(self.pool)
-                    else:
-                        server = await self.pool.checkout()
+                    server = await self._checkout_for_route()
             except asyncio.CancelledError:
                 return
             except ProxyError as exc:  # pool timeout, server unreachable or refusing, no primary: nothing sent
@@ -566,6 +591,76 @@ class ClientSession(FanoutRelay):
         data, self.waiting = self.waiting, b""
         if data:
             self._ready_data(data)
+
+    async def _checkout_for_route(self) -> ServerConnection:
+        """A server for the transaction's route. When the primary cannot be reached (a failover, a restart
+        the probes have not seen yet), the checkout waits for a probe to find a primary, up to
+        primary_wait_timeout_ms, and is tried again there."""
+        split = self.split
+        deadline = 0.0
+        while True:
+            assert self.pool is not None
+            try:
+                if split is not None:
+                    server, self.pool = await split.checkout(self.pool)
+                    return server
+                return await self.pool.checkout()
+            except ServerError as exc:
+                cluster = self._cluster_waiting_for(exc)
+                if cluster is None:
+                    raise
+                if not deadline:
+                    deadline = time.monotonic() + self.rt.config.general.primary_wait_timeout_ms / 1000
+                    log.info("event=primary_wait peer=%s database=%s shard=%d reason=%r", self.peer, cluster.name,
+                             cluster.shard, exc.message)
+                await cluster.wait_for_primary(deadline, exc)
+                if split is not None:
+                    self.pool = split.pool_for_route()
+
+    def _cluster_waiting_for(self, exc: ProxyError) -> Cluster | None:
+        """The cluster whose primary a refused statement may wait for (see primary_wait_timeout_ms), or
+        None when `exc` is not for want of a reachable primary or waiting is off."""
+        if exc.sqlstate not in WAITABLE_SQLSTATES:
+            return None
+        cluster = self.split.cluster if self.split is not None else self.cluster
+        if cluster is None or not cluster.waits_for_primary():
+            return None
+        return cluster
+
+    def _wait_for_primary(self, exc: ProxyError) -> bool:
+        """`_attach_now` found no server for the transaction (no primary now): when it may wait for one,
+        start waiting (what the client sent stays in `waiting`) and return True."""
+        cluster = self._cluster_waiting_for(exc)
+        if cluster is None:
+            return False
+        log.info("event=primary_wait peer=%s database=%s shard=%d reason=%r", self.peer, cluster.name,
+                 cluster.shard, exc.message)
+        self.acquiring = True
+        self._start_task(self._attach_when_primary(cluster, exc))
+        return True
+
+    async def _attach_when_primary(self, cluster: Cluster, failed: ProxyError) -> None:
+        deadline = time.monotonic() + self.rt.config.general.primary_wait_timeout_ms / 1000
+        try:
+            await cluster.wait_for_primary(deadline, failed)
+        except asyncio.CancelledError:
+            return
+        except ProxyError as exc:
+            self.acquiring = False
+            self._reject_waiting(exc)
+            return
+        self.acquiring = False
+        if self.phase is CLOSED:
+            return
+        try:
+            linked = self._attach_now()  # may go on to `_acquire`, which relays `waiting` itself
+        except ProxyError as exc:
+            self._reject_waiting(exc)
+            return
+        if linked is not None:
+            data, self.waiting = self.waiting, b""
+            if data:
+                self._ready_data(data)
 
     def _attach_now(self) -> ServerConnection | None:
         """Fast path: the server parked with us, or an idle one, whose session already matches; else
