@@ -186,6 +186,7 @@ def _parse_general(table: dict[str, Any] | None, problems: list[str]) -> General
     section.string("server_reset_query")
     section.seconds("shutdown_timeout_s")
     section.integer("max_message_bytes", minimum=MIN_MESSAGE_BYTES)
+    section.integer("client_to_server_buffer_bytes", minimum=0)
     section.choice("log_level", LOG_LEVELS)
     section.choice("log_format", LOG_FORMATS)
     section.choice("read_write_split", READ_WRITE_SPLIT)

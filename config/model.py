@@ -37,6 +37,10 @@ class GeneralConfig:
     server_reset_query: str = "DISCARD ALL"
     shutdown_timeout_s: float = 30.0
     max_message_bytes: int = 64 * 1024 * 1024
+    # back-pressure toward servers (issue 17): the kernel buffers of a client socket's receiving side and of
+    # a server socket's sending side, so a client streaming to a slow server is held back as if connected
+    # directly; 0 leaves them to the kernel's autotuning
+    client_to_server_buffer_bytes: int = 128 * 1024
     log_level: str = "info"
     log_format: str = "text"
     # read/write splitting and cluster health (issue 4)

@@ -138,6 +138,10 @@ class ClientSession(FanoutRelay):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            receive_buffer_bytes = self.rt.config.general.client_to_server_buffer_bytes
+            if receive_buffer_bytes:
+                # the client's half of client_to_server_buffer_bytes (see ServerConnection.connection_made)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
         self._pace_accept(peer[0] if isinstance(peer, tuple) else "")
 
     def _pace_accept(self, host: str) -> None:
