@@ -126,6 +126,7 @@ class ClientSession(FanoutRelay):
         self.admitted: tuple[str, str] | None = None  # (user, database) counted against max_connections
         self.turn_pending = False  # max_new_connections_per_s: what it sends waits in inbuf for its turn
         self.reported: dict[str, str] = {}  # the role's ParameterStatus values as the client was last told
+        self.primary_waiting = False  # what the client sent waits for a primary (primary_wait_timeout_ms)
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -617,7 +618,11 @@ class ClientSession(FanoutRelay):
                     deadline = time.monotonic() + self.rt.config.general.primary_wait_timeout_ms / 1000
                     log.info("event=primary_wait peer=%s database=%s shard=%d reason=%r", self.peer, cluster.name,
                              cluster.shard, exc.message)
-                await cluster.wait_for_primary(deadline, exc)
+                self.primary_waiting = True
+                try:
+                    await cluster.wait_for_primary(deadline, exc)
+                finally:
+                    self.primary_waiting = False
                 if split is not None:
                     self.pool = split.pool_for_route()
 
@@ -645,6 +650,7 @@ class ClientSession(FanoutRelay):
 
     async def _attach_when_primary(self, cluster: Cluster, failed: ProxyError) -> None:
         deadline = time.monotonic() + self.rt.config.general.primary_wait_timeout_ms / 1000
+        self.primary_waiting = True
         try:
             await cluster.wait_for_primary(deadline, failed)
         except asyncio.CancelledError:
@@ -653,6 +659,8 @@ class ClientSession(FanoutRelay):
             self.acquiring = False
             self._reject_waiting(exc)
             return
+        finally:
+            self.primary_waiting = False
         self.acquiring = False
         if self.phase is CLOSED:
             return
@@ -920,7 +928,17 @@ class ClientSession(FanoutRelay):
             self.fatal(sqlstate.PROTOCOL_VIOLATION, f"login not finished within {limit} s")
 
     def cancel_running(self) -> None:
-        """A CancelRequest named this client: pass it to every server of its link set running its query."""
+        """A CancelRequest named this client: pass it to every server of its link set running its query. A
+        statement waiting for a primary is not anywhere yet: it (and what waits behind it) is answered
+        57014 here, as PostgreSQL answers a canceled statement, and the session goes on."""
+        if self.primary_waiting and self._task is not None and not self._task.done():
+            self._task.cancel()
+            self.primary_waiting = False
+            self.acquiring = False
+            self._reject_waiting(ProxyError(sqlstate.QUERY_CANCELED,
+                                            "canceling statement due to user request (it was waiting for a "
+                                            "primary)"))
+            return
         for server in self._link_set():
             if server.outstanding or (server is self.server and self.unsynced):
                 self.rt.send_cancel(server.address, server.process_id, server.secret_key)

@@ -211,7 +211,8 @@ def test_writes_wait_for_the_promoted_replica_or_time_out_naming_the_database(
 @pytest.mark.parametrize("stop", ["fast", "kill"])
 def test_writes_wait_for_a_restarted_primary(proxy: ProxyFactory, throwaway_topology: Topology, stop: str) -> None:
     """One server, no replica: the primary stops (a clean restart, or a crash); a write on an open session
-    (psycopg) and a login with a write (asyncpg) wait, and both go through once it is back."""
+    (psycopg) and a login with a write (asyncpg) wait, and both go through once it is back. A waiting write
+    the client cancels gets 57014 at once, and its session works after the restart."""
     primary = throwaway_topology.primary
     assert primary is not None
     table = make_table(primary, [])
@@ -242,8 +243,11 @@ def test_writes_wait_for_a_restarted_primary(proxy: ProxyFactory, throwaway_topo
         seen: dict[str, Any] = {}
         conn = await psycopg.AsyncConnection.connect(shardgate.dsn(connect_timeout=CONNECT_TIMEOUT_S),
                                                      autocommit=True)
+        canceling = await psycopg.AsyncConnection.connect(shardgate.dsn(connect_timeout=CONNECT_TIMEOUT_S),
+                                                          autocommit=True)
         try:
             seen["before"] = (await held_session(conn)).port
+            await held_session(canceling)
             if stop == "kill":
                 await asyncio.to_thread(primary.kill)
             else:
@@ -251,6 +255,12 @@ def test_writes_wait_for_a_restarted_primary(proxy: ProxyFactory, throwaway_topo
             held = asyncio.create_task(held_session(conn))
             await wait_log(shardgate, "event=server_unhealthy")
             fresh = asyncio.create_task(fresh_session())
+            canceled = asyncio.create_task(held_session(canceling))
+            await asyncio.sleep(0.5)
+            canceled_at = time.monotonic()
+            await canceling.cancel_safe(timeout=5)
+            seen["canceled"] = await canceled
+            seen["canceled_s"] = seen["canceled"].ended_at - canceled_at
             await asyncio.sleep(OUTAGE_S)
             seen["waiting"] = (not held.done(), not fresh.done())
             started_at = time.monotonic()  # start() returns once the server accepts connections
@@ -258,14 +268,20 @@ def test_writes_wait_for_a_restarted_primary(proxy: ProxyFactory, throwaway_topo
             seen["held"], seen["fresh"] = await held, await fresh
             seen["held_s"] = seen["held"].ended_at - started_at
             seen["fresh_s"] = seen["fresh"].ended_at - started_at
+            seen["canceled_after"] = (await held_session(canceling)).port
         finally:
             await conn.close()
+            await canceling.close()
         return seen
 
     seen = asyncio.run(asyncio.wait_for(scenario(), 180))
     log = proxy_log(shardgate)
     assert seen["before"] == primary.port
     assert seen["waiting"] == (True, True), f"a write was not held: {seen}{log}"
+    canceled: Outcome = seen["canceled"]
+    assert canceled.sqlstate == "57014" and "waiting for a primary" in canceled.message, f"{canceled}{log}"
+    assert seen["canceled_s"] < 2.0, f"the cancel took {seen['canceled_s']:.2f}s{log}"
+    assert seen["canceled_after"] == primary.port, f"the canceled session: {seen['canceled_after']}{log}"
     for name in ("held", "fresh"):
         outcome: Outcome = seen[name]
         assert outcome.port == primary.port, f"{name}: {outcome}{log}"
