@@ -410,8 +410,12 @@ class ClientSession(FanoutRelay):
 
     async def _login(self, pool: Pool) -> None:
         """Slow path of a login: a server is needed (session mode, or startup settings not seen before). A
-        server lost while the client's startup settings are set on it is replaced once."""
-        for attempt in range(2):
+        server lost while the client's startup settings are set on it is replaced once; a primary that cannot
+        be reached is waited for (primary_wait_timeout_ms), as a write waits."""
+        deadline = 0.0
+        attempt = 0
+        while attempt < 2:
+            attempt += 1
             try:
                 if self.pool_mode is SESSION:
                     server = await pool.checkout()
@@ -424,14 +428,30 @@ class ClientSession(FanoutRelay):
                     cancel_key = (secrets.randbits(31), secrets.randbits(31) - (1 << 30))
             except ServerLostError as exc:
                 self._forget_server()
-                if attempt == 0 and self.phase is not CLOSED:
+                if attempt == 1 and self.phase is not CLOSED:
                     log.info("event=server_lost_at_login_retry peer=%s", self.peer)
                     continue
                 self.fatal(exc.sqlstate, exc.message)
                 return
             except ProxyError as exc:
-                self.fatal(exc.sqlstate, exc.message)
-                return
+                cluster = self._cluster_waiting_for(exc) if isinstance(exc, ServerError) else None
+                if cluster is None or self.user is None:
+                    self.fatal(exc.sqlstate, exc.message)
+                    return
+                if not deadline:
+                    deadline = time.monotonic() + self.rt.config.general.primary_wait_timeout_ms / 1000
+                    log.info("event=primary_wait peer=%s database=%s shard=%d reason=%r at=login", self.peer,
+                             cluster.name, cluster.shard, exc.message)
+                try:
+                    primary = await cluster.wait_for_primary(deadline, exc)
+                except ProxyError as timed_out:
+                    self.fatal(timed_out.sqlstate, timed_out.message)
+                    return
+                except asyncio.CancelledError:
+                    return
+                pool = self.pool = self.rt.pool_for_server(self.user, primary.config)
+                attempt -= 1  # waiting is not a lost server's retry
+                continue
             except asyncio.CancelledError:
                 return
             self._finish_login(params, cancel_key)

@@ -6,7 +6,9 @@ database; reads keep going to the replica meanwhile. Each test has a private top
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import time
 import urllib.request
 import uuid
@@ -288,3 +290,55 @@ def test_writes_wait_for_a_restarted_primary(proxy: ProxyFactory, throwaway_topo
         assert seen[f"{name}_s"] < TAKEN_WITHIN_S, f"{name}: {seen[f'{name}_s']:.2f}s after the restart{log}"
     print(f"writes ran {seen['held_s']:.2f}s (open session) and {seen['fresh_s']:.2f}s (login) after the "
           "primary accepted connections again")
+
+
+@pytest.mark.parametrize("outage", ["kill", "sigstop"])
+def test_a_session_mode_login_waits_for_the_primary(proxy: ProxyFactory, throwaway_topology: Topology,
+                                                    outage: str) -> None:
+    """Session mode needs a server to log in. `kill`: the primary dies (the lost monitor connection makes
+    a probe see it at once) and the login waits for it to be restarted. `sigstop`: the postmaster is
+    stopped, so new connections time out while the probe's own backend still answers (the probes see a
+    primary): the login's failed connect waits for a probe round after it, connects again, and gets in once
+    the postmaster goes on."""
+    primary = throwaway_topology.primary
+    assert primary is not None
+    shardgate = real_proxy(proxy(pool_mode="session", databases=database_entries(primary), general={
+        "server_connect_timeout_ms": 1000,
+        "primary_wait_timeout_ms": LONG_WAIT_MS,
+    }))
+
+    async def scenario() -> tuple[int, float]:
+        first = await asyncpg.connect(shardgate.dsn(), ssl=False, timeout=CONNECT_TIMEOUT_S)
+        await first.close()
+        # the server the first login used is idle in the pool: gone, so the next login needs a new one
+        primary.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = 'app' "
+                     "AND application_name <> 'shardgate-monitor'")
+        await asyncio.sleep(0.5)
+        postmaster = primary.postmaster_pid()
+        assert postmaster is not None
+        if outage == "kill":
+            await asyncio.to_thread(primary.kill)
+        else:
+            os.kill(postmaster, signal.SIGSTOP)
+        try:
+            login = asyncio.create_task(asyncpg.connect(shardgate.dsn(), ssl=False,
+                                                        timeout=LONG_WAIT_MS / 1000 + 10))
+            await asyncio.sleep(OUTAGE_S + 1)  # longer than server_connect_timeout_ms
+            assert not login.done(), f"the login did not wait: {login}{proxy_log(shardgate)}"
+        finally:
+            if outage == "sigstop":
+                os.kill(postmaster, signal.SIGCONT)
+        started_at = time.monotonic()
+        if outage == "kill":
+            await asyncio.to_thread(primary.start)
+        conn = await login
+        try:
+            taken_s = time.monotonic() - started_at
+            return int(await conn.fetchval("SELECT inet_server_port()")), taken_s
+        finally:
+            await conn.close()
+
+    port, taken_s = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert port == primary.port
+    assert taken_s < TAKEN_WITHIN_S, f"the login ended {taken_s:.2f}s after the outage{proxy_log(shardgate)}"
+    print(f"the waiting session-mode login ended {taken_s:.2f}s after the outage ({outage})")
