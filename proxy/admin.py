@@ -74,14 +74,24 @@ class RuntimeCollector:
         lag_bytes = GaugeMetricFamily("shardgate_server_lag_bytes", "Replay lag behind the primary",
                                       labels=["database", "shard", "server"])
         lag_s = GaugeMetricFamily("shardgate_server_lag_seconds", "Replay delay", labels=["database", "shard", "server"])
+        primary_waits = CounterMetricFamily("shardgate_primary_waits", "Statements and logins that waited for a "
+                                            "primary (primary_wait_timeout_ms)", labels=["database", "shard"])
+        primary_wait_timeouts = CounterMetricFamily("shardgate_primary_wait_timeouts", "Waits for a primary "
+                                                    "that ended without one", labels=["database", "shard"])
+        waiting_now = GaugeMetricFamily("shardgate_primary_waiting", "Statements and logins waiting for a "
+                                        "primary now", labels=["database", "shard"])
         for cluster in list(rt.clusters.values()):
+            shard_labels = [cluster.name, str(cluster.shard)]
+            primary_waits.add_metric(shard_labels, cluster.primary_waits)
+            primary_wait_timeouts.add_metric(shard_labels, cluster.primary_wait_timeouts)
+            waiting_now.add_metric(shard_labels, cluster.primary_waiting)
             for row in cluster.stats():
                 server = f"{row['host']}:{row['port']}"
                 labels = [str(row["database"]), str(row["shard"]), server]
                 up.add_metric([*labels, str(row["role"])], 1 if row["healthy"] and not row["banned"] else 0)
                 lag_bytes.add_metric(labels, float(row["lag_bytes"]))  # type: ignore[arg-type]
                 lag_s.add_metric(labels, float(row["lag_ms"]) / 1000)  # type: ignore[arg-type]
-        yield from (up, lag_bytes, lag_s)
+        yield from (up, lag_bytes, lag_s, primary_waits, primary_wait_timeouts, waiting_now)
 
         statements = CounterMetricFamily("shardgate_shard_statements", "Statements of sharded databases by how "
                                          "many shards they went to (single, multi, all)", labels=["database", "kind"])

@@ -13,16 +13,16 @@ from enum import Enum
 from auth.errors import AuthError
 from auth.identity import Identity
 from config.model import UserConfig
-from proxy.cluster import Cluster
+from proxy.cluster import WAITABLE_SQLSTATES, Cluster
 from proxy.console import CONSOLE_DATABASES, Console, may_enter, may_enter_as, refusal
-from proxy.errors import ProxyError, ServerLostError
+from proxy.errors import ProxyError, ServerError, ServerLostError
 from proxy.executor import FanoutExecutor
 from proxy.fanout import FanoutRelay
 from proxy.guard import Guard, raising_query
 from proxy.handshake import Handshake, HandshakeState
 from proxy.limits import IDLE, IDLE_IN_TRANSACTION, LOGGING_IN, OTHER, RUNNING
 from proxy.listening import LISTENING_KINDS, MAX_PENDING_NOTIFICATION_BYTES, Listening
-from proxy.login import login_pool, parameter_block, setup_session
+from proxy.login import SessionSetup, login_pool, parameter_block, setup_session
 from proxy.notify import NotifyHub
 from proxy.pool import Pool
 from proxy.protocol import codec, sqlstate
@@ -138,6 +138,7 @@ class ClientSession(FanoutRelay):
         self.listen_statements: dict[str, tuple[Effect, ...]] = {}
         self.listen_unheld = False
         self.listening: Listening | None = None  # from its first LISTEN (pooled modes, see proxy/notify.py)
+        self.primary_waiting = False  # what the client sent waits for a primary (primary_wait_timeout_ms)
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -150,6 +151,10 @@ class ClientSession(FanoutRelay):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            receive_buffer_bytes = self.rt.config.general.client_to_server_buffer_bytes
+            if receive_buffer_bytes:
+                # the client's half of client_to_server_buffer_bytes (see ServerConnection.connection_made)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
         self._pace_accept(peer[0] if isinstance(peer, tuple) else "")
 
     def _pace_accept(self, host: str) -> None:
@@ -386,10 +391,39 @@ class ClientSession(FanoutRelay):
         try:
             tenant = self.rt.auth.tenant_of(identity) if identity.is_jwt else None
             setup = setup_session(self.rt, user, self.database, jwt=identity.is_jwt, tenant=tenant)
-            pool = self.pool = login_pool(self.rt, user, setup)
         except (ProxyError, AuthError) as exc:
             self.fatal(exc.sqlstate, exc.message)
             return
+        try:
+            pool = login_pool(self.rt, user, setup)
+        except ProxyError as exc:
+            # no server can take the login now (no primary, and no replica for a pooled client): a login
+            # waits for a primary as a write does
+            if exc.sqlstate in WAITABLE_SQLSTATES and setup.cluster.waits_for_primary():
+                self._start_task(self._login_when_primary(user, setup, exc))
+            else:
+                self.fatal(exc.sqlstate, exc.message)
+            return
+        self._log_in(setup, pool)
+
+    async def _login_when_primary(self, user: UserConfig, setup: SessionSetup, failed: ProxyError) -> None:
+        log.info("event=primary_wait peer=%s database=%s shard=%d reason=%r at=login", self.peer,
+                 setup.cluster.name, setup.cluster.shard, failed.message)
+        deadline = time.monotonic() + self.rt.config.general.primary_wait_timeout_ms / 1000
+        try:
+            await setup.cluster.wait_for_primary(deadline, failed)
+            pool = login_pool(self.rt, user, setup)
+        except asyncio.CancelledError:
+            return
+        except ProxyError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+            return
+        if self.phase is not CLOSED:
+            self._log_in(setup, pool)
+
+    def _log_in(self, setup: SessionSetup, pool: Pool) -> None:
+        """The login's pool is known: the session takes what the login decided, then logs in."""
+        self.pool = pool
         self.pool_mode = setup.pool_mode
         self.guard = setup.guard
         self.refusals = setup.guard.refuses
@@ -410,8 +444,12 @@ class ClientSession(FanoutRelay):
 
     async def _login(self, pool: Pool) -> None:
         """Slow path of a login: a server is needed (session mode, or startup settings not seen before). A
-        server lost while the client's startup settings are set on it is replaced once."""
-        for attempt in range(2):
+        server lost while the client's startup settings are set on it is replaced once; a primary that cannot
+        be reached is waited for (primary_wait_timeout_ms), as a write waits."""
+        deadline = 0.0
+        attempt = 0
+        while attempt < 2:
+            attempt += 1
             try:
                 if self.pool_mode is SESSION:
                     server = await pool.checkout()
@@ -424,14 +462,30 @@ class ClientSession(FanoutRelay):
                     cancel_key = (secrets.randbits(31), secrets.randbits(31) - (1 << 30))
             except ServerLostError as exc:
                 self._forget_server()
-                if attempt == 0 and self.phase is not CLOSED:
+                if attempt == 1 and self.phase is not CLOSED:
                     log.info("event=server_lost_at_login_retry peer=%s", self.peer)
                     continue
                 self.fatal(exc.sqlstate, exc.message)
                 return
             except ProxyError as exc:
-                self.fatal(exc.sqlstate, exc.message)
-                return
+                cluster = self._cluster_waiting_for(exc) if isinstance(exc, ServerError) else None
+                if cluster is None or self.user is None:
+                    self.fatal(exc.sqlstate, exc.message)
+                    return
+                if not deadline:
+                    deadline = time.monotonic() + self.rt.config.general.primary_wait_timeout_ms / 1000
+                    log.info("event=primary_wait peer=%s database=%s shard=%d reason=%r at=login", self.peer,
+                             cluster.name, cluster.shard, exc.message)
+                try:
+                    primary = await cluster.wait_for_primary(deadline, exc)
+                except ProxyError as timed_out:
+                    self.fatal(timed_out.sqlstate, timed_out.message)
+                    return
+                except asyncio.CancelledError:
+                    return
+                pool = self.pool = self.rt.pool_for_server(self.user, primary.config)
+                attempt -= 1  # waiting is not a lost server's retry
+                continue
             except asyncio.CancelledError:
                 return
             self._finish_login(params, cancel_key)
@@ -559,11 +613,7 @@ class ClientSession(FanoutRelay):
             try:
                 server = self.server
                 if server is None:
-                    assert self.pool is not None
-                    if split is not None:
-                        server, self.pool = await split.checkout(self.pool)
-                    else:
-                        server = await self.pool.checkout()
+                    server = await self._checkout_for_route()
             except asyncio.CancelledError:
                 return
             except ProxyError as exc:  # pool timeout, server unreachable or refusing, no primary: nothing sent
@@ -600,6 +650,83 @@ class ClientSession(FanoutRelay):
         data, self.waiting = self.waiting, b""
         if data:
             self._ready_data(data)
+
+    async def _checkout_for_route(self) -> ServerConnection:
+        """A server for the transaction's route. When the primary cannot be reached (a failover, a restart
+        the probes have not seen yet), the checkout waits for a probe to find a primary, up to
+        primary_wait_timeout_ms, and is tried again there."""
+        split = self.split
+        deadline = 0.0
+        while True:
+            assert self.pool is not None
+            try:
+                if split is not None:
+                    server, self.pool = await split.checkout(self.pool)
+                    return server
+                return await self.pool.checkout()
+            except ServerError as exc:
+                cluster = self._cluster_waiting_for(exc)
+                if cluster is None:
+                    raise
+                if not deadline:
+                    deadline = time.monotonic() + self.rt.config.general.primary_wait_timeout_ms / 1000
+                    log.info("event=primary_wait peer=%s database=%s shard=%d reason=%r", self.peer, cluster.name,
+                             cluster.shard, exc.message)
+                self.primary_waiting = True
+                try:
+                    await cluster.wait_for_primary(deadline, exc)
+                finally:
+                    self.primary_waiting = False
+                if split is not None:
+                    self.pool = split.pool_for_route()
+
+    def _cluster_waiting_for(self, exc: ProxyError) -> Cluster | None:
+        """The cluster whose primary a refused statement may wait for (see primary_wait_timeout_ms), or
+        None when `exc` is not for want of a reachable primary or waiting is off."""
+        if exc.sqlstate not in WAITABLE_SQLSTATES:
+            return None
+        cluster = self.split.cluster if self.split is not None else self.cluster
+        if cluster is None or not cluster.waits_for_primary():
+            return None
+        return cluster
+
+    def _wait_for_primary(self, exc: ProxyError) -> bool:
+        """`_attach_now` found no server for the transaction (no primary now): when it may wait for one,
+        start waiting (what the client sent stays in `waiting`) and return True."""
+        cluster = self._cluster_waiting_for(exc)
+        if cluster is None:
+            return False
+        log.info("event=primary_wait peer=%s database=%s shard=%d reason=%r", self.peer, cluster.name,
+                 cluster.shard, exc.message)
+        self.acquiring = True
+        self._start_task(self._attach_when_primary(cluster, exc))
+        return True
+
+    async def _attach_when_primary(self, cluster: Cluster, failed: ProxyError) -> None:
+        deadline = time.monotonic() + self.rt.config.general.primary_wait_timeout_ms / 1000
+        self.primary_waiting = True
+        try:
+            await cluster.wait_for_primary(deadline, failed)
+        except asyncio.CancelledError:
+            return
+        except ProxyError as exc:
+            self.acquiring = False
+            self._reject_waiting(exc)
+            return
+        finally:
+            self.primary_waiting = False
+        self.acquiring = False
+        if self.phase is CLOSED:
+            return
+        try:
+            linked = self._attach_now()  # may go on to `_acquire`, which relays `waiting` itself
+        except ProxyError as exc:
+            self._reject_waiting(exc)
+            return
+        if linked is not None:
+            data, self.waiting = self.waiting, b""
+            if data:
+                self._ready_data(data)
 
     def _attach_now(self) -> ServerConnection | None:
         """Fast path: the server parked with us, or an idle one, whose session already matches; else
@@ -1063,7 +1190,17 @@ class ClientSession(FanoutRelay):
             self.fatal(sqlstate.PROTOCOL_VIOLATION, f"login not finished within {limit} s")
 
     def cancel_running(self) -> None:
-        """A CancelRequest named this client: pass it to every server of its link set running its query."""
+        """A CancelRequest named this client: pass it to every server of its link set running its query. A
+        statement waiting for a primary is not anywhere yet: it (and what waits behind it) is answered
+        57014 here, as PostgreSQL answers a canceled statement, and the session goes on."""
+        if self.primary_waiting and self._task is not None and not self._task.done():
+            self._task.cancel()
+            self.primary_waiting = False
+            self.acquiring = False
+            self._reject_waiting(ProxyError(sqlstate.QUERY_CANCELED,
+                                            "canceling statement due to user request (it was waiting for a "
+                                            "primary)"))
+            return
         for server in self._link_set():
             if server.outstanding or (server is self.server and self.unsynced):
                 self.rt.send_cancel(server.address, server.process_id, server.secret_key)

@@ -35,6 +35,7 @@ class PoolSettings:
     connect_timeout_ms: int
     reset_query: str
     connects_in_flight: int = 0  # at most this many server logins at once (0 = no limit)
+    send_buffer_bytes: int = 0  # each server socket's send buffer (client_to_server_buffer_bytes); 0 = kernel's
 
 
 class Pool:
@@ -198,7 +199,8 @@ class Pool:
 
     async def _create(self) -> ServerConnection:
         self.connecting += 1
-        server = ServerConnection(self, self.address, self.user, self.password, self.database, self.tls)
+        server = ServerConnection(self, self.address, self.user, self.password, self.database, self.tls,
+                                  self.settings.send_buffer_bytes)
         try:
             await self._login_turn()
             try:

@@ -110,6 +110,11 @@ class Relay(asyncio.Protocol):
     def _fan_out_from(self, data: bytes, pos: int, server: ServerConnection | None) -> bool:
         raise NotImplementedError
 
+    def _wait_for_primary(self, exc: ProxyError) -> bool:
+        """No server for the transaction now: True when the session waits for a primary instead of
+        refusing it (it then relays `waiting` once it has a server)."""
+        raise NotImplementedError
+
     def settings_key(self) -> bytes:
         raise NotImplementedError
 
@@ -232,7 +237,8 @@ class Relay(asyncio.Protocol):
                     linked = self._attach_now()
                 except ProxyError as exc:
                     self.waiting += data[pos:]
-                    self._reject_waiting(exc)
+                    if not self._wait_for_primary(exc):
+                        self._reject_waiting(exc)
                     return size
                 if linked is None:
                     self.waiting += data[pos:]

@@ -196,6 +196,7 @@ class Runtime:
             connect_timeout_ms=general.server_connect_timeout_ms,
             reset_query=general.server_reset_query,
             connects_in_flight=general.max_server_connects_in_flight,
+            send_buffer_bytes=general.client_to_server_buffer_bytes,
         )
 
     def create_min_pools(self) -> None:

@@ -100,6 +100,10 @@ _ALL_TYPES = [True] * 256  # while proxy SQL runs: every response is the proxy's
 _PLAIN = _WATCHED[False, False]
 _NO_SHAPE = (b"\x00", b"", b"")  # no response starts with a zero byte: matches nothing
 _SHAPE_PATIENCE = 8  # misses before the relay learns a new response shape
+# A server's write buffer pauses its client's reading above this fraction of client_to_server_buffer_bytes
+# (and resumes it at a quarter of that, asyncio's default low-water mark)
+CLIENT_TO_SERVER_HIGH_WATER_DIVISOR = 8
+MIN_HIGH_WATER_BYTES = 4096
 
 
 class ServerConnection(asyncio.Protocol):
@@ -107,10 +111,11 @@ class ServerConnection(asyncio.Protocol):
     responses go to `out` and events to `sink` (both None while idle or parked)."""
 
     def __init__(self, pool: ServerPool, address: tuple[str, int], user: str, password: str | ScramKeys,
-                 database: str, tls: TlsContexts | None = None) -> None:
+                 database: str, tls: TlsContexts | None = None, send_buffer_bytes: int = 0) -> None:
         self.pool = pool
         # what it relays is counted with its pool's (a monitor's stand-in pool counts apart)
         self.traffic: Traffic = getattr(pool, "traffic", None) or Traffic()
+        self.send_buffer_bytes = send_buffer_bytes
         self.tls = tls
         self.tls_version: str | None = None  # once logged in over TLS: "TLSv1.3", say
         self.address = address
@@ -227,6 +232,13 @@ class ServerConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.send_buffer_bytes:
+                # What a client sends is held back as the server takes it: the kernel's autotuned buffer
+                # (megabytes on loopback) would let the client run far ahead of the server and see its
+                # error late; the client's reading pauses once the rest exceeds the write buffer's mark.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
+                self.transport.set_write_buffer_limits(  # type: ignore[union-attr]
+                    high=max(self.send_buffer_bytes // CLIENT_TO_SERVER_HIGH_WATER_DIVISOR, MIN_HIGH_WATER_BYTES))
 
     def _login_data(self, data: bytes) -> None:
         answer = self._tls_answer
