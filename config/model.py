@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 POOL_MODES = ("session", "transaction", "statement")
@@ -72,6 +73,15 @@ class GeneralConfig:
     idle_in_transaction_timeout_ms: int = 0
     client_idle_timeout_s: float = 0.0
     client_login_timeout_s: float = 60.0
+    # worker processes and rolling restarts (issue 16): processes sharing the listen port (0: one per core),
+    # and the file holding the instance's pid (what `shardgate restart` signals)
+    workers: int = 1
+    pid_file: str = ""
+
+    @property
+    def worker_count(self) -> int:
+        """How many worker processes `workers` means on this machine."""
+        return self.workers or (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True, slots=True)
