@@ -1,7 +1,7 @@
 """Worker processes: pgbench `-S` (simple and extended) at 16 and 64 clients against PostgreSQL directly,
 PgBouncer, and Shardgate with workers = 1, 2 and 4, all in the same run, with CPU per transaction.
 
-    python -m bench.workers [--duration 5] [--out bench/results/workers.md] [--update-results]
+    python -m bench.workers [--duration 5] [--rounds 1] [--out bench/results/workers.md] [--update-results]
 
 CPU is the pooler's whole process tree (the supervisor and every worker), from /proc, over the run.
 `--update-results` puts the table into bench/RESULTS.md between its "workers" markers.
@@ -17,6 +17,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ if __package__ in (None, ""):  # run as `python bench/workers.py`: make the repo
 
 import psutil
 
-from bench import pgbench
+from bench import pgbench, services
 from bench.run import PASSWORD, background_busy_pct, init_pgbench, make_login, start_postgres
 from bench.services import REPO_ROOT, PgBouncer, PoolSettings, Shardgate, clean_env, cpu_seconds, free_port
 
@@ -65,6 +66,25 @@ class Row:
         return self.cpu_pct / 100 / self.tps * 1e6
 
 
+def median_run(found: list[Row]) -> Row:
+    """The median run by TPS (a failed run counts as 0), with every run's problems."""
+    ranked = sorted(found, key=lambda row: row.tps or 0.0)
+    middle = ranked[(len(ranked) - 1) // 2]
+    problems = tuple(problem for row in found for problem in row.problems)
+    return Row(middle.scenario, middle.target, middle.tps, middle.latency_ms, middle.cpu_pct, middle.transactions,
+               problems)
+
+
+def wait_until_ready(proxy: Shardgate, timeout_s: float = 120.0) -> None:
+    """The port answers once one worker listens; the supervisor logs `event=listening` once all do."""
+    deadline = time.monotonic() + timeout_s
+    while "event=listening" not in proxy.log_path.read_text(errors="replace"):
+        proxy.check_alive()
+        if time.monotonic() > deadline:
+            raise services.ServiceError(f"{proxy.label}: not every worker was ready after {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
 def scenarios() -> list[pgbench.Scenario]:
     found = []
     for clients in CLIENT_COUNTS:
@@ -87,11 +107,14 @@ def render(rows: list[Row], info: dict[str, str], targets: list[tuple[str, str]]
     lines = [
         "## Worker processes (issue 16)", "",
         f"{info['when']} · {info['machine']} · {info['versions']}", "",
-        f"`python -m bench.workers --duration {info['duration']}`: pgbench -j 2, {info['duration']} s per run, one "
-        f"round, targets back to back per scenario; both poolers in transaction mode, pool size "
+        f"`python -m bench.workers --duration {info['duration']} --rounds {info['rounds']}`: pgbench -j 2, "
+        f"{info['duration']} s per run, the median of {info['rounds']} round(s), targets back to back per scenario "
+        f"(their order rotating each round); both poolers in transaction mode, pool size "
         f"{info['pool_size']} (Shardgate divides it among its workers), client auth scram-sha-256. Pooler CPU is "
         f"its whole process tree (supervisor and workers) in % of one core; CPU per transaction is that CPU over "
-        f"the transactions done.", "",
+        f"the transactions done. The machine has {os.cpu_count()} cores for pgbench, PostgreSQL and the pooler "
+        f"together: a worker only adds throughput when a core sits idle for it; read the CPU per transaction "
+        f"for what each process costs.", "",
         "| scenario | " + " | ".join(f"{label} TPS" for _, label in targets) + " | best Shardgate/PgBouncer |",
         "|---|" + "--:|" * (len(targets) + 1),
     ]
@@ -128,11 +151,15 @@ def render(rows: list[Row], info: dict[str, str], targets: list[tuple[str, str]]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=5, help="seconds per pgbench run (default 5)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every run, report the median by TPS; the "
+                        "targets' order rotates each round (default 1)")
     parser.add_argument("--pool-size", type=int, default=16, help="server connections per pool (default 16)")
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i -s (default 10)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--update-results", action="store_true", help="replace the section in bench/RESULTS.md")
     args = parser.parse_args(argv)
+    # four workers start four Python processes at once: on a loaded two-core machine that takes a while
+    services.START_TIMEOUT_S = max(services.START_TIMEOUT_S, 120.0)
     settings = PoolSettings(pool_size=args.pool_size)
     rows: list[Row] = []
     scratch = Path(tempfile.mkdtemp(prefix="shardgate-bench-workers-"))
@@ -161,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             with_workers(proxy, workers)
             cleanup.callback(proxy.stop)
             proxy.start()
+            wait_until_ready(proxy)
             targets.append(pgbench.Target(f"shardgate-{workers}", f"Shardgate workers={workers}", proxy.host,
                                           proxy.port, proxy.pid))
         pgbench_dir = scratch / "pgbench"
@@ -169,22 +197,28 @@ def main(argv: list[str] | None = None) -> int:
         warm = pgbench.Scenario("warm-up", "warm-up", 64, ("-S",))
         for target in targets:  # every pooler opens its servers and every worker warms up
             pgbench.run(binary, target, warm, 2, 2, "app", "app", env, pgbench_dir)
-        for scenario in scenarios():
-            busy.append(background_busy_pct())
-            for target in targets:
-                result = pgbench.run(binary, target, scenario, args.duration, 2, "app", "app", env, pgbench_dir,
-                                     tree_cpu_seconds)
-                rows.append(Row(scenario.key, target.key, result.tps, result.latency_ms, result.pooler_cpu_pct,
-                                result.transactions, tuple(result.problems)))
-                cpu = "" if result.pooler_cpu_pct is None else f", CPU {result.pooler_cpu_pct:.0f}%"
-                print(f"{scenario.title} via {target.label}: {result.tps} tps{cpu} {result.problems or ''}",
-                      file=sys.stderr, flush=True)
+        runs: dict[tuple[str, str], list[Row]] = {}
+        for round_index in range(args.rounds):
+            order = targets[round_index % len(targets):] + targets[:round_index % len(targets)]
+            for scenario in scenarios():
+                busy.append(background_busy_pct())
+                for target in order:
+                    result = pgbench.run(binary, target, scenario, args.duration, 2, "app", "app", env,
+                                         pgbench_dir, tree_cpu_seconds)
+                    runs.setdefault((scenario.key, target.key), []).append(
+                        Row(scenario.key, target.key, result.tps, result.latency_ms, result.pooler_cpu_pct,
+                            result.transactions, tuple(result.problems)))
+                    cpu = "" if result.pooler_cpu_pct is None else f", CPU {result.pooler_cpu_pct:.0f}%"
+                    print(f"[{round_index + 1}/{args.rounds}] {scenario.title} via {target.label}: {result.tps} "
+                          f"tps{cpu} {result.problems or ''}", file=sys.stderr, flush=True)
+        rows = [median_run(found) for found in runs.values()]
         info = {
             "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{os.cpu_count()} CPUs, Linux {platform.release()}, background load "
                        f"{statistics.mean(busy):.0f}% (max {max(busy):.0f}%) before the scenarios",
             "versions": f"{bouncer.version} · Python {platform.python_version()}",
             "duration": str(args.duration),
+            "rounds": str(args.rounds),
             "pool_size": str(args.pool_size),
         }
         text = render(rows, info, [(t.key, t.label) for t in targets])
