@@ -13,21 +13,29 @@ log = logging.getLogger("shardgate")
 BACKLOG = 2048
 
 
-def reuseport_socket(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
-    """A listening TCP socket with SO_REUSEADDR and SO_REUSEPORT: other processes of the same user bind the
-    same port and the kernel spreads new connections among them."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def reuseport_sockets(host: str, port: int, backlog: int = BACKLOG) -> list[socket.socket]:
+    """Listening TCP sockets with SO_REUSEADDR and SO_REUSEPORT, one per address `host` resolves to (as
+    asyncio's create_server binds them): other processes of the same user bind the same port and the kernel
+    spreads new connections among them."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    addresses = list(dict.fromkeys((info[0], info[4][:2]) for info in infos))
+    sockets: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-        sock.setblocking(False)
+        for family, address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6 and len(addresses) > 1:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # the IPv4 address has its own
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
     except BaseException:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise
-    return sock
+    return sockets
 
 
 class Listener:
@@ -38,25 +46,27 @@ class Listener:
 
     def __init__(self, factory: Callable[[], asyncio.Protocol]) -> None:
         self.factory = factory
-        self.server: asyncio.base_events.Server | None = None
-        self._spare: socket.socket | None = None  # same listening socket, kept open through close()
+        self.servers: list[asyncio.base_events.Server] = []
+        self._spares: list[socket.socket] = []  # the same listening sockets, kept open through close()
         self._adopting: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> None:
-        sock = reuseport_socket(host, port)
-        self._spare = sock.dup()
-        self._spare.setblocking(False)
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self.factory, sock=sock, backlog=BACKLOG)
+        for sock in reuseport_sockets(host, port):
+            spare = sock.dup()
+            spare.setblocking(False)
+            self._spares.append(spare)
+            self.servers.append(await loop.create_server(self.factory, sock=sock, backlog=BACKLOG))
 
     def close(self) -> int:
         """Stop listening; returns how many queued connections were taken over on the way."""
-        if self.server is not None:
-            self.server.close()
-            self.server = None
-        spare, self._spare = self._spare, None
-        if spare is None:
-            return 0
+        for server in self.servers:
+            server.close()
+        self.servers = []
+        spares, self._spares = self._spares, []
+        return sum(self._take_queued(spare) for spare in spares)
+
+    def _take_queued(self, spare: socket.socket) -> int:
         taken = 0
         loop = asyncio.get_running_loop()
         try:

@@ -261,3 +261,37 @@ def test_closing_the_listener_serves_the_connections_queued_on_it(loop: str) -> 
         taken, answers = runner.run(asyncio.wait_for(scenario(), 20))
     assert taken == 5
     assert answers == [b"hello"] * 5
+
+
+def test_restart_needs_a_pid_file(tmp_path: Path) -> None:
+    config = tmp_path / "shardgate.toml"
+    config.write_text('[general]\nlisten = "127.0.0.1:1"\n\n[[users]]\nname = "app"\npassword = "x"\n\n'
+                      '[[databases]]\nname = "app"\n')
+    done = subprocess.run([sys.executable, "-m", "proxy", "restart", "-c", str(config)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT, timeout=60)
+    assert done.returncode == 1
+    assert "general.pid_file: required by shardgate restart" in done.stderr
+
+
+def test_a_new_instance_that_cannot_start_leaves_the_old_one_serving(
+        instance: Callable[..., Instance], bench_db: str) -> None:
+    import socket
+
+    running = instance()
+    first = running.first
+    # a plain socket (no SO_REUSEPORT) on the port the new config names: the new instance cannot bind it
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        text = first.config_path.read_text()
+        first.config_path.write_text(text.replace(f'listen = "127.0.0.1:{first.port}"', f'listen = "127.0.0.1:{taken}"'))
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        done = subprocess.run([sys.executable, "-m", "proxy", "restart", "-c", str(first.config_path),
+                               "--log", str(running.log)], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                              timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "exited with code 1 before it was ready" in done.stderr
+    assert read_pid(str(running.pid_file)) == first.pid
+    with psycopg.connect(first.dsn(dbname=bench_db, connect_timeout=10)) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
