@@ -74,13 +74,14 @@ class App:
         except TimeoutError:
             log.warning("event=catalog_timeout")
         loop = asyncio.get_running_loop()
-        await self.listener.start(host, port)
         if config.general.admin_listen and self.runtime.role.single:  # workers: the supervisor has it
             admin_host, admin_port = split_address(config.general.admin_listen)
             self.admin = await start_admin(self.runtime, admin_host, admin_port)
         if config.http.listen:
             self.http = HttpSql(self.runtime)
             await self.http.start()
+        # the client port last: whoever waits for it (a restart, an orchestrator) finds the others up
+        await self.listener.start(host, port)
         # the admin console reaches the reload and the graceful stop through the runtime
         self.runtime.reload_config = self._reload_problems
         self.runtime.request_shutdown = self._request_shutdown
