@@ -295,3 +295,55 @@ def test_a_new_instance_that_cannot_start_leaves_the_old_one_serving(
     assert read_pid(str(running.pid_file)) == first.pid
     with psycopg.connect(first.dsn(dbname=bench_db, connect_timeout=10)) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_sigusr2_serves_connected_clients_until_they_leave(proxy: ProxyFactory, pg: Topology) -> None:
+    assert pg.primary is not None
+    from tests.harness import database_entries
+
+    started = proxy(pool_size=4, databases=database_entries(pg.primary), general={"shutdown_timeout_s": 60})
+    if not isinstance(started, ProxyProcess):
+        pytest.skip("signals the proxy")
+    assert started.process is not None
+    staying = psycopg.connect(started.dsn(connect_timeout=10), autocommit=True)
+    leaving = psycopg.connect(started.dsn(connect_timeout=10), autocommit=True)
+    try:
+        started.process.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the listener closes at once
+            try:
+                psycopg.connect(started.dsn(connect_timeout=2)).close()
+            except psycopg.OperationalError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("new connections still accepted 5 s after SIGUSR2")
+        for round_index in range(5):  # idle between transactions, and not closed for it
+            time.sleep(0.3)
+            assert staying.execute("SELECT %s::int", (round_index,)).fetchone() == (round_index,)
+            assert leaving.execute("SELECT 1").fetchone() == (1,)
+        leaving.close()
+        assert started.process.poll() is None  # one client is still connected
+        staying.close()
+        assert started.process.wait(timeout=15) == 0  # the last one left: the drain is over
+    finally:
+        staying.close()
+        leaving.close()
+
+
+def test_sigterm_during_a_sigusr2_drain_closes_the_idle_clients(proxy: ProxyFactory, pg: Topology) -> None:
+    assert pg.primary is not None
+    from tests.harness import database_entries
+
+    started = proxy(pool_size=4, databases=database_entries(pg.primary), general={"shutdown_timeout_s": 60})
+    if not isinstance(started, ProxyProcess):
+        pytest.skip("signals the proxy")
+    assert started.process is not None
+    with psycopg.connect(started.dsn(connect_timeout=10), autocommit=True) as conn:
+        started.process.send_signal(signal.SIGUSR2)
+        time.sleep(1.0)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        started.process.send_signal(signal.SIGTERM)
+        assert started.process.wait(timeout=15) == 0
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")

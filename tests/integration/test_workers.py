@@ -312,3 +312,15 @@ def test_a_pool_smaller_than_the_worker_count_does_not_start(proxy: ProxyFactory
     with pytest.raises(RuntimeError) as info:
         proxy(pool_size=1, general={"workers": WORKERS})
     assert "general.default_pool_size: 1 is smaller than general.workers 2" in str(info.value)
+
+
+def test_one_worker_is_the_single_process_of_before(proxy: ProxyFactory, pg: Topology) -> None:
+    assert pg.primary is not None
+    started = proxy(pool_size=4, databases=database_entries(pg.primary), general={"workers": 1})
+    if not isinstance(started, ProxyProcess):
+        pytest.skip("needs the proxy")
+    assert started.pid is not None
+    assert psutil.Process(started.pid).children() == []  # no supervisor, no worker process
+    with psycopg.connect(started.dsn(connect_timeout=10), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert ("shardgate_workers", ()) not in metrics(started)  # the single process's own /metrics
