@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from localpg import Topology
-from tests.harness import ProxyFactory, ProxyProcess, database_entries
+from tests.harness import ProxyFactory, ProxyProcess, database_entries, default_users
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -83,8 +83,9 @@ def start(proxy: ProxyFactory, pg: Topology) -> Callable[..., ProxyProcess]:
     assert pg.primary is not None
     primary = pg.primary
 
-    def start_proxy(pool_size: int = 4, databases: list[dict[str, Any]] | None = None, **general: Any) -> ProxyProcess:
-        started = proxy(pool_size=pool_size, databases=databases or database_entries(primary),
+    def start_proxy(pool_size: int = 4, databases: list[dict[str, Any]] | None = None,
+                    users: list[dict[str, Any]] | None = None, **general: Any) -> ProxyProcess:
+        started = proxy(pool_size=pool_size, databases=databases or database_entries(primary), users=users,
                         general={"workers": WORKERS, **general})
         if not isinstance(started, ProxyProcess):
             pytest.skip("worker processes need the proxy")
@@ -324,3 +325,26 @@ def test_one_worker_is_the_single_process_of_before(proxy: ProxyFactory, pg: Top
     with psycopg.connect(started.dsn(connect_timeout=10), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert ("shardgate_workers", ()) not in metrics(started)  # the single process's own /metrics
+
+
+def test_the_consoles_reload_and_shutdown_act_for_the_whole_instance(start: Callable[..., ProxyProcess]) -> None:
+    admin = {"name": "admin", "password": "admin-secret", "auth": "scram-sha-256", "server_user": "app",
+             "server_password": "app"}
+    proxy = start(pool_size=4, admin_users=["admin"], users=[*default_users(), admin])
+
+    def sizes() -> list[str]:
+        status, body = http_get(proxy, "/api/config")
+        assert status == 200
+        return [str(row["value"]) for row in json.loads(body)["config"] if row["key"] == "default_pool_size"]
+
+    def console() -> psycopg.Connection[Any]:
+        return psycopg.connect(proxy.dsn("admin", "admin-secret", "shardgate", connect_timeout=10), autocommit=True)
+
+    proxy.write_config(general={"default_pool_size": 6})
+    with console() as conn:  # lands on one worker; the reload reaches both
+        conn.execute("RELOAD")
+    wait_until(lambda: sizes() == ["6"] * WORKERS, 15, "every worker reloaded")
+    with console() as conn:
+        conn.execute("SHUTDOWN")
+    assert proxy.process is not None and proxy.process.wait(timeout=30) == 0
+    assert "signal=SIGTERM" in proxy.stderr_text()
