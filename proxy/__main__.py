@@ -12,13 +12,20 @@ from config.loader import ConfigError, check, load
 from proxy.process import install_event_loop, setup_logging
 
 
-def run(config_path: str) -> int:
+def run(config_path: str, replacing: int | None = None) -> int:
     from proxy.app import serve
+    from proxy.restart import running_instance
 
     try:
         config = load(config_path)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
+        return 1
+    # the ports are SO_REUSEPORT: a second instance would not fail to bind, it would share them silently
+    other = running_instance(config.general.pid_file) if config.general.pid_file else None
+    if other is not None and other != replacing:
+        print(f"{config_path}: general.pid_file {config.general.pid_file}: instance pid {other} is running with "
+              f"this file; `shardgate restart -c {config_path}` replaces it", file=sys.stderr)
         return 1
     setup_logging(config.general.log_level, config.general.log_format)
     install_event_loop()
@@ -40,6 +47,7 @@ def run(config_path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardgate", description="PostgreSQL pooler and router")
     parser.add_argument("-c", "--config", help="path to shardgate.toml")
+    parser.add_argument("--replacing", type=int, default=None, help=argparse.SUPPRESS)  # set by `restart`
     sub = parser.add_subparsers(dest="command")
     check_parser = sub.add_parser("check", help="validate a config file and print every problem")
     check_parser.add_argument("-c", "--config", dest="check_config", required=True)
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return quickstart(args.port, args.dir, args.pool_mode)
     if not args.config:
         parser.error("the proxy needs a config: shardgate -c shardgate.toml (or: shardgate quickstart)")
-    return run(args.config)
+    return run(args.config, args.replacing)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,20 @@ def alive(pid: int) -> bool:
         return True
 
 
+def running_instance(pid_file: str) -> int | None:
+    """The pid in `pid_file` when that process runs and is a Shardgate (a stale file names a dead or an
+    unrelated process)."""
+    pid = read_pid(pid_file)
+    if pid is None or pid == os.getpid() or not alive(pid):
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            command = file.read().split(b"\0")
+    except OSError:
+        return pid  # no /proc: trust the file
+    return pid if b"proxy" in command or any(part.endswith(b"shardgate") for part in command) else None
+
+
 def restart(config_path: str, log_path: str | None = None, *, close_idle: bool = False, wait: bool = True) -> int:
     try:
         config = load(config_path)
@@ -52,13 +66,12 @@ def restart(config_path: str, log_path: str | None = None, *, close_idle: bool =
         print(f"{config_path}: general.pid_file: required by shardgate restart (it is how the running instance "
               f"is found and how the new one says it is ready)", file=sys.stderr)
         return 1
-    old_pid = read_pid(pid_file)
-    if old_pid is not None and not alive(old_pid):
-        old_pid = None
+    old_pid = running_instance(pid_file)  # never signal what a stale file names
+    replacing = ["--replacing", str(old_pid)] if old_pid is not None else []
     with ExitStack() as stack:
         output = stack.enter_context(open(log_path, "ab")) if log_path else None
-        new = subprocess.Popen([sys.executable, "-m", "proxy", "-c", config_path], stdin=subprocess.DEVNULL,
-                               stdout=output, stderr=output, start_new_session=True)
+        new = subprocess.Popen([sys.executable, "-m", "proxy", "-c", config_path, *replacing],
+                               stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while read_pid(pid_file) != new.pid:
         if new.poll() is not None:

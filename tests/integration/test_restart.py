@@ -70,6 +70,7 @@ class Instance:
 
     def restart_during(self, seconds: list[float]) -> threading.Thread:
         errors: list[str] = []
+        finished: list[float] = []
 
         def run() -> None:
             started = time.monotonic()
@@ -79,9 +80,11 @@ class Instance:
                     self.restart()
                 except AssertionError as error:
                     errors.append(str(error))
+                finished.append(time.monotonic())
 
         thread = threading.Thread(target=run)
         thread.errors = errors  # type: ignore[attr-defined]
+        thread.finished = finished  # type: ignore[attr-defined]
         thread.start()
         return thread
 
@@ -139,8 +142,11 @@ def pgbench(pg: Topology, instance: Instance, database: str, protocol: str, conn
     restarts = instance.restart_during([FIRST_RESTART_S + i * RESTART_GAP_S for i in range(RESTARTS)])
     done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PGPASSWORD": "app"},
                           timeout=RUN_S + 90)
+    ended = time.monotonic()
     restarts.join(120)
     assert not restarts.errors, restarts.errors  # type: ignore[attr-defined]
+    # every restart happened under load (a slow machine could push the last one past pgbench's end)
+    assert len(restarts.finished) == RESTARTS and max(restarts.finished) < ended  # type: ignore[attr-defined]
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"pgbench exit {done.returncode}\n{output}\n{instance.log_text()[-4000:]}"
     return output
@@ -347,3 +353,14 @@ def test_sigterm_during_a_sigusr2_drain_closes_the_idle_clients(proxy: ProxyFact
         assert started.process.wait(timeout=15) == 0
         with pytest.raises(psycopg.OperationalError):
             conn.execute("SELECT 1")
+
+
+def test_a_second_instance_with_the_same_pid_file_is_refused(instance: Callable[..., Instance]) -> None:
+    running = instance()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-m", "proxy", "-c", str(running.first.config_path)], capture_output=True,
+                          text=True, env=env, cwd=REPO_ROOT, timeout=60)
+    assert done.returncode == 1
+    assert f"instance pid {running.first.pid} is running with this file" in done.stderr
+    assert "shardgate restart" in done.stderr
+    assert read_pid(str(running.pid_file)) == running.first.pid
