@@ -62,6 +62,38 @@ class ScramVerifier:
     def to_text(self) -> str:
         return f"{MECHANISM}${self.iterations}:{_b64(self.salt)}${_b64(self.stored_key)}:{_b64(self.server_key)}"
 
+    @classmethod
+    def mock(cls, user: str, nonce: bytes) -> ScramVerifier:
+        """A verifier no password matches, for a user that does not exist: its salt depends on the user name
+        only (the same each time, as a real one), so the exchange cannot tell a missing user from a wrong
+        password. `nonce` is a secret of the process (PostgreSQL's mock authentication nonce)."""
+        salt = hashlib.sha256(b"salt:" + nonce + user.encode()).digest()[:16]
+        return cls(DEFAULT_ITERATIONS, salt, secrets.token_bytes(32), secrets.token_bytes(32))
+
+
+@dataclass(frozen=True, slots=True)
+class ScramKeys:
+    """What logs in to PostgreSQL for a client without its password (PgBouncer's SCRAM passthrough): the
+    ClientKey recovered from the client's proof and the ServerKey of the stored verifier. Never logged."""
+
+    client_key: bytes
+    server_key: bytes
+
+    def __repr__(self) -> str:
+        return "ScramKeys(<secret>)"
+
+
+def client_key_from_proof(stored_key: bytes, auth_message: bytes, proof: bytes) -> bytes | None:
+    """RFC 5802: ClientKey = ClientProof XOR HMAC(StoredKey, AuthMessage); it is the client's only if
+    H(ClientKey) == StoredKey. None for a proof that does not match."""
+    signature = _hmac(stored_key, auth_message)
+    if len(proof) != len(signature):
+        return None
+    client_key = _xor(proof, signature)
+    if not hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key):
+        return None
+    return client_key
+
 
 def _parse_attributes(text: str) -> dict[str, str]:
     attributes: dict[str, str] = {}
@@ -86,6 +118,7 @@ class ScramServer:
         self._server_first = ""
         self._nonce = ""
         self._binding_input = b"n,,"  # what the client's c= attribute must hold, decoded (set by handle_first)
+        self.client_key = b""  # once the proof matched: what logs in to PostgreSQL in its name (passthrough)
 
     def mechanisms(self) -> list[str]:
         """The SASL mechanisms to offer, preferred first (as PostgreSQL orders them)."""
@@ -137,12 +170,10 @@ class ScramServer:
         except ValueError:
             raise AuthError(_PROTOCOL_VIOLATION, "malformed SCRAM proof")
         auth_message = f"{self._client_first_bare},{self._server_first},{without_proof}".encode()
-        signature = _hmac(self.verifier.stored_key, auth_message)
-        if len(proof) != len(signature):
+        client_key = client_key_from_proof(self.verifier.stored_key, auth_message, proof)
+        if client_key is None:
             raise AuthError(_INVALID_PASSWORD, "password authentication failed")
-        client_key = _xor(proof, signature)
-        if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.verifier.stored_key):
-            raise AuthError(_INVALID_PASSWORD, "password authentication failed")
+        self.client_key = client_key
         self.bound = self._binding_input.startswith(b"p=")
         return f"v={_b64(_hmac(self.verifier.server_key, auth_message))}".encode()
 
@@ -166,9 +197,10 @@ class ScramServer:
 
 
 class ScramClient:
-    """The proxy's side of a server's SCRAM exchange (logging in to PostgreSQL)."""
+    """The proxy's side of a server's SCRAM exchange (logging in to PostgreSQL), with a password or with a
+    client's ScramKeys (passthrough: the server's salt and iteration count are those of the keys' verifier)."""
 
-    def __init__(self, password: str) -> None:
+    def __init__(self, password: str | ScramKeys) -> None:
         self._password = password
         self._client_nonce = _b64(secrets.token_bytes(18))
         self._client_first_bare = f"n=,r={self._client_nonce}"
@@ -184,16 +216,22 @@ class ScramClient:
         nonce, salt, iterations = attributes.get("r", ""), attributes.get("s", ""), attributes.get("i", "")
         if not nonce.startswith(self._client_nonce) or not salt or not iterations.isdigit():
             raise AuthError(_PROTOCOL_VIOLATION, "server sent an invalid SCRAM challenge")
-        self._salted = hashlib.pbkdf2_hmac("sha256", self._password.encode(), base64.b64decode(salt), int(iterations))
+        secret = self._password
+        if isinstance(secret, ScramKeys):
+            client_key = secret.client_key
+        else:
+            self._salted = hashlib.pbkdf2_hmac("sha256", secret.encode(), base64.b64decode(salt), int(iterations))
+            client_key = _hmac(self._salted, b"Client Key")
         without_proof = f"c=biws,r={nonce}"
         self._auth_message = f"{self._client_first_bare},{text},{without_proof}".encode()
-        client_key = _hmac(self._salted, b"Client Key")
         signature = _hmac(hashlib.sha256(client_key).digest(), self._auth_message)
         return f"{without_proof},p={_b64(_xor(client_key, signature))}".encode()
 
     def verify_final(self, server_final: bytes) -> None:
         attributes = _parse_attributes(server_final.decode())
-        expected = _b64(_hmac(_hmac(self._salted, b"Server Key"), self._auth_message))
+        secret = self._password
+        server_key = secret.server_key if isinstance(secret, ScramKeys) else _hmac(self._salted, b"Server Key")
+        expected = _b64(_hmac(server_key, self._auth_message))
         if not hmac.compare_digest(attributes.get("v", ""), expected):
             raise AuthError(_PROTOCOL_VIOLATION, "server SCRAM signature mismatch")
 

@@ -181,6 +181,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"timed runs per cross-shard query and target, after one warm-up (default {FULL_QUERY_RUNS}, "
         f"--quick {QUICK_QUERY_RUNS})",
     )  # fmt: skip
+    parser.add_argument(
+        "--point-only", action="store_true",
+        help="point reads only: load the accounts table alone, skip the cross-shard queries and the fan-out "
+        "memory run (a quick look at the single-shard path; never appended to RESULTS.md)",
+    )  # fmt: skip
     parser.add_argument("--pool-size", type=int, default=16, help="server connections per pool (default 16)")
     parser.add_argument("--clients", type=int, default=16, help="pgbench clients (default 16)")
     parser.add_argument("--threads", type=int, default=2, help="pgbench -j (default 2)")
@@ -279,14 +284,19 @@ def _where(shard: int | None, column: str) -> str:
     return f" WHERE satisfies_hash_partition('probe'::regclass, {SHARDS}, {shard}, {column}::bigint)"
 
 
-def load_sql(shard: int | None) -> list[str]:
-    """Statements that create and fill one server: shard `shard`, or the reference server (all rows, no big5)."""
+def load_sql(shard: int | None, point_only: bool = False) -> list[str]:
+    """Statements that create and fill one server: shard `shard`, or the reference server (all rows, no big5);
+    `point_only`: the accounts table alone."""
     statements = [
         "CREATE TABLE probe (k bigint) PARTITION BY HASH (k)",
         "CREATE TABLE accounts (tenant_id bigint NOT NULL, id int NOT NULL, balance int NOT NULL)",
         f"INSERT INTO accounts SELECT g, 1, (g * 37) % 10007 FROM generate_series(1, {TENANTS}) g"
         + _where(shard, "g"),
         "ALTER TABLE accounts ADD PRIMARY KEY (tenant_id, id)",
+    ]
+    if point_only:
+        return [*statements, "VACUUM (ANALYZE) accounts"]
+    statements += [
         "CREATE TABLE big (id bigint NOT NULL, g int NOT NULL, v int NOT NULL)",
         f"INSERT INTO big SELECT s, s % {BIG_GROUPS}, (s::bigint * 7919) % 1000003 FROM generate_series(1, {BIG_ROWS}) s"
         + _where(shard, "s"),
@@ -312,13 +322,15 @@ def connect(host: str, port: int, connect_timeout: int = CONNECT_TIMEOUT_S) -> p
     )  # fmt: skip
 
 
-def load_server(server: PgServer, shard: int | None) -> dict[str, int]:
+def load_server(server: PgServer, shard: int | None, point_only: bool = False) -> dict[str, int]:
     """Create and fill one server; returns its row count per table."""
     with connect(server.host, server.port) as conn:
         conn.execute(f"SET statement_timeout = {int(LOAD_TIMEOUT_S * 1000)}")
-        for sql in load_sql(shard):
+        for sql in load_sql(shard, point_only):
             conn.execute(sql)  # type: ignore[arg-type]  # our own constant SQL
-        tables = ["accounts", "big"] + (["big5"] if shard is not None else [])
+        tables = ["accounts"]
+        if not point_only:
+            tables += ["big"] + (["big5"] if shard is not None else [])
         counts = {}
         for table in tables:
             row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # type: ignore[arg-type]
@@ -328,16 +340,18 @@ def load_server(server: PgServer, shard: int | None) -> dict[str, int]:
     return counts
 
 
-def load_all(shards: Sequence[PgServer], reference: PgServer) -> dict[str, dict[str, int]]:
+def load_all(
+    shards: Sequence[PgServer], reference: PgServer, point_only: bool = False
+) -> dict[str, dict[str, int]]:
     """Fill the three servers at once (one connection each) and check that the shards add up."""
     jobs: list[tuple[str, PgServer, int | None]] = [
         *((f"shard {index}", server, index) for index, server in enumerate(shards)),
         ("reference", reference, None),
     ]
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        futures = {name: pool.submit(load_server, server, shard) for name, server, shard in jobs}
+        futures = {name: pool.submit(load_server, server, shard, point_only) for name, server, shard in jobs}
         counts = {name: future.result(timeout=LOAD_TIMEOUT_S) for name, future in futures.items()}
-    expected = {"accounts": TENANTS, "big": BIG_ROWS, "big5": BIG5_ROWS}
+    expected = {"accounts": TENANTS} if point_only else {"accounts": TENANTS, "big": BIG_ROWS, "big5": BIG5_ROWS}
     for table, total in expected.items():
         on_shards = [counts[f"shard {index}"][table] for index in range(len(shards))]
         if sum(on_shards) != total or min(on_shards) == 0:
@@ -1036,7 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"PostgreSQL: shards on ports {[s.port for s in shards]}, reference on {reference.port}; loading "
             f"{TENANTS:,} tenants, {BIG_ROWS:,} + {BIG5_ROWS:,} rows ...")  # fmt: skip
         loading = time.monotonic()
-        state.loaded = load_all(shards, reference)
+        state.loaded = load_all(shards, reference, args.point_only)
         say(f"loaded in {time.monotonic() - loading:.0f} s: {state.loaded}")
         login = make_login(reference, args.auth)
         env = clean_env(
@@ -1085,6 +1099,8 @@ def main(argv: list[str] | None = None) -> int:
                 SHARD0_DIRECT: (shards[0].host, shards[0].port)}, args.runs)),
             ("fan-out memory", lambda: run_fanout(state, shardgate, str(reference.bin_dir / "psql"), env, work_dir)),
         ]  # fmt: skip
+        if args.point_only:
+            sections = sections[:1]
         try:
             state.point_check = check_point_reads(shardgate)
             say(state.point_check)
@@ -1104,7 +1120,7 @@ def main(argv: list[str] | None = None) -> int:
             service.stop()
         scan_logs(state, [pgbouncer, one_server, shardgate], out)
 
-    full_run = not args.quick and not stopped_early
+    full_run = not args.quick and not args.point_only and not stopped_early
     text = write_outputs(state, out, full_run)
     print(text)
     say(f"report written to {out}" + (f" and appended to {COMMITTED_RESULTS}" if full_run else "")

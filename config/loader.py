@@ -27,6 +27,7 @@ from config.model import (
     SHARD_KEY_TYPES,
     SHARDING_METHODS,
     TLS_VERSIONS,
+    WILDCARD_DATABASE,
     Config,
     DatabaseConfig,
     GeneralConfig,
@@ -125,6 +126,7 @@ def parse(data: dict[str, Any], source_path: str | None = None) -> Config:
     users = _parse_users(data, general, has_jwt="jwt" in data, problems=problems)
     _check_admin_users(general, users, problems)
     databases = _parse_databases(data, problems)
+    _check_passthrough(general, users, databases, problems)
     shards_of = _shards_by_database(data)
     sharded = _parse_sharded_tables(data, shards_of, problems)
     omnisharded = _parse_omnisharded_tables(data, shards_of, problems)
@@ -205,6 +207,7 @@ def _parse_general(table: dict[str, Any] | None, problems: list[str]) -> General
     _read_limit_keys(section)
     workers = section.integer("workers", minimum=0, maximum=MAX_WORKERS)
     section.string("pid_file")
+    _read_passthrough_keys(section)
     section.finish()
 
     if workers is not None and pool_size is not None:
@@ -247,6 +250,41 @@ def _read_limit_keys(section: _Section) -> None:
     section.integer("idle_in_transaction_timeout_ms", minimum=0)
     section.seconds("client_idle_timeout_s")
     section.seconds("client_login_timeout_s")
+
+
+def _read_passthrough_keys(section: _Section) -> None:
+    """[general] keys of databases and users not in the config (README "Databases and users not in the
+    config"); checked against [[users]] and [[databases]] by _check_passthrough."""
+    section.seconds("autodb_idle_timeout_s")
+    section.string("auth_user")
+    section.string("auth_query", allow_empty=False)
+    section.seconds("auth_query_cache_s")
+    section.string("auth_dbname")
+
+
+def _check_passthrough(general: GeneralConfig | None, users: list[UserConfig | None],
+                       databases: list[DatabaseConfig | None], problems: list[str]) -> None:
+    """auth_user is a [[users]] entry that can log in to PostgreSQL, auth_query takes the user name as $1,
+    auth_dbname is a configured database."""
+    if general is None:
+        return
+    if not general.auth_user:
+        if general.auth_dbname:
+            problems.append("general.auth_dbname: only used with general.auth_user (set it, or remove this key)")
+        return
+    known = {user.name: user for user in users if user is not None}
+    auth_user = known.get(general.auth_user)
+    if auth_user is None:
+        problems.append(f'general.auth_user: no [[users]] entry is named "{general.auth_user}" (the proxy logs '
+                        "in as it, with its password from the config, to run auth_query)")
+    elif not auth_user.backend_password or auth_user.backend_password.startswith(SCRAM_PREFIX):
+        problems.append(f'general.auth_user: user "{auth_user.name}" needs a password PostgreSQL accepts '
+                        "(password or server_password; a SCRAM verifier cannot log in)")
+    if "$1" not in general.auth_query:
+        problems.append(f"general.auth_query: must take the user name as $1 (got {_describe(general.auth_query)})")
+    names = {database.name for database in databases if database is not None}
+    if general.auth_dbname and (general.auth_dbname not in names or general.auth_dbname == WILDCARD_DATABASE):
+        problems.append(f'general.auth_dbname: no [[databases]] entry is named "{general.auth_dbname}"')
 
 
 def _check_networks(raw: Any) -> tuple[Any, str | None]:
@@ -407,6 +445,8 @@ def _parse_databases(data: dict[str, Any], problems: list[str]) -> list[Database
         section.integer("max_connections", minimum=1)
         section.finish()
 
+        if name == WILDCARD_DATABASE:
+            _check_wildcard(path, section, primaries, problems)
         if name is not None and role == "primary" and shard is not None:
             key = (name, shard)
             if key in primaries:
@@ -420,6 +460,23 @@ def _parse_databases(data: dict[str, Any], problems: list[str]) -> list[Database
     _check_shard_numbers(databases, problems)
     _check_database_limits(databases, problems)
     return databases
+
+
+def _check_wildcard(path: str, section: _Section, primaries: dict[tuple[str, int], int],
+                    problems: list[str]) -> None:
+    """The wildcard entry names a server only: the database name is the client's, one primary, no shards."""
+    table = section.table
+    for key, why in (("database_name", "the server database is the name the client asks for"),
+                     ("shard", "a database the wildcard serves has one shard"),
+                     ("max_connections", "not built for the wildcard; give the database its own entry")):
+        if key in table:
+            problems.append(f'{path}.{key}: not allowed on the wildcard database "*" ({why})')
+    if table.get("role", "primary") != "primary":
+        problems.append(f'{path}.role: the wildcard database "*" has one server, role "primary" '
+                        f'(got {_describe(table.get("role"))})')
+    first = primaries.get((WILDCARD_DATABASE, 0))
+    if first is not None:
+        problems.append(f'{path}.name: only one wildcard database "*" (first in databases[{first}])')
 
 
 def _check_database_limits(databases: list[DatabaseConfig | None], problems: list[str]) -> None:

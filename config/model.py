@@ -20,6 +20,10 @@ SERVER_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 TLS_VERSIONS = ("1.2", "1.3")
 # Forward-secret AEAD suites only for TLS 1.2 (TLS 1.3 suites are all strong and not set by this string).
 DEFAULT_TLS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
+# Databases and users not in the config (issue 17): a [[databases]] entry of this name serves any database
+# name no other entry has; auth_query looks users up in PostgreSQL (PgBouncer's defaults).
+WILDCARD_DATABASE = "*"
+DEFAULT_AUTH_QUERY = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,13 @@ class GeneralConfig:
     idle_in_transaction_timeout_ms: int = 0
     client_idle_timeout_s: float = 0.0
     client_login_timeout_s: float = 60.0
+    # databases and users not in the config (issue 17): pools of the wildcard database closed after this
+    # much idleness; users looked up with auth_query, logged in as auth_user (a [[users]] entry), cached
+    autodb_idle_timeout_s: float = 3600.0
+    auth_user: str = ""
+    auth_query: str = DEFAULT_AUTH_QUERY
+    auth_query_cache_s: float = 30.0
+    auth_dbname: str = ""  # the [[databases]] name auth_query runs on ("": the database the client asks for)
     # worker processes and rolling restarts (issue 16): processes sharing the listen port (0: one per core),
     # and the file holding the instance's pid (what `shardgate restart` signals)
     workers: int = 1
@@ -260,6 +271,13 @@ class Config:
         for user in self.users:
             if user.name == name:
                 return user
+        return None
+
+    def wildcard(self) -> DatabaseConfig | None:
+        """The `name = "*"` entry that serves database names no other entry has, if any."""
+        for db in self.databases:
+            if db.name == WILDCARD_DATABASE:
+                return db
         return None
 
     def servers_for(self, database: str) -> tuple[DatabaseConfig, ...]:

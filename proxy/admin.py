@@ -95,6 +95,7 @@ class RuntimeCollector:
 
         yield from _two_phase_metrics(rt)
         yield from _limit_metrics(rt)
+        yield from _passthrough_metrics(rt)
 
         jwt = rt.auth.jwt
         if jwt is not None:
@@ -128,6 +129,25 @@ def _limit_metrics(rt: Runtime) -> Iterator[Metric]:
     for kind in TIMEOUT_KINDS:
         timeouts.add_metric([kind], limits.timeouts[kind])
     yield from (failures, refused, timeouts)
+
+
+def _passthrough_metrics(rt: Runtime) -> Iterator[Metric]:
+    """Databases the wildcard serves now and made so far; auth_query lookups, cache hits and failures."""
+    autodb = rt.autodb
+    open_now = GaugeMetricFamily("shardgate_autodb_databases", "Databases the wildcard entry serves now")
+    open_now.add_metric([], len(autodb.names))
+    yield open_now
+    auth_query = rt.auth_query
+    for name, value, text in (
+        ("shardgate_autodb_created", autodb.created, "Databases the wildcard entry started serving"),
+        ("shardgate_autodb_closed", autodb.closed, "Wildcard databases closed (idle, or a reload)"),
+        ("shardgate_auth_query_lookups", auth_query.lookups, "auth_query runs (cache misses)"),
+        ("shardgate_auth_query_cache_hits", auth_query.hits, "Users found in the auth_query cache"),
+        ("shardgate_auth_query_failures", auth_query.failures, "auth_query lookups that could not run"),
+    ):
+        family = CounterMetricFamily(name, text)
+        family.add_metric([], value)
+        yield family
 
 
 def _two_phase_metrics(rt: Runtime) -> Iterator[Metric]:

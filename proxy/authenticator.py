@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hmac
+import secrets
 
 from auth.claims import claim_at, reset_settings_sql, session_settings
 from auth.errors import AuthError
 from auth.identity import Identity
 from auth.jwt import check_scope, identity_from_claims
 from auth.keys import KeySet
-from auth.scram import ScramVerifier, md5_hash, md5_response
+from auth.scram import ScramKeys, ScramVerifier, md5_hash, md5_response
 from auth.token_cache import CachedJwtValidator
 from config.model import Config, UserConfig
 from config.passwords import is_md5_hash, is_scram_verifier
@@ -22,6 +23,9 @@ class Authenticator:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._verifiers: dict[str, ScramVerifier] = {}
+        # users of auth_query: the keys their last SCRAM login left, which log them in to PostgreSQL
+        self.passthrough: dict[str, str | ScramKeys] = {}  # (an md5 user's: its md5 hash)
+        self.mock_nonce = secrets.token_bytes(16)  # salts the mock verifiers of users PostgreSQL does not know
         self.jwt: CachedJwtValidator | None = None
         if config.jwt is not None:
             self.jwt = CachedJwtValidator.from_config(config.jwt)
@@ -36,6 +40,11 @@ class Authenticator:
                 cached = ScramVerifier.from_password(user.password)
             self._verifiers[user.name] = cached
         return cached
+
+    def backend_secret(self, user: UserConfig) -> str | ScramKeys:
+        """What a server login of `user` answers PostgreSQL with: its config password, or for a user of
+        auth_query its SCRAM keys (its md5 hash, an md5 user's)."""
+        return self.passthrough.get(user.name) or user.backend_password
 
     def check_md5(self, user: UserConfig, given: str, salt: bytes) -> bool:
         return hmac.compare_digest(md5_response(user.name, user.password, salt).encode(), given.encode())
@@ -91,3 +100,5 @@ class Authenticator:
             self.jwt.reload(config.jwt, KeySet.from_config(config.jwt))
         self.config = config
         self._verifiers.clear()
+        for user in config.users:  # a name now in the config logs in with its config password
+            self.passthrough.pop(user.name, None)

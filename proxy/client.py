@@ -289,6 +289,10 @@ class ClientSession(FanoutRelay):
             self.phase = CLOSED
             if self.transport is not None:
                 self.transport.close()
+        elif handshake.state is HandshakeState.LOOKUP:
+            if not handshake.looking_up:  # what the client sends meanwhile waits in inbuf
+                handshake.looking_up = True
+                self._start_task(self._look_up(handshake))
         elif handshake.state is HandshakeState.TLS:
             if not self.tls_starting:
                 self._start_tls(handshake)
@@ -296,6 +300,16 @@ class ClientSession(FanoutRelay):
             self.handshake = None
             assert handshake.identity is not None
             self._authenticated(handshake, handshake.identity)
+
+    async def _look_up(self, handshake: Handshake) -> None:
+        """A user the config does not list: auth_query runs (other clients go on), then the exchange it
+        calls for. An error escaping here closes the client with its SQLSTATE (see `_task_done`)."""
+        try:
+            await handshake.look_up()
+        except asyncio.CancelledError:
+            return
+        if self.phase is not CLOSED:
+            self._startup_data()
 
     def _start_tls(self, handshake: Handshake) -> None:
         context = handshake.tls_wanted
@@ -365,7 +379,7 @@ class ClientSession(FanoutRelay):
         self.scatter = setup.scatter
         self.sharded = setup.scatter is not None
         self.lane_ok = setup.lane_ok
-        self.lane_routed = setup.pool_mode is TRANSACTION and setup.split is not None and setup.scatter is None
+        self.lane_routed = setup.pool_mode is TRANSACTION and setup.split is not None
         if self.pool_mode is not SESSION:
             params = self.rt.login_params.get(self._login_params_key(pool))
             if params is not None:  # the usual case: no server needed to log in
@@ -726,7 +740,7 @@ class ClientSession(FanoutRelay):
         self.split = ReadWriteSplit(self.rt, self.cluster, self.user)
         self.lane = None
         self.lane_ok = False
-        self.lane_routed = self.pool_mode is TRANSACTION and self.scatter is None
+        self.lane_routed = self.pool_mode is TRANSACTION
 
     def on_server_taken(self, server: ServerConnection) -> None:
         """The pool gave our parked server to another client (or back to the idle list)."""

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from config.model import Config, DatabaseConfig, GeneralConfig
+from config.model import WILDCARD_DATABASE, Config, DatabaseConfig, GeneralConfig
 from proxy.errors import ProxyError
 from proxy.protocol import sqlstate
 from proxy.server import ServerConnection, ServerPool
@@ -481,7 +481,8 @@ def build_clusters(config: Config) -> dict[tuple[str, int], Cluster]:
     credentials log in the monitor."""
     grouped: dict[tuple[str, int], list[DatabaseConfig]] = {}
     for database in config.databases:
-        grouped.setdefault((database.name, database.shard), []).append(database)
+        if database.name != WILDCARD_DATABASE:  # its clusters are made per database name (proxy/autodb.py)
+            grouped.setdefault((database.name, database.shard), []).append(database)
     credentials: tuple[str, str] | None = None
     if config.users:
         first = config.users[0]

@@ -17,6 +17,7 @@ from proxy.runtime import Runtime
 from proxy.scatter import FanoutPlan, Scatter, next_part, split_bind_parameters, unnamed_parse
 from proxy.server import ServerConnection
 from proxy.session_state import Effect, ServerState, SessionState
+from proxy.splitter import ReadWriteSplit
 from proxy.twophase.coordinator import Participant
 from routing.copy_split import BinaryCopySplitter, CopySplitter
 from routing.errors import RoutingError
@@ -197,6 +198,18 @@ class FanoutRelay(Relay):
 
     def settings_key(self) -> bytes:
         raise NotImplementedError
+
+    def _repeats_read(self, split: ReadWriteSplit, data: bytes, size: int) -> bool:
+        scatter = self.scatter
+        if scatter is None:
+            return split.repeats_read(data, size)
+        shard = scatter.repeats_point(data, size)
+        if shard is None or not split.repeats_read(data, size):
+            return False
+        scatter.start_point(shard)
+        split.use_shard(shard)
+        self.unnamed_fanout = None  # a Query or unnamed Parse on the home shard replaces it
+        return True
 
     # ------------------------------------------------------------ statements for several shards
 

@@ -8,8 +8,10 @@ from enum import Enum
 
 from auth.errors import AuthError
 from auth.identity import Identity
-from auth.scram import ScramServer
+from auth.scram import ScramKeys, ScramServer, ScramVerifier
 from config.model import UserConfig
+from config.passwords import is_md5_hash, is_scram_verifier
+from proxy.console import CONSOLE_DATABASES
 from proxy.errors import ProxyError
 from proxy.protocol import codec, sqlstate
 from proxy.protocol.codec import ProtocolError
@@ -22,6 +24,7 @@ _STARTUP_ONLY = frozenset(("user", "database", "options", "replication"))
 class HandshakeState(Enum):
     STARTUP = "startup"  # waiting for the startup packet (after any SSL/GSS request)
     TLS = "tls"  # `tls_wanted` set: the session runs the TLS handshake, then calls `tls_established`
+    LOOKUP = "lookup"  # a user the config does not list: the session awaits `look_up` (auth_query)
     AUTH = "auth"  # a password, an md5 hash, SCRAM messages or a JWT expected
     DONE = "done"  # `identity` is set
     CANCELLED = "cancelled"  # the connection was a CancelRequest, already forwarded: close it
@@ -50,6 +53,9 @@ class Handshake:
         self.tls_wanted: ClientTlsContext | None = None  # in state TLS: the context to start it with
         self.tls_direct = False  # in state TLS: the ClientHello is what `buffer` holds
         self._alpn_missing = False  # direct TLS without ALPN "postgresql": refused at the startup packet
+        self.looking_up = False  # in state LOOKUP: the session started `look_up`
+        self.queried = False  # `user` was made from what auth_query found (or a mock, when it found nothing)
+        self._known = False  # auth_query found the user: a matching proof logs it in
 
     def tls_established(self, session: ClientTlsSession) -> None:
         """The session finished the TLS handshake: the startup packet comes next, encrypted."""
@@ -128,10 +134,48 @@ class Handshake:
         self.rt.limits.check_auth(self.peer_host, user_name)  # a cool-off refuses before any check runs
         user = self.rt.config.user(user_name)
         if user is None:
+            if self.rt.auth_query.enabled and self.database not in CONSOLE_DATABASES:
+                self.state = HandshakeState.LOOKUP
+                return
             raise AuthError(sqlstate.INVALID_AUTHORIZATION, f'role "{user_name}" does not exist')
         self.user = user
         self.state = HandshakeState.AUTH
         self._begin_auth(user)
+
+    async def look_up(self) -> None:
+        """In state LOOKUP: the user's stored secret from PostgreSQL (auth_query, cached), then on with the
+        exchange it calls for (SCRAM for a SCRAM verifier, md5 for an md5 hash). A user PostgreSQL does not
+        know goes through a SCRAM exchange that no password passes, so it fails as a wrong password does.
+        Raises ProxyError when the lookup cannot run."""
+        rt = self.rt
+        name = self.user_name
+        try:
+            pool = rt.auth_query_pool(self.database)
+        except ProxyError as exc:  # no such database, or no server of it reachable
+            raise rt.auth_query.failed(rt.config.general.auth_dbname or self.database, name, exc) from None
+        secret = await rt.auth_query.lookup(pool, name)
+        self.queried = True
+        self._known = secret is not None
+        auth = "md5" if secret is not None and is_md5_hash(secret) else "scram-sha-256"
+        user = self.user = UserConfig(name=name, password=secret or "", auth=auth)
+        self.state = HandshakeState.AUTH
+        if auth == "md5":
+            self._begin_auth(user)
+            return
+        if secret is None:
+            verifier = ScramVerifier.mock(name, rt.auth.mock_nonce)
+        elif is_scram_verifier(secret):
+            try:
+                verifier = ScramVerifier.parse(secret)
+            except ValueError:
+                self._known = False
+                verifier = ScramVerifier.mock(name, rt.auth.mock_nonce)
+        else:  # a password stored as it is (servers before PostgreSQL 10)
+            verifier = ScramVerifier.from_password(secret)
+        self._method = auth
+        binding = self.tls.context.end_point if self.tls is not None else None
+        scram = self._scram = ScramServer(verifier, binding)
+        self.write(codec.auth_sasl(scram.mechanisms()))
 
     def _check_tls(self, user_name: str) -> None:
         """tls.mode = require and client certificates, before any authentication (all 28000, as
@@ -190,8 +234,10 @@ class Handshake:
                 self._authenticated(auth.authenticate_jwt(user, self.database, given))
                 return
             ok = auth.check_md5(user, given, self._md5_salt) if method == "md5" else auth.check_plain(user, given)
-            if not ok:
+            if not ok or (self.queried and not self._known):
                 raise failed
+            if self.queried:
+                self.rt.use_server_secret(user.name, user.password)  # its md5 hash answers the server
             self._authenticated(Identity(user.name, self.database))
             return
         scram = self._scram
@@ -207,7 +253,13 @@ class Handshake:
             self.write(codec.auth_sasl_continue(scram.handle_first(mechanism, data)))
             self._scram_started = True
         else:
-            self.write(codec.auth_sasl_final(scram.handle_final(body)))
+            final = scram.handle_final(body)
+            if self.queried:
+                if not self._known:
+                    raise failed
+                # the server login uses the client's proof from now on (PgBouncer's SCRAM passthrough)
+                self.rt.use_server_secret(user.name, ScramKeys(scram.client_key, scram.verifier.server_key))
+            self.write(codec.auth_sasl_final(final))
             self._authenticated(Identity(user.name, self.database))
 
     def _authenticated(self, identity: Identity) -> None:

@@ -205,6 +205,10 @@ class Limits:
         self._per_user[user] += 1
         self._per_database[database] += 1
 
+    def clients_of(self, database: str) -> int:
+        """Logged-in clients of a database now (the janitor closes an idle wildcard database's pools)."""
+        return self._per_database.get(database, 0)
+
     def release(self, user: str, database: str) -> None:
         for table, key in ((self._per_user, user), (self._per_database, database)):
             table[key] -= 1

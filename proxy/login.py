@@ -29,8 +29,8 @@ class SessionSetup:
 
 def setup_session(runtime: Runtime, user: UserConfig, database: str, *, jwt: bool,
                   tenant: str | None = None) -> SessionSetup:
-    """Raises ProxyError (3D000, fatal) for a database the config does not have."""
-    cluster = runtime.cluster_for(database)
+    """Raises ProxyError (3D000, fatal) for a database the config does not have (nor its wildcard)."""
+    cluster = runtime.open_cluster(database)
     if cluster is None:
         raise ProxyError(sqlstate.INVALID_CATALOG_NAME, f'database "{database}" does not exist', fatal=True)
     pool_mode = MODES[user.pool_mode or runtime.config.general.pool_mode]

@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from auth.scram import ScramKeys
 from proxy.errors import PoolError, ProxyError, ServerError
 from proxy.protocol import codec, sqlstate
 from proxy.server import ServerConnection, ServerOwner
@@ -44,7 +45,7 @@ class Pool:
     one from its client, and the janitor returns any parked for longer than PARK_LIMIT_S to the idle list.
     """
 
-    def __init__(self, name: str, address: tuple[str, int], database: str, user: str, password: str,
+    def __init__(self, name: str, address: tuple[str, int], database: str, user: str, password: str | ScramKeys,
                  settings: PoolSettings, tls: TlsContexts | None = None) -> None:
         self.name = name
         self.tls = tls  # read at each server connect: a reload's new certificates go to new servers
@@ -485,7 +486,7 @@ class Pool:
 
     # ------------------------------------------------------------ reload
 
-    def reconfigure(self, settings: PoolSettings, user: str, password: str) -> None:
+    def reconfigure(self, settings: PoolSettings, user: str, password: str | ScramKeys) -> None:
         """A reload: new settings for new checkouts. A smaller pool closes its surplus idle servers now and
         its surplus busy ones when they come back; a bigger one lets its waiters open servers. A new
         backend role closes every server once idle (they are logged in as the old one); a new password

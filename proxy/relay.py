@@ -61,7 +61,7 @@ class Relay(asyncio.Protocol):
     parked: bool  # `server` stays linked between transactions (see Pool)
     lane: ServerConnection | None  # the client's server while in the steady state (see `_lane`)
     lane_ok: bool  # transaction mode with no routing (set at login)
-    lane_routed: bool  # transaction mode, read/write split, one shard: the lane takes repeated reads
+    lane_routed: bool  # transaction mode, read/write split or shards: the lane takes repeated reads
     # the last extended batch with one Bind taken by `_lane_batch`: the bytes before and after the Bind,
     # its Syncs, and for a Bind of a named statement how it is renamed
     lane_shape: tuple[bytes, bytes, int, NamedBind | None] | None
@@ -94,6 +94,11 @@ class Relay(asyncio.Protocol):
         raise NotImplementedError
 
     def settings_key(self) -> bytes:
+        raise NotImplementedError
+
+    def _repeats_read(self, split: ReadWriteSplit, data: bytes, size: int) -> bool:
+        """A new transaction's `data` repeats the session's last plain read (see ReadWriteSplit.repeats_read),
+        and on a sharded database goes to a shard found without the parser; the transaction starts there."""
         raise NotImplementedError
 
     def _more_waiting(self) -> None:
@@ -437,7 +442,7 @@ class Relay(asyncio.Protocol):
         if split is not None:
             # read/write split: a new transaction whose Query or unnamed batch repeats the last plain read,
             # routed again (maybe to another server) by `_attach_now` as `_relay` would
-            if syncs != 1 or send is not data or not split.repeats_read(data, size):
+            if syncs != 1 or send is not data or not self._repeats_read(split, data, size):
                 return False
             linked = self._attach_now()
             if linked is None:  # waiting for a server: the slow path sends it

@@ -10,12 +10,16 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from config.model import Config, DatabaseConfig, UserConfig
+from auth.scram import ScramKeys
+from config.model import WILDCARD_DATABASE, Config, DatabaseConfig, UserConfig
+from proxy.auth_query import AuthQuery
 from proxy.authenticator import Authenticator
+from proxy.autodb import AutoDatabases
 from proxy.cluster import Cluster, build_clusters
+from proxy.errors import ProxyError
 from proxy.limits import Limits
 from proxy.pool import Pool, PoolSettings
-from proxy.protocol import codec
+from proxy.protocol import codec, sqlstate
 from proxy.server import ServerConnection
 from proxy.session_state import EffectScanner
 from proxy.shardmap import build_shard_router
@@ -93,6 +97,8 @@ class Runtime:
             cluster.tls = self.tls
         self.router = Router(config.general.volatile_functions if hasattr(config.general, "volatile_functions") else ())
         self.auth = Authenticator(config)
+        self.auth_query = AuthQuery(config)  # users the config does not list (general.auth_user)
+        self.autodb = AutoDatabases(config, self.clusters, self.pools, self.tls)  # the wildcard's databases
         self.limits = Limits(config)  # auth cool-offs, accept pace, client counts, timeouts (proxy/limits.py)
         self.collations: dict[str, str] = {}  # database -> its collation as the merger compares text
         self.shard_routers: dict[str, ShardRouter | None] = {}
@@ -110,6 +116,35 @@ class Runtime:
 
     def cluster_for(self, database: str, shard: int = 0) -> Cluster | None:
         return self.clusters.get((database, shard))
+
+    def open_cluster(self, database: str) -> Cluster | None:
+        """A login's database: its configured shard 0, else the wildcard's cluster for it (made now)."""
+        return self.clusters.get((database, 0)) or self.autodb.cluster_for(database)
+
+    def auth_query_pool(self, database: str) -> Pool:
+        """auth_user's pool on the server auth_query runs on: general.auth_dbname's, else the database the
+        client asks for (ProxyError 3D000 when there is no such database)."""
+        general = self.config.general
+        name = general.auth_dbname or database
+        cluster = self.open_cluster(name)
+        auth_user = self.config.user(general.auth_user)
+        if cluster is None or auth_user is None:
+            raise ProxyError(sqlstate.INVALID_CATALOG_NAME, f'database "{name}" does not exist', fatal=True)
+        try:
+            target = cluster.primary()
+        except ProxyError:
+            target = cluster.pick_read()  # the roles are the same on a replica
+        return self.pool_for_server(auth_user, target.config)
+
+    def use_server_secret(self, user_name: str, secret: str | ScramKeys) -> None:
+        """A user of auth_query logged in: its SCRAM keys (or md5 hash) log its servers in from now on (a
+        changed password gives new ones, which the pools it already has take too)."""
+        if self.auth.passthrough.get(user_name) == secret or self.config.user(user_name) is not None:
+            return
+        self.auth.passthrough[user_name] = secret
+        for key, pool in self.pools.items():
+            if key[4] == user_name:
+                pool.password = secret
 
     def shards_of(self, database: str) -> list[Cluster]:
         """The clusters of every shard of a logical database, by shard number (the config checks they
@@ -139,7 +174,7 @@ class Runtime:
                 (server.host, server.port),
                 server.server_database,
                 user.backend_user,
-                user.backend_password,
+                self.auth.backend_secret(user),
                 self.pool_settings(user),
                 tls=self.tls,
             )
@@ -174,7 +209,8 @@ class Runtime:
             if minimum <= 0:
                 continue
             for server in self.config.databases:
-                self.pool_for_server(user, server)
+                if server.name != WILDCARD_DATABASE:
+                    self.pool_for_server(user, server)
 
     # ------------------------------------------------------------ pause (admin console)
 
@@ -226,6 +262,8 @@ class Runtime:
         old, self.config = self.config, config
         changes: list[str] = []
         self.limits.configure(config)
+        self.auth_query.configure(config)
+        changes.extend(f"autodb_dropped:{name}" for name in self.autodb.configure(config))
         self._apply_clusters(config, changes)
         self._apply_pools(config, changes)
         for database in list(self.shard_routers):
@@ -242,9 +280,10 @@ class Runtime:
     def _apply_clusters(self, config: Config, changes: list[str]) -> None:
         grouped: dict[tuple[str, int], list[DatabaseConfig]] = {}
         for database in config.databases:
-            grouped.setdefault((database.name, database.shard), []).append(database)
+            if database.name != WILDCARD_DATABASE:
+                grouped.setdefault((database.name, database.shard), []).append(database)
         credentials = monitor_credentials(config)
-        for key in [key for key in self.clusters if key not in grouped]:
+        for key in [key for key in self.clusters if key not in grouped and not self.autodb.owns(key[0])]:
             task = self._probe_tasks.pop(key, None)
             if task is not None:
                 task.cancel()
@@ -271,6 +310,8 @@ class Runtime:
         servers = {(db.name, db.host, db.port, db.server_database) for db in config.databases}
         names = {db.name for db in config.databases}
         for key, pool in list(self.pools.items()):
+            if self.autodb.owns(key[0]):
+                continue  # the wildcard's: AutoDatabases.configure dropped those it no longer serves
             if key[:4] not in servers:
                 del self.pools[key]
                 # a database that moved: clients still holding the pool may finish with it; one that is gone
@@ -281,7 +322,7 @@ class Runtime:
                 continue
             user = config.user(key[4])
             if user is None:
-                continue  # a removed user's connected clients keep its pools as they were
+                continue  # a removed user's connected clients keep its pools as they were (auth_query's too)
             settings = self.pool_settings(user)
             if settings != pool.settings or user.backend_user != pool.user or user.backend_password != pool.password:
                 pool.reconfigure(settings, user.backend_user, user.backend_password)
@@ -345,6 +386,10 @@ class Runtime:
                 self.limits.sweep(list(self.clients))
             except Exception:
                 log.exception("event=janitor_error task=timeouts")
+            try:
+                self.autodb.sweep(self.limits.clients_of)
+            except Exception:
+                log.exception("event=janitor_error task=autodb")
 
 
 def monitor_credentials(config: Config) -> tuple[str, str] | None:

@@ -7,9 +7,12 @@ from collections.abc import Callable
 
 from proxy.guard import PREPARE_TRANSACTION_POOLED, Guard
 from proxy.protocol import codec, sqlstate
+from proxy.splitter import integer_shape
+from routing.errors import RoutingError
 from routing.route import Role, Route
 from routing.router import Router
-from routing.sharding import ShardDecision, ShardRouter, ShardSession
+from routing.shard_key import Literal
+from routing.sharding import Placement, ShardDecision, ShardRouter, ShardSession
 
 _Q, _P, _B, _S, _X, _H = (ord(c) for c in "QPBSXH")
 _HINT_MARK = re.compile(rb"shardgate:", re.IGNORECASE)
@@ -34,6 +37,23 @@ class FanoutPlan:
         self.commit = False  # the COMMIT of a transaction over several shards (see proxy.twophase)
 
 
+class _Point:
+    """See `Scatter._learn_point`: the bytes before and after the key (a Query's body around its integer,
+    or a batch around its Bind), the key's placement, its parameter number (0: a literal, in `head`), the
+    shard of that literal, and the batch's Parse."""
+
+    __slots__ = ("head", "param", "parse", "placement", "shard", "tail")
+
+    def __init__(self, head: bytes, tail: bytes, placement: Placement, param: int, shard: int,
+                 parse: bytes) -> None:
+        self.head = head
+        self.tail = tail
+        self.placement = placement
+        self.param = param
+        self.shard = shard
+        self.parse = parse
+
+
 class Scatter:
     """Plans statements for the shards of one logical database, for one session: the shard a transaction
     starts on (`home`), and the statements that go elsewhere or to several shards."""
@@ -54,6 +74,8 @@ class Scatter:
         self.unnamed_parse: bytes | None = None  # the client's last Parse of the unnamed statement
         # the Bind a Parse was routed by, in the same batch (its bytes and the Bind's position): not again
         self._bind_decided: tuple[bytes, int] | None = None
+        # the last transaction's first statement, when one key alone chose its shard (see `repeats_point`)
+        self._point: _Point | None = None
 
     def plan(self, data: bytes, pos: int, held: frozenset[int], multi: bool, attached: bool,
              statement_text: Callable[[str], bytes | None]) -> FanoutPlan | None:
@@ -160,6 +182,8 @@ class Scatter:
             shard = shards[0]
             if not attached and shard < self.shard_count:
                 self.home = shard
+                if self.shards is not None and pos == 0:
+                    self._learn_point(data, end, sql, shard)
                 return None
             if shard == self.home:
                 return None
@@ -175,6 +199,78 @@ class Scatter:
         planned = FanoutPlan(shards, extended, refusal, decision, prefix)
         planned.reads = not route.write and route.role is not Role.PRIMARY
         return planned
+
+    def _learn_point(self, data: bytes, end: int, sql: str, shard: int) -> None:
+        """A transaction starts with the statement at the head of `data`, sent to `shard` by one key: a
+        Query whose one integer is that key, or an unnamed Parse, Bind, ..., Sync whose Parse names the key
+        (a literal or a parameter). Remember the bytes around the integer, or around the Bind."""
+        assert self.shards is not None
+        found = self.shards.point_key(sql)
+        if found is None:
+            return
+        placement, key = found
+        if data[0] == _Q:
+            if end != len(data) or not isinstance(key, Literal):
+                return
+            shape = integer_shape(data)
+            if shape is None or key.text != data[len(shape[0]) : len(data) - len(shape[1])].decode("ascii"):
+                return
+            self._point = _Point(shape[0][5:], shape[1], placement, 0, shard, b"")
+            return
+        decided = self._bind_decided
+        if data[0] != _P or data[5] or decided is None or decided[0] is not data:
+            return
+        bind_at = decided[1]
+        bind_end = bind_at + 1 + codec.unpack_u32(data, bind_at + 1)[0]
+        if data[bind_at + 5] or data[bind_at + 6] or bind_end > len(data) or data[-5] != _S:
+            return
+        param = 0 if isinstance(key, Literal) else key.number
+        self._point = _Point(data[:bind_at], data[bind_end:], placement, param, shard, data[:end])
+
+    def repeats_point(self, data: bytes, size: int) -> int | None:
+        """The shard of a new transaction's first statement when it is the last one `_learn_point` kept with
+        another value for its key (another integer in the Query, another Bind): the shard that key's
+        placement gives, without the parser or the router. None for anything else (the slow path decides)."""
+        point = self._point
+        if point is None:
+            return None
+        session = self.session
+        if session.shard is not None or session.key is not None or session.tenant is not None:
+            return None
+        try:
+            if data[0] == _Q:
+                start, stop = 5 + len(point.head), size - len(point.tail)
+                digits = data[start:stop]
+                if not data.startswith(point.head, 5) or not data.endswith(point.tail) or not digits.isdigit():
+                    return None
+                shard = point.placement.shard_of_text(digits.decode("ascii"))
+            else:
+                start, stop = len(point.head), size - len(point.tail)
+                if (not data.startswith(point.head) or not data.endswith(point.tail)
+                        or not codec.whole_bind_at(data, start, stop) or data[start + 5] or data[start + 6]):
+                    return None
+                shard = point.shard
+                if point.param:
+                    parameters = bind_parameters(data[start + 7 : stop])
+                    if point.param > len(parameters):
+                        return None
+                    format_code, raw = parameters[point.param - 1]
+                    if raw is None:
+                        return None
+                    shard = (point.placement.shard_of_text(raw.decode("utf-8")) if format_code == 0
+                             else point.placement.shard_of_binary(raw))
+                self.unnamed_parse = point.parse
+        except (RoutingError, ValueError):  # not a key of this column (UnicodeDecodeError is a ValueError)
+            return None
+        if not 0 <= shard < self.shard_count:
+            return None
+        return shard
+
+    def start_point(self, shard: int) -> None:
+        """`repeats_point` said `shard`: the transaction starts there, counted as the router counts it."""
+        self.home = shard
+        if self.shards is not None:
+            self.shards.count_single()
 
     def _session_setting(self, text: bytes) -> tuple[str, str] | None:
         """SET/RESET shardgate.shard or shardgate.sharding_key (they also reach PostgreSQL, as custom

@@ -7,10 +7,11 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 from auth.errors import AuthError
-from auth.scram import MECHANISM, ScramClient, md5_response
+from auth.scram import MECHANISM, ScramClient, ScramKeys, md5_response
 from proxy.errors import ServerError, ServerLostError
 from proxy.protocol import codec, sqlstate
 from proxy.session_state import EMPTY_SERVER_STATE, ServerState
@@ -103,8 +104,8 @@ class ServerConnection(asyncio.Protocol):
     """A server socket. Only the pool changes `state`, `session_state` and `prepared`; while checked out,
     responses go to `out` and events to `sink` (both None while idle or parked)."""
 
-    def __init__(self, pool: ServerPool, address: tuple[str, int], user: str, password: str, database: str,
-                 tls: TlsContexts | None = None) -> None:
+    def __init__(self, pool: ServerPool, address: tuple[str, int], user: str, password: str | ScramKeys,
+                 database: str, tls: TlsContexts | None = None) -> None:
         self.pool = pool
         self.tls = tls
         self.tls_version: str | None = None  # once logged in over TLS: "TLSv1.3", say
@@ -259,9 +260,10 @@ class ServerConnection(asyncio.Protocol):
             if code == 0:
                 return False
             if code == 3:
-                self.transport.write(codec.password_message(codec.cstr(self.password)))
+                self.transport.write(codec.password_message(codec.cstr(self._password_text())))
             elif code == 5:
-                self.transport.write(codec.password_message(codec.cstr(md5_response(self.user, self.password, body[4:8]))))
+                response = md5_response(self.user, self._password_text(), body[4:8])
+                self.transport.write(codec.password_message(codec.cstr(response)))
             elif code == 10:
                 mechanisms = body[4:].split(b"\x00")
                 if MECHANISM.encode() not in mechanisms:
@@ -287,6 +289,16 @@ class ServerConnection(asyncio.Protocol):
         elif type_code == b"Z"[0]:
             return True
         return False
+
+    def _password_text(self) -> str:
+        """The password (or md5 hash) a cleartext or md5 request is answered with."""
+        password = self.password
+        if isinstance(password, ScramKeys):
+            raise ServerError(sqlstate.INVALID_AUTHORIZATION,
+                              f'server {self.address[0]}:{self.address[1]} asks user "{self.user}" for a password, '
+                              "but the proxy has only its SCRAM keys (from auth_query): use scram-sha-256 for it "
+                              "in pg_hba.conf")
+        return password
 
     def _fail_login(self, exc: Exception) -> None:
         answer = self._tls_answer
@@ -523,20 +535,22 @@ class ServerConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
-    def run_preamble(self, sql: str) -> None:
-        """Send proxy SQL whose responses are swallowed (`execute_internal` waits for them)."""
+    def run_preamble(self, sql: str, params: Sequence[str] | None = None) -> None:
+        """Send proxy SQL whose responses are swallowed (`execute_internal` waits for them); with `params`,
+        as one bound statement (see codec.bound_query)."""
         self.swallow = 1
         self.watched = _ALL_TYPES
         self.shape = None
         self.swallow_error = None
         self.outstanding += 1
-        self.send(codec.query(sql))
+        self.send(codec.query(sql) if params is None else codec.bound_query(sql, params))
 
-    async def execute_internal(self, sql: str, timeout_s: float | None) -> bytes | None:
+    async def execute_internal(self, sql: str, timeout_s: float | None,
+                               params: Sequence[str] | None = None) -> bytes | None:
         """Run proxy SQL, its responses swallowed; returns the ErrorResponse bytes if it failed. Raises
         ServerLostError if the connection closes first."""
         self._drain = asyncio.get_running_loop().create_future()
-        self.run_preamble(sql)
+        self.run_preamble(sql, params)
         try:
             await asyncio.wait_for(self._drain, timeout_s)
         finally:
@@ -545,11 +559,13 @@ class ServerConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------ flow control and teardown
 
-    async def fetch_rows(self, sql: str, timeout_s: float) -> list[list[str | None]]:
-        """Run proxy SQL on an unlinked server and return its rows as text (monitoring queries)."""
+    async def fetch_rows(self, sql: str, timeout_s: float,
+                         params: Sequence[str] | None = None) -> list[list[str | None]]:
+        """Run proxy SQL on an unlinked server and return its rows as text (monitoring queries, auth_query
+        with the user name as its parameter)."""
         self.rows = []
         try:
-            failed = await self.execute_internal(sql, timeout_s)
+            failed = await self.execute_internal(sql, timeout_s, params)
             rows = self.rows
         finally:
             self.rows = None

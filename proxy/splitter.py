@@ -26,6 +26,20 @@ _UNSHAPED = re.compile(rb"['\"$\\]|--|/\*")
 _TEXT_COLUMN = b"\x00\x00\x00\x00" + b"\x00\x00" + b"\x00\x00\x00\x19" + b"\xff\xff" + b"\xff\xff\xff\xff" + b"\x00\x00"
 
 
+def integer_shape(data: bytes) -> tuple[bytes, bytes] | None:
+    """A Query message with one integer literal (unsigned, all digits) and nothing quoted or commented: its
+    bytes before and after the integer. The same statement with another integer starts and ends with them."""
+    body = data[5:]
+    if not body.isascii() or _UNSHAPED.search(body) is not None:
+        return None
+    numbers = _NUMBER.findall(body)
+    if len(numbers) != 1 or not numbers[0].isdigit():
+        return None
+    match = _NUMBER.search(body)
+    assert match is not None
+    return data[: 5 + match.start()], body[match.end() :]
+
+
 class ReadWriteSplit:
     """The session's routing state: the transaction's role, a held-back BEGIN, sticky replica, last write."""
 
@@ -153,16 +167,11 @@ class ReadWriteSplit:
         """A batch of one Query that reads, with one integer literal and nothing quoted or commented:
         remember the bytes around the integer (see `start`)."""
         if (data[0] != _Q or route.write or route.local or route.hint is not None or route.begins_transaction
-                or route.ends_transaction or route.role_pending or not data.isascii()
-                or _UNSHAPED.search(data) is not None):
+                or route.ends_transaction or route.role_pending):
             return
-        body = data[5:]
-        numbers = _NUMBER.findall(body)
-        if len(numbers) != 1 or not numbers[0].isdigit():
-            return
-        match = _NUMBER.search(body)
-        assert match is not None
-        self._read_shape = (body[: match.start()], body[match.end() :])
+        shape = integer_shape(data)
+        if shape is not None:
+            self._read_shape = (shape[0][5:], shape[1])
 
     def _learn_read_batch(self, data: bytes, size: int, route: Route) -> None:
         """A batch of unnamed Parse, Bind, Describe, Execute and one Sync that reads: remember the bytes

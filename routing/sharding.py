@@ -137,6 +137,10 @@ class ShardRouter:
             self.decisions["single" if count == 1 else "all" if count == self.shard_count else "multi"] += 1
         return decision
 
+    def count_single(self) -> None:
+        """A statement routed to one shard without `decide` (a repeat of one it decided)."""
+        self.decisions["single"] += 1
+
     def _analysis(self, sql: str) -> _Analysis:
         cached = self._cache.get(sql)
         if cached is not None:
@@ -200,6 +204,22 @@ class ShardRouter:
         if template.refusal is not None or not template.parsed:
             return find_keys(sql, self.columns, self.omnisharded)  # its message names the real values
         return _instantiate(template, literals, base)
+
+    def point_key(self, sql: str) -> tuple[Placement, KeyRef] | None:
+        """Where `sql` (just decided) went depends on one key alone: its placement and the key (a literal
+        or a parameter), so that the same text with another value in that place needs no new decision
+        (see proxy.scatter's `repeats_point`). None for anything else: hints, COPY, INSERT, several keys, a
+        refusal, an unparsed text."""
+        analysis = self._cache.get(sql)
+        if analysis is None or analysis.hint_shards is not None or analysis.hint_key is not None:
+            return None
+        finding = analysis.finding
+        keys = finding.keys
+        if (keys is None or len(keys) != 1 or isinstance(keys[0], ParamArray) or finding.insert is not None
+                or finding.refusal is not None or not finding.parsed or analysis.copy is not None
+                or not finding.sharded_tables):
+            return None
+        return self._placement(finding), keys[0]
 
     def _merge_of(self, analysis: _Analysis) -> tuple[MergePlan | None, str | None, tuple[str, str] | None]:
         """A SELECT for several shards: how to merge its rows, the SQL each shard runs, or why it cannot."""

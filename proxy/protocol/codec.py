@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from proxy.protocol import sqlstate
@@ -246,6 +246,15 @@ def error_response(
 
 def query(sql: str) -> bytes:
     return message(b"Q", cstr(sql))
+
+
+def bound_query(sql: str, params: Sequence[str]) -> bytes:
+    """One statement with text parameters ($1, ...) sent apart from its text: Parse, Bind, Execute of the
+    unnamed statement and portal, then Sync (answered with one ReadyForQuery, as a Query)."""
+    values = b"".join(_I32.pack(len(raw)) + raw for raw in (value.encode() for value in params))
+    bind = _I16.pack(0) + _I16.pack(len(params)) + values + _I16.pack(0)
+    return (build_parse("", sql.encode(), _I16.pack(0)) + build_bind(b"", b"", bind)
+            + message(b"E", b"\x00" + _I32.pack(0)) + SYNC)
 
 
 def startup_message(parameters: dict[str, str]) -> bytes:

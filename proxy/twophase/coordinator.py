@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import NamedTuple, Protocol, TypeVar
 
+from auth.scram import ScramKeys
 from config.model import Config, DatabaseConfig, UserConfig
 from proxy.cluster import Cluster
 from proxy.errors import ProxyError, ServerError
@@ -129,7 +130,7 @@ class TwoPhase:
 
     # ------------------------------------------------------------ connections
 
-    def control_pool(self, address: tuple[str, int], database: str, user: str, password: str) -> Pool:
+    def control_pool(self, address: tuple[str, int], database: str, user: str, password: str | ScramKeys) -> Pool:
         """A small pool of the proxy's own connections to one server, logged in as `user` (never lent to
         clients, so no client's session state is on them)."""
         key = (address[0], address[1], database, user)

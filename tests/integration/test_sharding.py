@@ -11,6 +11,8 @@ server of their own (the `reference` fixture), never behind the proxy.
 from __future__ import annotations
 
 import asyncio
+import re
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
@@ -138,6 +140,47 @@ def test_point_reads_by_literal_and_parameter(proxy: ProxyFactory, two: dict[str
             port = conn.execute("SELECT inet_server_port() FROM orders WHERE tenant_id = %s LIMIT 1",
                                 (tenant,)).fetchone()
             assert port == (two["shards"][shard].port,)
+
+
+def test_repeated_point_reads_each_reach_their_keys_shard(proxy: ProxyFactory, two: dict[str, Any]) -> None:
+    """The same statement again with another key (the form applications and pgbench repeat) is routed
+    without the parser: each key must still reach its own shard, by literal, text and binary parameter,
+    and a session setting, a hint or a negative key in between must still be honoured."""
+    shardgate = _proxy(proxy, two)
+    tenants = [1, 2, 3, 4, 5, 6, 7, 8, 10_000_000_000] * 3
+    ports = {tenant: two["shards"][_shard_of(two["reference"], tenant, 2)].port for tenant in set(tenants)}
+    assert len(set(ports.values())) == 2  # the keys are on both shards
+    notes = {tenant: sorted(_reference(two, f"SELECT note FROM orders WHERE tenant_id = {tenant}"))
+             for tenant in set(tenants)}
+    with psycopg.connect(shardgate.dsn(), autocommit=True) as conn:
+        for tenant in tenants:
+            # a Query whose one integer is the key (psycopg sends a text without parameters as a Query)
+            literal = conn.execute(f"SELECT inet_server_port(), note FROM orders WHERE tenant_id = {tenant}").fetchall()
+            assert {row[0] for row in literal} == {ports[tenant]}, tenant
+            assert sorted((row[1],) for row in literal) == notes[tenant]
+            for placeholder in ("%s", "%b"):  # an unnamed Parse/Bind batch, text and binary parameter
+                rows = conn.execute(f"SELECT inet_server_port(), note FROM orders WHERE tenant_id = {placeholder}",
+                                    (tenant,)).fetchall()
+                assert {row[0] for row in rows} == {ports[tenant]}, (tenant, placeholder)
+                assert sorted((row[1],) for row in rows) == notes[tenant]
+        # a negative key after positive ones: the minus is part of the key
+        assert conn.execute("SELECT inet_server_port() FROM orders WHERE tenant_id = -9 LIMIT 1").fetchone() == (
+            two["shards"][_shard_of(two["reference"], -9, 2)].port,)
+        # SET shardgate.shard wins over the key from the next statement on, as on the first time
+        other = next(t for t in ports if ports[t] != two["shards"][1].port)
+        conn.execute("SELECT inet_server_port() FROM orders WHERE tenant_id = 1")
+        conn.execute("SET shardgate.shard = 1")
+        assert conn.execute(f"SELECT inet_server_port() FROM orders WHERE tenant_id = {other}").fetchall() == []
+        assert conn.execute(f"SELECT inet_server_port() FROM orders WHERE tenant_id = {other} OR true LIMIT 1"
+                            ).fetchone() == (two["shards"][1].port,)
+        conn.execute("RESET shardgate.shard")
+        assert conn.execute(f"SELECT inet_server_port() FROM orders WHERE tenant_id = {other}").fetchone() == (
+            ports[other],)
+    # the repeats are counted as single-shard statements like the ones the router decided
+    with urllib.request.urlopen(shardgate.admin_url + "/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    single = re.search(r'^shardgate_shard_statements_total\{database="app",kind="single"\} (\d+)', metrics, re.M)
+    assert single is not None and int(single.group(1)) >= len(tenants) * 3
 
 
 def test_in_lists_and_any_arrays(proxy: ProxyFactory, two: dict[str, Any]) -> None:

@@ -113,3 +113,19 @@ def test_split_parse_refuses_unterminated_strings(body: bytes) -> None:
 def test_split_bind_refuses_unterminated_names(body: bytes) -> None:
     with pytest.raises(ValueError):
         codec.split_bind(body)
+
+
+def test_bound_query_sends_the_parameter_apart_from_the_text() -> None:
+    data = codec.bound_query("SELECT passwd FROM pg_shadow WHERE usename=$1", ["o'neil\\"])
+    messages = []
+    pos = 0
+    while pos < len(data):
+        length = struct.unpack("!i", data[pos + 1 : pos + 5])[0]
+        messages.append((data[pos : pos + 1], data[pos + 5 : pos + 1 + length]))
+        pos += 1 + length
+    assert [kind for kind, _ in messages] == [b"P", b"B", b"E", b"S"]
+    assert messages[0][1] == b"\x00SELECT passwd FROM pg_shadow WHERE usename=$1\x00\x00\x00"
+    # unnamed portal and statement, no parameter formats (text), one value as it is, no result formats
+    value = b"o'neil\\"
+    assert messages[1][1] == b"\x00\x00" + struct.pack("!hhi", 0, 1, len(value)) + value + struct.pack("!h", 0)
+    assert messages[2][1] == b"\x00" + struct.pack("!i", 0)

@@ -29,6 +29,7 @@ SESSION_MODULES = {"proxy.client", "proxy.relay", "proxy.fanout", "proxy.executo
 BELOW_SESSIONS = ["proxy.server", "proxy.pool", "proxy.cluster", "proxy.runtime", "proxy.session_state", "proxy.shardmap",
                   "proxy.views", "proxy.twophase.coordinator", "proxy.twophase.recovery", "proxy.twophase.decisions",
                   "proxy.twophase.gid", "proxy.twophase.cli", "proxy.tls", "proxy.catalog", "proxy.limits",
+                  "proxy.autodb", "proxy.auth_query",
                   "proxy.worker_role", "proxy.listener", "proxy.gather"]
 # modules on the request path: they never import the throwaway-PostgreSQL tooling
 TOOLING_IMPORTERS = {"proxy.quickstart"}
