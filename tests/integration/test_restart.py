@@ -26,9 +26,10 @@ from tests.harness import REPO_ROOT, ProxyFactory, ProxyProcess
 pytestmark = pytest.mark.timeout(150)
 
 RESTARTS = 3
-RUN_S = 11  # pgbench -T: long enough for three restarts of ~2 s each
+RUN_S = 12  # pgbench -T: long enough for three restarts of ~2-3 s each on a loaded machine
+WORKERS_RUN_S = 36  # a restart of two workers starts three processes: 5-8 s each on a loaded machine
 FIRST_RESTART_S = 2.0
-RESTART_GAP_S = 2.5
+RESTART_GAP_S = 1.0  # between one restart's end and the next one's start
 PERSISTENT_RATE_TPS = 200
 
 
@@ -68,19 +69,20 @@ class Instance:
         self.pids.append(pid)
         return done
 
-    def restart_during(self, seconds: list[float]) -> threading.Thread:
+    def restart_during(self) -> threading.Thread:
+        """RESTARTS restarts one after the other from FIRST_RESTART_S on; `finished` says when each ended."""
         errors: list[str] = []
         finished: list[float] = []
 
         def run() -> None:
-            started = time.monotonic()
-            for at in seconds:
-                time.sleep(max(0.0, at - (time.monotonic() - started)))
+            time.sleep(FIRST_RESTART_S)
+            for _ in range(RESTARTS):
                 try:
                     self.restart()
                 except AssertionError as error:
                     errors.append(str(error))
                 finished.append(time.monotonic())
+                time.sleep(RESTART_GAP_S)
 
         thread = threading.Thread(target=run)
         thread.errors = errors  # type: ignore[attr-defined]
@@ -131,17 +133,18 @@ def instance(proxy: ProxyFactory, pg: Topology, bench_db: str, tmp_path: Path) -
         each.stop_all()
 
 
-def pgbench(pg: Topology, instance: Instance, database: str, protocol: str, connect: bool) -> str:
+def pgbench(pg: Topology, instance: Instance, database: str, protocol: str, connect: bool,
+            run_s: int = RUN_S) -> str:
     assert pg.primary is not None
-    argv = [str(pg.primary.bin_dir / "pgbench"), "-n", "-c", "4", "-j", "2", "-T", str(RUN_S), "-M", protocol,
+    argv = [str(pg.primary.bin_dir / "pgbench"), "-n", "-c", "4", "-j", "2", "-T", str(run_s), "-M", protocol,
             "-h", "127.0.0.1", "-p", str(instance.first.port), "-U", "app", database]
     if connect:
         argv.insert(1, "-C")
     else:  # paced, so clients sit idle between transactions: a drain that closed idle clients would abort them
         argv[1:1] = ["-R", str(PERSISTENT_RATE_TPS)]
-    restarts = instance.restart_during([FIRST_RESTART_S + i * RESTART_GAP_S for i in range(RESTARTS)])
+    restarts = instance.restart_during()
     done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PGPASSWORD": "app"},
-                          timeout=RUN_S + 90)
+                          timeout=run_s + 90)
     ended = time.monotonic()
     restarts.join(120)
     assert not restarts.errors, restarts.errors  # type: ignore[attr-defined]
@@ -179,7 +182,7 @@ def test_three_restarts_under_pgbench_lose_no_transaction(
 def test_restarts_with_two_workers_lose_no_transaction(
         instance: Callable[..., Instance], pg: Topology, bench_db: str) -> None:
     running = instance(workers=2)
-    output = pgbench(pg, running, bench_db, "prepared", connect=True)
+    output = pgbench(pg, running, bench_db, "prepared", connect=True, run_s=WORKERS_RUN_S)
     assert "aborted" not in output, output
     assert processed(output) > 100
     assert len(set(running.pids)) == RESTARTS + 1
@@ -217,7 +220,7 @@ def test_clients_holding_prepared_statements_see_no_error_across_restarts(
     threads = [threading.Thread(target=client, args=args) for args in settings]
     for thread in threads:
         thread.start()
-    restarts = running.restart_during([FIRST_RESTART_S + i * RESTART_GAP_S for i in range(RESTARTS)])
+    restarts = running.restart_during()
     restarts.join(120)
     time.sleep(1.0)  # reconnecting clients reach the last instance
     stop.set()
