@@ -17,6 +17,8 @@ COMBINE: dict[str, Callable[[float, float], float]] = {
     "shardgate_server_lag_bytes": max,
     "shardgate_server_lag_seconds": max,
     "shardgate_2pc_in_doubt": max,
+    "shardgate_listen_connection_up": min,  # each worker holds its own LISTEN connection
+    "shardgate_autodb_databases": max,  # each worker opens the wildcard's databases it is asked for
 }
 
 
