@@ -9,6 +9,7 @@ import datetime
 import difflib
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Sequence
@@ -58,6 +59,7 @@ JWT_ALGORITHMS = (
     "EdDSA",
 )
 MIN_MESSAGE_BYTES = 1024
+MAX_WORKERS = 256
 SCRAM_PREFIX = "SCRAM-SHA-256$"
 SCRAM_KEY_BYTES = 32  # SHA-256 digest size: StoredKey and ServerKey
 
@@ -206,9 +208,13 @@ def _parse_general(table: dict[str, Any] | None, problems: list[str]) -> General
     section.boolean("watch_config")
     section.string("listen_user")
     _read_limit_keys(section)
+    workers = section.integer("workers", minimum=0, maximum=MAX_WORKERS)
+    section.string("pid_file")
     _read_passthrough_keys(section)
     section.finish()
 
+    if workers is not None and pool_size is not None:
+        _check_pool_covers_workers("general.default_pool_size", pool_size, workers, problems)
     if min_size is not None and pool_size is not None and min_size > pool_size:
         problems.append(
             f"general.min_pool_size: must be <= general.default_pool_size {pool_size} (got {min_size})"
@@ -217,6 +223,15 @@ def _parse_general(table: dict[str, Any] | None, problems: list[str]) -> General
     if listen and admin and _same_address(listen, admin):
         problems.append(f'general.admin_listen: must differ from general.listen (both "{listen}")')
     return section.build()
+
+
+def _check_pool_covers_workers(path: str, pool_size: int, workers: int, problems: list[str]) -> None:
+    """Pool sizes are global limits divided among the workers: each worker needs at least one server."""
+    count = workers or (os.cpu_count() or 1)
+    if count > 1 and pool_size < count:
+        named = f"general.workers {workers}" if workers else f"general.workers 0 ({count} cores here)"
+        problems.append(f"{path}: {pool_size} is smaller than {named}: the pool size is divided among the "
+                        f"workers and each needs at least one server connection; raise it or lower workers")
 
 
 def _read_admin_keys(section: _Section) -> None:
@@ -406,6 +421,8 @@ def _check_user_pool_sizes(
         return
     size = pool_size if pool_size is not None else general.default_pool_size
     size_from = f"{path}.pool_size" if pool_size is not None else "general.default_pool_size"
+    if pool_size is not None:
+        _check_pool_covers_workers(f"{path}.pool_size", pool_size, general.workers, problems)
     if min_size is not None and min_size > size:
         problems.append(f"{path}.min_pool_size: must be <= {size_from} {size} (got {min_size})")
     elif min_size is None and general.min_pool_size > size:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 POOL_MODES = ("session", "transaction", "statement")
@@ -92,6 +93,15 @@ class GeneralConfig:
     auth_query: str = DEFAULT_AUTH_QUERY
     auth_query_cache_s: float = 30.0
     auth_dbname: str = ""  # the [[databases]] name auth_query runs on ("": the database the client asks for)
+    # worker processes and rolling restarts (issue 16): processes sharing the listen port (0: one per core),
+    # and the file holding the instance's pid (what `shardgate restart` signals)
+    workers: int = 1
+    pid_file: str = ""
+
+    @property
+    def worker_count(self) -> int:
+        """How many worker processes `workers` means on this machine."""
+        return self.workers or (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True, slots=True)

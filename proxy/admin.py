@@ -42,6 +42,11 @@ class RuntimeCollector:
         clients = GaugeMetricFamily("shardgate_clients", "Client connections open")
         clients.add_metric([], len(rt.clients))
         yield clients
+        if not rt.role.single:
+            forwarded = CounterMetricFamily("shardgate_cancels_forwarded", "CancelRequests received for a client "
+                                            "of another worker and passed on to it")
+            forwarded.add_metric([], rt.cancels_forwarded)
+            yield forwarded
         yield _clients_by_state(rt)
         yield from _traffic_metrics(rt)
 
@@ -337,34 +342,49 @@ class AdminProtocol(asyncio.Protocol):
         self._respond(200, "application/json", body, head=head)
 
     def _authorized(self, request: bytes) -> bool:
-        """No token configured, or the request's `Authorization: Bearer` header carries it."""
-        token = self.runtime.config.general.admin_token
-        if not token:
-            return True
-        for line in request.split(b"\n")[1:]:
-            name, sep, value = line.partition(b":")
-            if sep and name.strip().lower() == b"authorization":
-                scheme, _, given = value.strip().partition(b" ")
-                if scheme.lower() == b"bearer":
-                    return hmac.compare_digest(given.strip(), token.encode())
-        return False
+        return bearer_ok(request, self.runtime.config.general.admin_token)
 
     def _respond(self, status: int, content_type: str, body: bytes, *, head: bool = False,
                  extra_headers: str = "") -> None:
-        reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-                  431: "Request Header Fields Too Large", 503: "Service Unavailable"}[status]
-        header = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n{extra_headers}"
-                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         assert self.transport is not None
-        self.transport.write(header if head else header + body)
+        self.transport.write(http_response(status, content_type, body, head=head, extra_headers=extra_headers))
         self.transport.close()
 
 
-async def start_admin(runtime: Runtime, host: str, port: int) -> asyncio.base_events.Server:
+def bearer_ok(request: bytes, token: str) -> bool:
+    """No token configured, or the request's `Authorization: Bearer` header carries it."""
+    if not token:
+        return True
+    for line in request.split(b"\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"authorization":
+            scheme, _, given = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                return hmac.compare_digest(given.strip(), token.encode())
+    return False
+
+
+def http_response(status: int, content_type: str, body: bytes, *, head: bool = False, extra_headers: str = "") -> bytes:
+    reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+              431: "Request Header Fields Too Large", 503: "Service Unavailable"}[status]
+    header = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n{extra_headers}"
+              f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    return header if head else header + body
+
+
+def metrics_registry(runtime: Runtime) -> CollectorRegistry:
+    """The registry /metrics is generated from (a worker's control socket serves the same)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RuntimeCollector(runtime))  # type: ignore[arg-type]
+    return registry
+
+
+async def start_admin(runtime: Runtime, host: str, port: int) -> asyncio.base_events.Server:
+    registry = metrics_registry(runtime)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: AdminProtocol(runtime, registry), host, port, reuse_address=True)
+    # SO_REUSEPORT: a new instance binds the admin port while the old one drains (rolling restart)
+    server = await loop.create_server(lambda: AdminProtocol(runtime, registry), host, port, reuse_address=True,
+                                      reuse_port=True)
     log.info("event=admin_listening address=%s:%s token=%s", host, port,
              "required" if runtime.config.general.admin_token else "none")
     if not runtime.config.general.admin_token and not _loopback(host):

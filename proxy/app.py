@@ -17,16 +17,18 @@ from proxy import catalog
 from proxy.admin import start_admin
 from proxy.client import ClientSession
 from proxy.http_sql import HttpSql
+from proxy.listener import Listener
 from proxy.protocol import sqlstate
 from proxy.runtime import Runtime
 from proxy.tls import TlsSetupError
 from proxy.twophase import recovery
+from proxy.worker_role import SINGLE, WorkerRole
 
 log = logging.getLogger("shardgate")
 
 WATCH_INTERVAL_S = 1.0
 # settings read once, at start: a reload that changes them says so, and applies the rest
-RESTART_KEYS = ("listen", "admin_listen", "log_format")
+RESTART_KEYS = ("listen", "admin_listen", "log_format", "workers")
 
 
 @dataclasses.dataclass(slots=True)
@@ -44,11 +46,12 @@ class ReloadResult:
 
 
 class App:
-    """Starts the listener, handles SIGTERM/SIGINT (graceful stop) and SIGHUP (reload)."""
+    """Starts the listener, handles SIGTERM/SIGINT (graceful stop), SIGUSR2 (drain for a restart) and
+    SIGHUP (reload). One per process: the whole instance, or one worker of a supervisor (`role`)."""
 
-    def __init__(self, config: Config) -> None:
-        self.runtime = Runtime(config)
-        self.server: asyncio.base_events.Server | None = None
+    def __init__(self, config: Config, role: WorkerRole = SINGLE) -> None:
+        self.runtime = Runtime(config, role)
+        self.listener = Listener(lambda: ClientSession(self.runtime))
         self.admin: asyncio.base_events.Server | None = None
         self.http: HttpSql | None = None  # [http]: SQL over HTTP, when http.listen is set
         self.stopped = asyncio.Event()
@@ -71,14 +74,14 @@ class App:
         except TimeoutError:
             log.warning("event=catalog_timeout")
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: ClientSession(self.runtime), host, port,
-                                               reuse_address=True, backlog=2048)
-        if config.general.admin_listen:
+        if config.general.admin_listen and self.runtime.role.single:  # workers: the supervisor has it
             admin_host, admin_port = split_address(config.general.admin_listen)
             self.admin = await start_admin(self.runtime, admin_host, admin_port)
         if config.http.listen:
             self.http = HttpSql(self.runtime)
             await self.http.start()
+        # the client port last: whoever waits for it (a restart, an orchestrator) finds the others up
+        await self.listener.start(host, port)
         # the admin console reaches the reload and the graceful stop through the runtime
         self.runtime.reload_config = self._reload_problems
         self.runtime.request_shutdown = self._request_shutdown
@@ -89,8 +92,11 @@ class App:
         self.runtime.spawn(catalog.keep_known(self.runtime))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: self.runtime.spawn(self.shutdown()))
+        loop.add_signal_handler(signal.SIGUSR2, lambda: self.runtime.spawn(self.shutdown(wait_for_clients=True)))
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._watch_if_asked()
+        if self.runtime.role.single and config.general.pid_file:
+            write_pid_file(config.general.pid_file)
         log.info("event=listening address=%s:%s pool_mode=%s", host, port, config.general.pool_mode)
 
     def reload(self) -> ReloadResult:
@@ -168,18 +174,28 @@ class App:
     def _request_shutdown(self) -> None:
         self.runtime.spawn(self.shutdown())
 
-    async def shutdown(self) -> None:
-        """Stop accepting, let in-flight transactions finish up to shutdown_timeout_s, then close."""
+    async def shutdown(self, wait_for_clients: bool = False) -> None:
+        """Stop accepting, let in-flight transactions finish up to shutdown_timeout_s, then close.
+        `wait_for_clients` (SIGUSR2, a rolling restart): first serve the connected clients until they leave,
+        within the same timeout; a SIGTERM meanwhile ends that wait."""
         runtime = self.runtime
         if runtime.shutting_down:
+            if not wait_for_clients:
+                runtime.drain_waits_for_clients = False
             return
         runtime.shutting_down = True
-        log.info("event=shutdown_started clients=%d", len(runtime.clients))
-        if self.server is not None:
-            self.server.close()
+        runtime.drain_waits_for_clients = wait_for_clients
+        log.info("event=shutdown_started clients=%d wait_for_clients=%s", len(runtime.clients),
+                 str(wait_for_clients).lower())
+        taken = self.listener.close()
+        if taken:
+            log.info("event=listener_drained connections=%d", taken)
         if self.http is not None:
             self.http.close()
         deadline = time.monotonic() + runtime.config.general.shutdown_timeout_s
+        while runtime.drain_waits_for_clients and runtime.clients and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        runtime.drain_waits_for_clients = False
         while time.monotonic() < deadline:
             if not any(client.busy() for client in runtime.clients):
                 break
@@ -195,6 +211,8 @@ class App:
         await asyncio.sleep(0.05)
         if self.admin is not None:
             self.admin.close()
+        if runtime.role.single and runtime.config.general.pid_file:
+            remove_pid_file(runtime.config.general.pid_file)
         log.info("event=shutdown_complete")
         self.stopped.set()
 
@@ -205,6 +223,25 @@ async def serve(config: Config, on_ready: Callable[[], None] | None = None) -> N
     if on_ready is not None:
         on_ready()
     await app.stopped.wait()
+
+
+def write_pid_file(path: str) -> None:
+    """The instance's pid, written once it listens (a rolling restart waits for the new one's)."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as file:
+        file.write(f"{os.getpid()}\n")
+    os.replace(temporary, path)  # atomic: `shardgate restart` never reads half a pid
+
+
+def remove_pid_file(path: str) -> None:
+    """Remove the pid file at exit unless a newer instance has written its own pid there."""
+    try:
+        with open(path) as file:
+            if file.read().strip() != str(os.getpid()):
+                return
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _file_signature(path: str) -> tuple[int, int, int] | None:

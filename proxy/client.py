@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import socket
 import time
 from collections.abc import Coroutine
@@ -438,7 +437,7 @@ class ClientSession(FanoutRelay):
         if self.pool_mode is not SESSION:
             params = self.rt.login_params.get(self._login_params_key(pool))
             if params is not None:  # the usual case: no server needed to log in
-                self._finish_login(params, (secrets.randbits(31), secrets.randbits(31) - (1 << 30)))
+                self._finish_login(params, self.rt.new_cancel_key())
                 return
         self._start_task(self._login(pool))
 
@@ -456,10 +455,12 @@ class ClientSession(FanoutRelay):
                     self._link(server)
                     await pool.restore(server, self.snapshot())
                     params = parameter_block(server.params)
-                    cancel_key = (server.process_id, server.secret_key)
+                    # one process: the server's own key; several workers: a key that names the owner
+                    cancel_key = ((server.process_id, server.secret_key) if self.rt.role.single
+                                  else self.rt.new_cancel_key())
                 else:
                     params = await self._canonical_params(pool)
-                    cancel_key = (secrets.randbits(31), secrets.randbits(31) - (1 << 30))
+                    cancel_key = self.rt.new_cancel_key()
             except ServerLostError as exc:
                 self._forget_server()
                 if attempt == 1 and self.phase is not CLOSED:
@@ -542,7 +543,7 @@ class ClientSession(FanoutRelay):
             return
         console = self.console = Console(self.rt, self, identity.user)
         self.phase = CONSOLE
-        self.write(console.login_messages((secrets.randbits(31), secrets.randbits(31) - (1 << 30))))
+        self.write(console.login_messages(self.rt.new_cancel_key()))
         log.info("event=console_login user=%s peer=%s", identity.user, self.peer)
         if self.inbuf:
             console.feed(self.inbuf)

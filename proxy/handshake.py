@@ -124,7 +124,7 @@ class Handshake:
         self._check_tls(user_name)
         if len(self.rt.clients) > self.rt.config.general.max_client_connections:
             raise ProxyError(sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
-        if self.rt.shutting_down:
+        if self.rt.shutting_down and not self.rt.drain_waits_for_clients:
             raise ProxyError(sqlstate.CANNOT_CONNECT_NOW, "the proxy is shutting down")
         self.database = params.get("database") or user_name
         settings = {k.lower(): v for k, v in params.items() if k.lower() not in _STARTUP_ONLY}

@@ -132,7 +132,7 @@ class HttpSql:
         host, port = split_address(self.config.listen)
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: HttpConnection(self), host, port, reuse_address=True,
-                                               backlog=1024)
+                                               reuse_port=True, backlog=1024)
         log.info("event=http_listening address=%s:%s database=%s user=%s", host, port, self.config.database,
                  self.config.user)
 

@@ -10,20 +10,28 @@ import time
 
 
 class _JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-                 "msg": record.getMessage()}
+        entry: dict[str, object] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                                    "logger": record.name, "msg": record.getMessage()}
+        if self.worker is not None:
+            entry["worker"] = self.worker
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
+def setup_logging(level: str = "info", fmt: str = "text", worker: int | None = None) -> None:
+    """Log to stderr; a worker process (`worker` its index) says which it is on every line."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(_JsonFormatter(worker))
     else:
-        formatter = logging.Formatter("ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+        label = "" if worker is None else f"worker={worker} "
+        formatter = logging.Formatter(f"ts=%(asctime)s level=%(levelname)s logger=%(name)s {label}%(message)s")
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
     root = logging.getLogger()

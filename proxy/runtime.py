@@ -27,6 +27,7 @@ from proxy.session_state import EffectScanner
 from proxy.shardmap import build_shard_router
 from proxy.tls import TlsContexts
 from proxy.twophase.coordinator import TwoPhase
+from proxy.worker_role import CANCEL_LINE, SINGLE, WorkerRole
 from routing.router import Router
 from routing.sharding import ShardRouter
 
@@ -78,14 +79,18 @@ class Session(Protocol):
 class Runtime:
     """Everything the sessions share: config, pools, cancel keys, caches."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, role: WorkerRole = SINGLE) -> None:
         self.config = config
+        self.role = role  # worker index and count: pool shares, cancel keys (proxy/worker_role.py)
         self.pools: dict[tuple[str, str, int, str, str], Pool] = {}
         self.clients: set[Session] = set()
         self.cancel_keys: dict[tuple[int, int], Session] = {}
         self.effects = EffectScanner()
         self.login_params: dict[Any, bytes] = {}  # (pool, startup settings) -> ParameterStatus messages
         self.shutting_down = False
+        # a drain for a restart serves the clients it accepted until they leave (App.shutdown)
+        self.drain_waits_for_clients = False
+        self.cancels_forwarded = 0  # CancelRequests passed on to the worker that owns the client
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started_at = time.time()
         self.tls = TlsContexts(config.tls)  # raises TlsSetupError (a ValueError) for a file it cannot use
@@ -185,17 +190,20 @@ class Runtime:
 
     def pool_settings(self, user: UserConfig) -> PoolSettings:
         general = self.config.general
-        size = user.pool_size or general.default_pool_size
+        role = self.role  # pool sizes are global: this worker opens its share (the loader checks size >= workers)
+        size = role.share(user.pool_size or general.default_pool_size)
+        in_flight = general.max_server_connects_in_flight
         return PoolSettings(
             size=size,
-            min_size=min(size, user.min_pool_size if user.min_pool_size is not None else general.min_pool_size),
+            min_size=min(size, role.share(user.min_pool_size if user.min_pool_size is not None
+                                          else general.min_pool_size)),
             checkout_timeout_ms=general.checkout_timeout_ms,
             idle_timeout_s=general.idle_timeout_s,
             server_lifetime_s=general.server_lifetime_s,
             healthcheck_idle_ms=general.healthcheck_idle_ms,
             connect_timeout_ms=general.server_connect_timeout_ms,
             reset_query=general.server_reset_query,
-            connects_in_flight=general.max_server_connects_in_flight,
+            connects_in_flight=max(1, role.share(in_flight)) if in_flight else 0,
             send_buffer_bytes=general.client_to_server_buffer_bytes,
         )
 
@@ -328,10 +336,29 @@ class Runtime:
 
     # ------------------------------------------------------------ cancel
 
+    def new_cancel_key(self) -> tuple[int, int]:
+        """BackendKeyData for a client of this process: with several workers its process id names the owner."""
+        return self.role.new_cancel_key()
+
     def forward_cancel(self, process_id: int, secret_key: int) -> None:
+        owner = self.role.owner_of(process_id)
+        if owner != self.role.index:  # another worker's client: its control socket takes it from here
+            self.cancels_forwarded += 1
+            self.spawn(self._cancel_on_worker(owner, process_id, secret_key))
+            return
         session = self.cancel_keys.get((process_id, secret_key))
         if session is not None:
             session.cancel_running()
+
+    async def _cancel_on_worker(self, owner: int, process_id: int, secret_key: int) -> None:
+        path = self.role.control_path(owner)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 5)
+            writer.write(CANCEL_LINE % (process_id, secret_key))
+            await asyncio.wait_for(reader.read(16), 5)  # its "ok": the cancel was passed on before we close
+            writer.close()
+        except (TimeoutError, OSError) as exc:
+            log.warning("event=cancel_forward_failed worker=%d error=%r", owner, str(exc))
 
     def send_cancel(self, address: tuple[str, int], process_id: int, secret_key: int) -> None:
         self.spawn(self._send_cancel(address, process_id, secret_key))
