@@ -1,0 +1,264 @@
+"""Other people's test suites (pgx v4's own) run directly and through Shardgate, counts side by side.
+
+    PYTHONPATH=. python3 tests/compat/run.py [--modes direct,session,transaction] [--suites pgx,pgxpool]
+                                             [--run REGEX] [--timeout-s 300]
+
+Starts a throwaway PostgreSQL 15 (localpg) and one proxy per pool mode on loopback, compiles each Go test
+package offline from Debian's /usr/share/gocode, runs it against every target with `go test`'s own
+timeout, and prints passed/failed/skipped per target, then the tests that fail through a proxy but not
+directly. Exit status 1 when a test fails in session mode that passes directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from localpg import PgServer, Topology
+from tests.harness import (
+    GO_BUILD_TIMEOUT_S,
+    GO_MISSING_MESSAGE,
+    GOPATH_DIR,
+    ProxyFactory,
+    create_topology,
+    database_entries,
+    destroy_topology,
+    make_dsn,
+)
+
+PGX_PACKAGE = "github.com/jackc/pgx/v4"
+# Test packages of pgx v4 that compile offline from Debian's GOPATH (stdlib's tests need
+# github.com/Masterminds/semver, which Debian does not ship).
+SUITES: dict[str, str] = {"pgx": PGX_PACKAGE, "pgxpool": PGX_PACKAGE + "/pgxpool"}
+MODES: tuple[str, ...] = ("direct", "session", "transaction")
+SUITE_TIMEOUT_S = 300
+# Over go test's own timeout: the binary prints the test that hung before it exits.
+SUITE_KILL_GRACE_S = 30
+# What pgx's CI creates before its tests (ci/setup_test.bash): hstore, and a domain conn_test reads.
+SETUP_SQL = "CREATE EXTENSION IF NOT EXISTS hstore; CREATE DOMAIN uint64 AS numeric(20,0);"
+# Session mode holds a server per client; pgxpool tests open pools of up to ~20 connections.
+PROXY_POOL_SIZE = 60
+
+RESULT_LINE = re.compile(r"^--- (PASS|FAIL|SKIP): (\S+) ")
+RUN_LINE = re.compile(r"^=== RUN   (\S+)$")
+
+
+@dataclasses.dataclass
+class SuiteResult:
+    """Top-level test outcomes of one `go test` run (subtests are part of their parent's outcome)."""
+
+    passed: set[str] = dataclasses.field(default_factory=set)
+    failed: set[str] = dataclasses.field(default_factory=set)
+    skipped: set[str] = dataclasses.field(default_factory=set)
+    output: str = ""
+    exit_code: int | None = None
+    duration_s: float = 0.0
+
+    def counts(self) -> str:
+        return f"{len(self.passed)}/{len(self.failed)}/{len(self.skipped)}"
+
+    def failure_text(self, test: str, max_chars: int = 3000) -> str:
+        """The log lines of `test`: those after its `=== RUN`/`=== CONT` headers up to the next header, and
+        its result line (a parallel test's lines are interleaved with others')."""
+        kept: list[str] = []
+        mine = False
+        for line in self.output.splitlines():
+            if line.startswith(("=== ", "--- ")):
+                mine = line.split()[-1] == test or line.startswith(f"--- FAIL: {test} ")
+                if mine and line.startswith("--- FAIL"):
+                    kept.append(line)
+                continue
+            if mine:
+                kept.append(line)
+        return "\n".join(kept)[-max_chars:]
+
+
+def parse_go_test(output: str) -> SuiteResult:
+    """Outcomes from `go test -v` output; a top-level test that started but never reported (a panic, the
+    timeout) counts as failed."""
+    result = SuiteResult(output=output)
+    started: list[str] = []
+    for line in output.splitlines():
+        if match := RESULT_LINE.match(line):
+            outcome, name = match.groups()
+            {"PASS": result.passed, "FAIL": result.failed, "SKIP": result.skipped}[outcome].add(name)
+        elif (match := RUN_LINE.match(line)) and "/" not in match.group(1):
+            started.append(match.group(1))
+    reported = result.passed | result.failed | result.skipped
+    result.failed.update(name for name in started if name not in reported)
+    return result
+
+
+def _go_env(cache_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(GOPATH=str(GOPATH_DIR), GO111MODULE="off", GOFLAGS="", GOCACHE=str(cache_dir), CGO_ENABLED="0",
+               GOPROXY="off")  # fmt: skip
+    return env
+
+
+def build_suite(package: str, out_dir: Path) -> Path:
+    """`go test -c` of `package` offline in GOPATH mode; raises RuntimeError when Go or pgx is missing."""
+    go = shutil.which("go")
+    if go is None:
+        raise RuntimeError(GO_MISSING_MESSAGE)
+    source_dir = GOPATH_DIR / "src" / package
+    if not source_dir.is_dir():
+        raise RuntimeError(f"{package} not found under {GOPATH_DIR}/src; {GO_MISSING_MESSAGE}")
+    digest = hashlib.sha256(package.encode())
+    for path in sorted(source_dir.glob("*.go")):  # a package upgrade gives a new binary
+        digest.update(path.name.encode() + str(path.stat().st_mtime_ns).encode())
+    binary = out_dir / f"{package.rsplit('/', 1)[-1]}-{digest.hexdigest()[:16]}.test"
+    if binary.exists():
+        return binary
+    cache_dir = Path(tempfile.gettempdir()) / f"shardgate-gocache-{os.getuid()}"
+    result = subprocess.run(
+        [go, "test", "-c", "-o", str(binary), "."],
+        cwd=source_dir,
+        env=_go_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=GO_BUILD_TIMEOUT_S,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"go test -c of {package} failed:\n{result.stderr}\n{GO_MISSING_MESSAGE}")
+    return binary
+
+
+def run_suite(binary: Path, dsn: str, run_regex: str | None = None,
+              timeout_s: int = SUITE_TIMEOUT_S) -> SuiteResult:  # fmt: skip
+    """Run a compiled pgx test binary against `dsn` (also its pgbouncer tests' target), bounded."""
+    env = dict(os.environ)
+    env["PGX_TEST_DATABASE"] = dsn
+    # pgx's tests of a connection pooler (statement cache in describe mode, simple protocol) run too.
+    env["PGX_TEST_PGBOUNCER_CONN_STRING"] = dsn
+    command = [str(binary), "-test.v", "-test.count=1", f"-test.timeout={timeout_s}s"]
+    if run_regex:
+        command.append(f"-test.run={run_regex}")
+    started_s = time.monotonic()
+    try:
+        completed = subprocess.run(command, cwd=binary.parent, env=env, capture_output=True, text=True,
+                                   timeout=timeout_s + SUITE_KILL_GRACE_S)  # fmt: skip
+        output, exit_code = completed.stdout + completed.stderr, completed.returncode
+    except subprocess.TimeoutExpired as expired:
+        output = _text(expired.stdout) + _text(expired.stderr) + "\n(killed: suite timeout)\n"
+        exit_code = None
+    result = parse_go_test(output)
+    result.exit_code = exit_code
+    result.duration_s = time.monotonic() - started_s
+    return result
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def prepare_database(primary: PgServer) -> None:
+    """Create what pgx's tests expect in database `app`, the same for every target."""
+    primary.psql(SETUP_SQL, db="app")
+
+
+@contextmanager
+def targets(modes: Sequence[str]) -> Iterator[dict[str, str]]:
+    """A throwaway PostgreSQL and a proxy per pooled mode; yields {mode: connection string}."""
+    work_root = Path(tempfile.mkdtemp(prefix="shardgate-compat-"))
+    topology: Topology = create_topology(replicas=0)
+    factory = ProxyFactory(topology, work_root)
+    try:
+        primary = topology.primary
+        assert primary is not None
+        prepare_database(primary)
+        dsns: dict[str, str] = {}
+        for mode in modes:
+            if mode == "direct":
+                dsns[mode] = make_dsn(primary.host, primary.port)
+            else:
+                proxy = factory(pool_mode=mode, pool_size=PROXY_POOL_SIZE, databases=database_entries(primary))
+                dsns[mode] = proxy.dsn()
+        yield dsns
+    finally:
+        factory.close()
+        destroy_topology(topology)
+        shutil.rmtree(work_root, ignore_errors=True)
+
+
+def regressions(direct: SuiteResult, through: SuiteResult) -> list[str]:
+    """Tests that fail through the proxy but pass directly."""
+    return sorted(through.failed & direct.passed)
+
+
+def report(results: dict[str, dict[str, SuiteResult]], modes: Sequence[str]) -> str:
+    """The side-by-side table (passed/failed/skipped) and the names of proxy-only failures."""
+    lines = ["suite      " + "".join(f"{mode:>16}" for mode in modes) + "   (passed/failed/skipped)"]
+    for suite, by_mode in results.items():
+        lines.append(f"{suite:<11}" + "".join(f"{by_mode[mode].counts():>16}" for mode in modes))
+    for suite, by_mode in results.items():
+        if "direct" not in by_mode:
+            continue
+        for mode in modes:
+            if mode == "direct":
+                continue
+            names = regressions(by_mode["direct"], by_mode[mode])
+            if names:
+                lines.append(f"{suite} fails in {mode} mode only: {', '.join(names)}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: direct,session,transaction")
+    parser.add_argument("--suites", default=",".join(SUITES), help="comma-separated: " + ",".join(SUITES))
+    parser.add_argument("--run", default=None, help="go test -run regex (default: every test)")
+    parser.add_argument("--timeout-s", type=int, default=SUITE_TIMEOUT_S, help="per suite and target")
+    parser.add_argument("--show-failures", action="store_true", help="print the output of proxy-only failures")
+    args = parser.parse_args(argv)
+    modes = [mode for mode in args.modes.split(",") if mode]
+    suites = [suite for suite in args.suites.split(",") if suite]
+    for name in modes:
+        if name not in MODES:
+            parser.error(f"unknown mode {name!r}")
+    for name in suites:
+        if name not in SUITES:
+            parser.error(f"unknown suite {name!r}")
+    build_dir = Path(tempfile.gettempdir()) / f"shardgate-compat-bin-{os.getuid()}"
+    build_dir.mkdir(exist_ok=True)
+    binaries = {suite: build_suite(SUITES[suite], build_dir) for suite in suites}
+    results: dict[str, dict[str, SuiteResult]] = {suite: {} for suite in suites}
+    with targets(modes) as dsns:
+        for suite, binary in binaries.items():
+            for mode in modes:
+                result = run_suite(binary, dsns[mode], args.run, args.timeout_s)
+                results[suite][mode] = result
+                print(f"{suite} {mode}: {result.counts()} in {result.duration_s:.1f}s", flush=True)
+    print(report(results, modes))
+    if args.show_failures:
+        for suite, by_mode in results.items():
+            for mode in modes:
+                if mode == "direct" or "direct" not in by_mode:
+                    continue
+                for name in regressions(by_mode["direct"], by_mode[mode]):
+                    print(f"\n== {suite} {mode} {name}\n{by_mode[mode].failure_text(name)}")
+    session_broken = any(
+        "direct" in by_mode and "session" in by_mode and regressions(by_mode["direct"], by_mode["session"])
+        for by_mode in results.values()
+    )
+    return 1 if session_broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
