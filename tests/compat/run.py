@@ -1,12 +1,13 @@
-"""Other people's test suites (pgx v4's own) run directly and through Shardgate, counts side by side.
+"""Other people's test suites (pgx v4's own, a node-postgres smoke test) run directly and through Shardgate.
 
-    PYTHONPATH=. python3 tests/compat/run.py [--modes direct,session,transaction] [--suites pgx,pgxpool]
-                                             [--run REGEX] [--timeout-s 300]
+    PYTHONPATH=. python3 tests/compat/run.py [--modes direct,session,transaction]
+                                             [--suites pgx,pgxpool,node-pg] [--run REGEX] [--timeout-s 300]
 
 Starts a throwaway PostgreSQL 15 (localpg) and one proxy per pool mode on loopback, compiles each Go test
-package offline from Debian's /usr/share/gocode, runs it against every target with `go test`'s own
-timeout, and prints passed/failed/skipped per target, then the tests that fail through a proxy but not
-directly. Exit status 1 when a test fails in session mode that passes directly.
+package offline from Debian's /usr/share/gocode (node-pg: `npm install pg pg-copy-streams` into a
+directory under the system temp dir, once), runs each against every target, bounded, and prints
+passed/failed/skipped per target, then the tests that fail through a proxy but not directly. Exit status 1
+when a test fails in session mode that passes directly.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ PGX_PACKAGE = "github.com/jackc/pgx/v4"
 # Test packages of pgx v4 that compile offline from Debian's GOPATH (stdlib's tests need
 # github.com/Masterminds/semver, which Debian does not ship).
 SUITES: dict[str, str] = {"pgx": PGX_PACKAGE, "pgxpool": PGX_PACKAGE + "/pgxpool"}
+NODE_SUITE = "node-pg"
+NODE_SMOKE_SCRIPT = Path(__file__).resolve().parent / "node_pg_smoke.js"
+NODE_PACKAGES = ("pg", "pg-copy-streams")
+NPM_INSTALL_TIMEOUT_S = 300
 MODES: tuple[str, ...] = ("direct", "session", "transaction")
 SUITE_TIMEOUT_S = 300
 # Over go test's own timeout: the binary prints the test that hung before it exits.
@@ -148,10 +153,39 @@ def run_suite(binary: Path, dsn: str, run_regex: str | None = None,
     command = [str(binary), "-test.v", "-test.count=1", f"-test.timeout={timeout_s}s"]
     if run_regex:
         command.append(f"-test.run={run_regex}")
+    return run_command(command, env, binary.parent, timeout_s + SUITE_KILL_GRACE_S)
+
+
+def install_node_packages(target_dir: Path) -> Path:
+    """`npm install` of NODE_PACKAGES into `target_dir` (outside the repository) once; its node_modules."""
+    modules = target_dir / "node_modules"
+    if all((modules / name / "package.json").is_file() for name in NODE_PACKAGES):
+        return modules
+    npm = shutil.which("npm")
+    if npm is None or shutil.which("node") is None:
+        raise RuntimeError("the node-pg suite needs Node.js and npm: apt-get install nodejs npm")
+    target_dir.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(target_dir), *NODE_PACKAGES],
+                            capture_output=True, text=True, timeout=NPM_INSTALL_TIMEOUT_S)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"npm install {' '.join(NODE_PACKAGES)} failed:\n{result.stderr[-4000:]}")
+    return modules
+
+
+def run_node_smoke(node_modules: Path, dsn: str, timeout_s: int = SUITE_TIMEOUT_S) -> SuiteResult:
+    """tests/compat/node_pg_smoke.js against `dsn`, bounded (each of its checks has its own timeout too)."""
+    env = dict(os.environ)
+    env.update(DATABASE_URL=dsn, NODE_PATH=str(node_modules), NODE_NO_WARNINGS="1")
+    node = shutil.which("node") or "node"
+    return run_command([node, str(NODE_SMOKE_SCRIPT)], env, NODE_SMOKE_SCRIPT.parent, timeout_s)
+
+
+def run_command(command: list[str], env: dict[str, str], cwd: Path, timeout_s: float) -> SuiteResult:
+    """Run a suite that reports as `go test -v` does; killed after `timeout_s`."""
     started_s = time.monotonic()
     try:
-        completed = subprocess.run(command, cwd=binary.parent, env=env, capture_output=True, text=True,
-                                   timeout=timeout_s + SUITE_KILL_GRACE_S)  # fmt: skip
+        completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                                   timeout=timeout_s)  # fmt: skip
         output, exit_code = completed.stdout + completed.stderr, completed.returncode
     except subprocess.TimeoutExpired as expired:
         output = _text(expired.stdout) + _text(expired.stderr) + "\n(killed: suite timeout)\n"
@@ -222,7 +256,8 @@ def report(results: dict[str, dict[str, SuiteResult]], modes: Sequence[str]) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: direct,session,transaction")
-    parser.add_argument("--suites", default=",".join(SUITES), help="comma-separated: " + ",".join(SUITES))
+    every_suite = [*SUITES, NODE_SUITE]
+    parser.add_argument("--suites", default=",".join(every_suite), help="comma-separated: " + ",".join(every_suite))
     parser.add_argument("--run", default=None, help="go test -run regex (default: every test)")
     parser.add_argument("--timeout-s", type=int, default=SUITE_TIMEOUT_S, help="per suite and target")
     parser.add_argument("--show-failures", action="store_true", help="print the output of proxy-only failures")
@@ -233,16 +268,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name not in MODES:
             parser.error(f"unknown mode {name!r}")
     for name in suites:
-        if name not in SUITES:
+        if name not in every_suite:
             parser.error(f"unknown suite {name!r}")
     build_dir = Path(tempfile.gettempdir()) / f"shardgate-compat-bin-{os.getuid()}"
     build_dir.mkdir(exist_ok=True)
-    binaries = {suite: build_suite(SUITES[suite], build_dir) for suite in suites}
+    binaries = {suite: build_suite(SUITES[suite], build_dir) for suite in suites if suite in SUITES}
+    node_modules = install_node_packages(build_dir / "node") if NODE_SUITE in suites else None
     results: dict[str, dict[str, SuiteResult]] = {suite: {} for suite in suites}
     with targets(modes) as dsns:
-        for suite, binary in binaries.items():
+        for suite in suites:
             for mode in modes:
-                result = run_suite(binary, dsns[mode], args.run, args.timeout_s)
+                if suite == NODE_SUITE:
+                    assert node_modules is not None
+                    result = run_node_smoke(node_modules, dsns[mode], args.timeout_s)
+                else:
+                    result = run_suite(binaries[suite], dsns[mode], args.run, args.timeout_s)
                 results[suite][mode] = result
                 print(f"{suite} {mode}: {result.counts()} in {result.duration_s:.1f}s", flush=True)
     print(report(results, modes))
