@@ -1,11 +1,11 @@
-"""Other people's test suites (pgx v4's own, a node-postgres smoke test) run directly and through Shardgate.
+"""Other people's test suites (pgx v4's own; node-postgres and JDBC smoke tests) directly and through Shardgate.
 
     PYTHONPATH=. python3 tests/compat/run.py [--modes direct,session,transaction]
-                                             [--suites pgx,pgxpool,node-pg] [--run REGEX] [--timeout-s 300]
+                                             [--suites pgx,pgxpool,node-pg,jdbc] [--run REGEX] [--timeout-s 300]
 
 Starts a throwaway PostgreSQL 15 (localpg) and one proxy per pool mode on loopback, compiles each Go test
 package offline from Debian's /usr/share/gocode (node-pg: `npm install pg pg-copy-streams` into a
-directory under the system temp dir, once), runs each against every target, bounded, and prints
+directory under the system temp dir, once; jdbc: Debian's libpostgresql-jdbc-java jar), runs each against every target, bounded, and prints
 passed/failed/skipped per target, then the tests that fail through a proxy but not directly. Exit status 1
 when a test fails in session mode that passes directly.
 """
@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -49,6 +50,9 @@ NODE_SUITE = "node-pg"
 NODE_SMOKE_SCRIPT = Path(__file__).resolve().parent / "node_pg_smoke.js"
 NODE_PACKAGES = ("pg", "pg-copy-streams")
 NPM_INSTALL_TIMEOUT_S = 300
+JDBC_SUITE = "jdbc"
+JDBC_SMOKE_SOURCE = Path(__file__).resolve().parent / "JdbcSmoke.java"
+JDBC_JAR = Path("/usr/share/java/postgresql.jar")
 MODES: tuple[str, ...] = ("direct", "session", "transaction")
 SUITE_TIMEOUT_S = 300
 # Over go test's own timeout: the binary prints the test that hung before it exits.
@@ -180,6 +184,19 @@ def run_node_smoke(node_modules: Path, dsn: str, timeout_s: int = SUITE_TIMEOUT_
     return run_command([node, str(NODE_SMOKE_SCRIPT)], env, NODE_SMOKE_SCRIPT.parent, timeout_s)
 
 
+def run_jdbc_smoke(dsn: str, timeout_s: int = SUITE_TIMEOUT_S) -> SuiteResult:
+    """tests/compat/JdbcSmoke.java (run as a source file) against `dsn`, bounded."""
+    java = shutil.which("java")
+    if java is None or not JDBC_JAR.is_file():
+        raise RuntimeError(f"the jdbc suite needs Java and {JDBC_JAR}: apt-get install default-jdk-headless "
+                           "libpostgresql-jdbc-java")  # fmt: skip
+    parts = urlsplit(dsn)
+    jdbc_url = f"jdbc:postgresql://{parts.hostname}:{parts.port}{parts.path}"
+    command = [java, "-cp", str(JDBC_JAR), str(JDBC_SMOKE_SOURCE), jdbc_url,
+               unquote(parts.username or ""), unquote(parts.password or "")]  # fmt: skip
+    return run_command(command, dict(os.environ), JDBC_SMOKE_SOURCE.parent, timeout_s)
+
+
 def run_command(command: list[str], env: dict[str, str], cwd: Path, timeout_s: float) -> SuiteResult:
     """Run a suite that reports as `go test -v` does; killed after `timeout_s`."""
     started_s = time.monotonic()
@@ -256,7 +273,7 @@ def report(results: dict[str, dict[str, SuiteResult]], modes: Sequence[str]) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: direct,session,transaction")
-    every_suite = [*SUITES, NODE_SUITE]
+    every_suite = [*SUITES, NODE_SUITE, JDBC_SUITE]
     parser.add_argument("--suites", default=",".join(every_suite), help="comma-separated: " + ",".join(every_suite))
     parser.add_argument("--run", default=None, help="go test -run regex (default: every test)")
     parser.add_argument("--timeout-s", type=int, default=SUITE_TIMEOUT_S, help="per suite and target")
@@ -281,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if suite == NODE_SUITE:
                     assert node_modules is not None
                     result = run_node_smoke(node_modules, dsns[mode], args.timeout_s)
+                elif suite == JDBC_SUITE:
+                    result = run_jdbc_smoke(dsns[mode], args.timeout_s)
                 else:
                     result = run_suite(binaries[suite], dsns[mode], args.run, args.timeout_s)
                 results[suite][mode] = result
