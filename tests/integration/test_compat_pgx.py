@@ -50,9 +50,9 @@ def test_pgx_suite_session_mode_fails_nothing_that_passes_directly(
     suite: str, compat_dsns: dict[str, str], suite_binaries: dict[str, Path]
 ) -> None:
     direct = run_suite(suite_binaries[suite], compat_dsns["direct"], timeout_s=SUITE_TIMEOUT_S)
-    # The suite must really have run against PostgreSQL: a binary that cannot connect fails everything.
-    assert direct.exit_code == 0, f"{suite} fails directly ({direct.counts()}):\n{direct.output[-4000:]}"
-    assert len(direct.passed) > 40, f"{suite} ran only {direct.counts()} directly"
+    # The suite must really have run against PostgreSQL: a binary that cannot connect fails everything. A
+    # test that fails directly too (a timing-sensitive one, another server version) is not the proxy's.
+    assert len(direct.passed) > 40, f"{suite} passed only {direct.counts()} directly:\n{direct.output[-4000:]}"
     proxied = run_suite(suite_binaries[suite], compat_dsns["session"], timeout_s=SUITE_TIMEOUT_S)
     allowed = POOLER_DIFFERENCES.get(suite, {})
     names = [name for name in regressions(direct, proxied) if name not in allowed]
