@@ -109,7 +109,7 @@ def test_a_client_that_needs_3_2_is_told_the_proxy_serves_3_0(
                                     max_protocol_version="latest"), "SELECT 1;\n")
     assert result.returncode != 0
     # libpq's own refusal after the proxy's NegotiateProtocolVersion: it names both versions
-    assert "3.0" in result.stderr and "3.2" in result.stderr, result.stderr
+    assert "3.0" in result.stderr and "min_protocol_version" in result.stderr, result.stderr
     assert proxies["transaction"].is_running()
 
 
@@ -242,3 +242,28 @@ def test_a_cancel_request_with_a_32_byte_key_cancels_nothing(
     finally:
         victim.close()
     assert shardgate.is_running()
+
+
+def test_negotiate_protocol_version_has_postgresql_s_own_layout(
+    pg: Topology, proxies: dict[str, ProxyProcess]
+) -> None:
+    # The same startup (3.3 and a `_pq_.` option nobody knows) to PostgreSQL and to the proxy: the answers
+    # differ only in the version granted (15 grants 3.0, as the proxy does; 18 grants 3.2).
+    assert pg.primary is not None
+    answers = {}
+    for name, (host, port) in {"server": (pg.primary.host, pg.primary.port),
+                               "proxy": (proxies["transaction"].host, proxies["transaction"].port)}.items():
+        client = RawClient(host, port)
+        try:
+            client.send_startup(protocol=PROTOCOL_V3 | 3, extra={"_pq_.no_such_option": "1"})
+            first = client.read_message()
+            assert first is not None and first[0] == b"v", (name, first)
+            answers[name] = first[1]
+            assert client.read_until_ready()[-1][0] == b"Z"  # and the login goes on
+        finally:
+            client.close()
+    server_version, = struct.unpack_from("!i", answers["server"])
+    proxy_version, = struct.unpack_from("!i", answers["proxy"])
+    assert proxy_version == PROTOCOL_V3
+    assert server_version in (PROTOCOL_V3, PROTOCOL_V3_2)
+    assert answers["proxy"][4:] == answers["server"][4:] == struct.pack("!i", 1) + b"_pq_.no_such_option\x00"
