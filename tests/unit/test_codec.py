@@ -144,3 +144,10 @@ def test_bound_query_sends_the_parameter_apart_from_the_text() -> None:
     value = b"o'neil\\"
     assert messages[1][1] == b"\x00\x00" + struct.pack("!hhi", 0, 1, len(value)) + value + struct.pack("!h", 0)
     assert messages[2][1] == b"\x00" + struct.pack("!i", 0)
+
+
+def test_negotiate_protocol_version_names_the_whole_version() -> None:
+    # Int32 196608 (3 << 16: 3.0) as PostgreSQL and libpq 18 have it, then the count and the option names
+    body = struct.pack("!ii", 196608, 1) + b"_pq_.compression\x00"
+    expected = b"v" + struct.pack("!I", len(body) + 4) + body
+    assert codec.negotiate_protocol_version(0, ["_pq_.compression"]) == expected
