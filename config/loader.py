@@ -188,6 +188,7 @@ def _parse_general(table: dict[str, Any] | None, problems: list[str]) -> General
     section.string("server_reset_query")
     section.seconds("shutdown_timeout_s")
     section.integer("max_message_bytes", minimum=MIN_MESSAGE_BYTES)
+    section.integer("client_to_server_buffer_bytes", minimum=0)
     section.choice("log_level", LOG_LEVELS)
     section.choice("log_format", LOG_FORMATS)
     section.choice("read_write_split", READ_WRITE_SPLIT)
@@ -198,10 +199,12 @@ def _parse_general(table: dict[str, Any] | None, problems: list[str]) -> General
     section.integer("max_replica_lag_bytes", minimum=0)
     section.integer("read_your_writes_ms", minimum=0)
     section.boolean("replica_stickiness")
+    section.integer("primary_wait_timeout_ms", minimum=0)
     section.boolean("allow_cross_shard_writes")
     section.boolean("two_phase_commit")
     _read_admin_keys(section)
     section.boolean("watch_config")
+    section.string("listen_user")
     _read_limit_keys(section)
     _read_passthrough_keys(section)
     section.finish()
@@ -285,13 +288,16 @@ def _check_networks(raw: Any) -> tuple[Any, str | None]:
 
 
 def _check_admin_users(general: GeneralConfig | None, users: list[UserConfig | None], problems: list[str]) -> None:
-    """Every name in general.admin_users is a [[users]] entry (the console logs users in as any client)."""
+    """Every name in general.admin_users and general.listen_user is a [[users]] entry (the console logs users
+    in as any client; the notification hub logs in as that user)."""
     if general is None:
         return
     known = {user.name for user in users if user is not None}
     for index, name in enumerate(general.admin_users):
         if name not in known:
             problems.append(f'general.admin_users[{index}]: no [[users]] entry is named "{name}"')
+    if general.listen_user and general.listen_user not in known:
+        problems.append(f'general.listen_user: no [[users]] entry is named "{general.listen_user}"')
     if general.admin_token and len(general.admin_token) < 16:
         problems.append("general.admin_token: must be at least 16 characters (a bearer token guards the HTTP admin API)")
 

@@ -41,6 +41,10 @@ class GeneralConfig:
     server_reset_query: str = "DISCARD ALL"
     shutdown_timeout_s: float = 30.0
     max_message_bytes: int = 64 * 1024 * 1024
+    # back-pressure toward servers (issue 17): the kernel buffers of a client socket's receiving side and of
+    # a server socket's sending side, so a client streaming to a slow server is held back as if connected
+    # directly; 0 leaves them to the kernel's autotuning
+    client_to_server_buffer_bytes: int = 128 * 1024
     log_level: str = "info"
     log_format: str = "text"
     # read/write splitting and cluster health (issue 4)
@@ -52,6 +56,8 @@ class GeneralConfig:
     max_replica_lag_bytes: int = 0
     read_your_writes_ms: int = 0
     replica_stickiness: bool = False
+    # failover (issue 17): a write with no primary waits this long for one (PgBouncer's query_wait_timeout)
+    primary_wait_timeout_ms: int = 10000
     # sharding (issue 13): may an UPDATE or DELETE without its sharding key run on every shard
     allow_cross_shard_writes: bool = False
     # two-phase commit (issue 14): a transaction that wrote on several shards commits everywhere or nowhere
@@ -63,6 +69,9 @@ class GeneralConfig:
     admin_token: str = ""
     # hot reload (issue 15): poll the config file every second and reload it when it changes
     watch_config: bool = False
+    # LISTEN/NOTIFY in the pooled modes (issue 17): the [[users]] entry whose server login the notification
+    # hub listens as, one connection per database; "" listens as each client's own user
+    listen_user: str = ""
     # limits and abuse protection (issue 16): auth-failure cool-offs, connection storms, timeouts; 0 = off
     auth_failure_limit: int = 10
     auth_failure_window_s: float = 60.0

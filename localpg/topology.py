@@ -495,6 +495,18 @@ class Topology:
         self._wait_streaming(source, server, slot)
         return server
 
+    def drop_replica(self, server: PgServer, primary: PgServer | None = None) -> None:
+        """Stop a replica `add_replica` made and forget it (and its slot on `primary`, default the topology's),
+        so what runs after sees the topology as it was."""
+        server.stop()
+        if server in self.replicas:
+            self.replicas.remove(server)
+        source = primary or self.primary
+        if source is not None:
+            slot = re.sub(r"[^a-z0-9_]", "_", server.name.lower())
+            source.psql(f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                        f"WHERE slot_name = {quote_literal(slot)}")
+
     def stop_all(self, mode: str = "fast") -> None:
         """Stop every server, replicas first; keeps going past failures and reports the first."""
         first_error: Exception | None = None

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from proxy import views
 from proxy.errors import ProxyError
 from proxy.limits import REFUSAL_REASONS, TIMEOUT_KINDS
+from proxy.metrics import ROUTES, Histogram
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -41,6 +42,8 @@ class RuntimeCollector:
         clients = GaugeMetricFamily("shardgate_clients", "Client connections open")
         clients.add_metric([], len(rt.clients))
         yield clients
+        yield _clients_by_state(rt)
+        yield from _traffic_metrics(rt)
 
         servers = GaugeMetricFamily("shardgate_pool_servers", "Server connections by pool and state",
                                     labels=["pool", "state"])
@@ -71,14 +74,24 @@ class RuntimeCollector:
         lag_bytes = GaugeMetricFamily("shardgate_server_lag_bytes", "Replay lag behind the primary",
                                       labels=["database", "shard", "server"])
         lag_s = GaugeMetricFamily("shardgate_server_lag_seconds", "Replay delay", labels=["database", "shard", "server"])
+        primary_waits = CounterMetricFamily("shardgate_primary_waits", "Statements and logins that waited for a "
+                                            "primary (primary_wait_timeout_ms)", labels=["database", "shard"])
+        primary_wait_timeouts = CounterMetricFamily("shardgate_primary_wait_timeouts", "Waits for a primary "
+                                                    "that ended without one", labels=["database", "shard"])
+        waiting_now = GaugeMetricFamily("shardgate_primary_waiting", "Statements and logins waiting for a "
+                                        "primary now", labels=["database", "shard"])
         for cluster in list(rt.clusters.values()):
+            shard_labels = [cluster.name, str(cluster.shard)]
+            primary_waits.add_metric(shard_labels, cluster.primary_waits)
+            primary_wait_timeouts.add_metric(shard_labels, cluster.primary_wait_timeouts)
+            waiting_now.add_metric(shard_labels, cluster.primary_waiting)
             for row in cluster.stats():
                 server = f"{row['host']}:{row['port']}"
                 labels = [str(row["database"]), str(row["shard"]), server]
                 up.add_metric([*labels, str(row["role"])], 1 if row["healthy"] and not row["banned"] else 0)
                 lag_bytes.add_metric(labels, float(row["lag_bytes"]))  # type: ignore[arg-type]
                 lag_s.add_metric(labels, float(row["lag_ms"]) / 1000)  # type: ignore[arg-type]
-        yield from (up, lag_bytes, lag_s)
+        yield from (up, lag_bytes, lag_s, primary_waits, primary_wait_timeouts, waiting_now)
 
         statements = CounterMetricFamily("shardgate_shard_statements", "Statements of sharded databases by how "
                                          "many shards they went to (single, multi, all)", labels=["database", "kind"])
@@ -90,6 +103,7 @@ class RuntimeCollector:
 
         yield from _two_phase_metrics(rt)
         yield from _limit_metrics(rt)
+        yield from _listen_metrics(rt)
         yield from _passthrough_metrics(rt)
 
         jwt = rt.auth.jwt
@@ -109,6 +123,62 @@ class RuntimeCollector:
             yield rejections
 
 
+CLIENT_STATES = ("login", "idle", "idle_in_transaction", "running", "waiting", "console", "other")
+
+
+def _clients_by_state(rt: Runtime) -> Metric:
+    counts = dict.fromkeys(CLIENT_STATES, 0)
+    for client in list(rt.clients):
+        where = client.activity()[0]
+        if not where:  # waiting for a server, in the admin console, closing
+            where = client.info().state
+        counts[where if where in counts else "other"] += 1
+    family = GaugeMetricFamily("shardgate_clients_by_state", "Client connections by where they are: login, idle "
+                               "(between transactions), idle_in_transaction, running (a statement in flight), "
+                               "waiting (for a server), console", labels=["state"])
+    for state, count in counts.items():
+        family.add_metric([state], count)
+    return family
+
+
+def _histogram(name: str, text: str, histogram: Histogram) -> Metric:
+    family = HistogramMetricFamily(name, text)
+    family.add_metric([], histogram.cumulative(), sum_value=histogram.sum_s)
+    return family
+
+
+def _traffic_metrics(rt: Runtime) -> Iterator[Metric]:
+    traffic = rt.traffic
+    for name, counts, text in (
+        ("shardgate_queries", traffic.queries, "Statements (a Query, or an extended batch up to its Sync) by route"),
+        ("shardgate_transactions", traffic.transactions, "Transactions (autocommit statements included) by route"),
+    ):
+        family = CounterMetricFamily(name, text + ": primary, replica, shard (a sharded database's statement on "
+                                     "one shard), multi_shard", labels=["route"])
+        for route in ROUTES:
+            family.add_metric([route], counts[route])
+        yield family
+    yield _histogram("shardgate_query_duration_seconds", "From a client's statement arriving to its server's "
+                     "ReadyForQuery (several shards: to the merged answer)", traffic.query_duration)
+    yield _histogram("shardgate_checkout_wait_seconds", "How long clients that went through a pool's queue waited "
+                     "for a server (a server parked with the client, or idle, is taken without waiting)",
+                     traffic.checkout_wait)
+    received = CounterMetricFamily("shardgate_bytes", "Bytes received from clients and from servers (what servers "
+                                   "send is relayed to clients but for replies the proxy hides)", labels=["direction"])
+    received.add_metric(["from_clients"], traffic.client_bytes)
+    received.add_metric(["from_servers"], traffic.server_bytes)
+    yield received
+    errors = CounterMetricFamily("shardgate_errors", "ErrorResponses sent to clients by SQLSTATE class and source "
+                                 "(server: relayed from PostgreSQL; proxy: the proxy's own)", labels=["source", "class"])
+    for (source, code_class), count in sorted(traffic.errors.items()):
+        errors.add_metric([source, code_class], count)
+    yield errors
+    bans = CounterMetricFamily("shardgate_server_bans", "Replica bans started", labels=["database", "shard"])
+    for cluster in list(rt.clusters.values()):
+        bans.add_metric([cluster.name, str(cluster.shard)], cluster.bans)
+    yield bans
+
+
 def _limit_metrics(rt: Runtime) -> Iterator[Metric]:
     limits = rt.limits
     failures = CounterMetricFamily("shardgate_auth_failures", "Failed authentications by reason",
@@ -124,6 +194,27 @@ def _limit_metrics(rt: Runtime) -> Iterator[Metric]:
     for kind in TIMEOUT_KINDS:
         timeouts.add_metric([kind], limits.timeouts[kind])
     yield from (failures, refused, timeouts)
+
+
+def _listen_metrics(rt: Runtime) -> Iterator[Metric]:
+    """LISTEN/NOTIFY in the pooled modes (proxy/notify.py): one hub per primary pool."""
+    clients = GaugeMetricFamily("shardgate_listen_clients", "Clients listening through the proxy's notification hubs")
+    clients.add_metric([], rt.notify.listening_clients())
+    channels = GaugeMetricFamily("shardgate_listen_channels", "Channels a hub listens to for its clients",
+                                 labels=["hub"])
+    up = GaugeMetricFamily("shardgate_listen_connection_up", "1 while a hub's listening server connection is up",
+                           labels=["hub"])
+    delivered = CounterMetricFamily("shardgate_notifications_delivered", "Notifications passed to listening clients",
+                                    labels=["hub"])
+    reconnects = CounterMetricFamily("shardgate_listen_reconnects", "Listening server connections lost and opened "
+                                     "again", labels=["hub"])
+    for name, hub in list(rt.notify.hubs.items()):
+        stats = hub.stats()
+        channels.add_metric([name], stats["channels"])
+        up.add_metric([name], stats["connected"])
+        delivered.add_metric([name], stats["delivered"])
+        reconnects.add_metric([name], stats["reconnects"])
+    yield from (clients, channels, up, delivered, reconnects)
 
 
 def _passthrough_metrics(rt: Runtime) -> Iterator[Metric]:

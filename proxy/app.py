@@ -189,6 +189,7 @@ class App:
         for pool in runtime.pools.values():
             pool.close()
         runtime.twophase.close()
+        runtime.notify.close()
         for cluster in runtime.clusters.values():
             cluster.close()
         await asyncio.sleep(0.05)

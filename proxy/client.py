@@ -13,15 +13,17 @@ from enum import Enum
 from auth.errors import AuthError
 from auth.identity import Identity
 from config.model import UserConfig
-from proxy.cluster import Cluster
+from proxy.cluster import WAITABLE_SQLSTATES, Cluster
 from proxy.console import CONSOLE_DATABASES, Console, may_enter, may_enter_as, refusal
-from proxy.errors import ProxyError, ServerLostError
+from proxy.errors import ProxyError, ServerError, ServerLostError
 from proxy.executor import FanoutExecutor
 from proxy.fanout import FanoutRelay
-from proxy.guard import Guard
+from proxy.guard import Guard, raising_query
 from proxy.handshake import Handshake, HandshakeState
 from proxy.limits import IDLE, IDLE_IN_TRANSACTION, LOGGING_IN, OTHER, RUNNING
-from proxy.login import login_pool, parameter_block, setup_session
+from proxy.listening import LISTENING_KINDS, MAX_PENDING_NOTIFICATION_BYTES, Listening
+from proxy.login import SessionSetup, login_pool, parameter_block, setup_session
+from proxy.notify import NotifyHub
 from proxy.pool import Pool
 from proxy.protocol import codec, sqlstate
 from proxy.protocol.codec import ProtocolError
@@ -34,6 +36,7 @@ from proxy.session_state import Effect, ServerState, SessionState
 from proxy.splitter import ReadWriteSplit
 from proxy.statements import PreparedStatements
 from proxy.tls import ClientTlsContext, client_session_of, start_client_tls
+from routing.route import Role
 
 log = logging.getLogger("shardgate.client")
 
@@ -42,8 +45,11 @@ log = logging.getLogger("shardgate.client")
 _ROLE_PARAMETERS = ("is_superuser", "session_authorization")
 _ROLE_PARAMETER_NAMES = frozenset(name.encode() for name in _ROLE_PARAMETERS)
 _NOT_TRANSACTIONAL = ("prepare", "deallocate", "discard_all")  # effects a ROLLBACK does not undo
+_ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
 
 
+
+_PRIMARY, _REPLICA, _SHARD = "primary", "replica", "shard"  # proxy.metrics.ROUTES
 
 class Phase(Enum):
     STARTUP = "startup"  # startup packet and authentication (see Handshake)
@@ -64,6 +70,8 @@ class ClientSession(FanoutRelay):
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
+        self.traffic = runtime.traffic
+        self.batch_at = 0.0  # when the client's last bytes came: a statement's duration runs from there
         self.transport = None
         self.phase = STARTUP
         self.handshake: Handshake | None = Handshake(runtime, self._handshake_write)
@@ -126,6 +134,11 @@ class ClientSession(FanoutRelay):
         self.admitted: tuple[str, str] | None = None  # (user, database) counted against max_connections
         self.turn_pending = False  # max_new_connections_per_s: what it sends waits in inbuf for its turn
         self.reported: dict[str, str] = {}  # the role's ParameterStatus values as the client was last told
+        self.listen_ok = False
+        self.listen_statements: dict[str, tuple[Effect, ...]] = {}
+        self.listen_unheld = False
+        self.listening: Listening | None = None  # from its first LISTEN (pooled modes, see proxy/notify.py)
+        self.primary_waiting = False  # what the client sent waits for a primary (primary_wait_timeout_ms)
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -138,6 +151,10 @@ class ClientSession(FanoutRelay):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            receive_buffer_bytes = self.rt.config.general.client_to_server_buffer_bytes
+            if receive_buffer_bytes:
+                # the client's half of client_to_server_buffer_bytes (see ServerConnection.connection_made)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
         self._pace_accept(peer[0] if isinstance(peer, tuple) else "")
 
     def _pace_accept(self, host: str) -> None:
@@ -163,6 +180,8 @@ class ClientSession(FanoutRelay):
                 self._fault(exc)
 
     def data_received(self, data: bytes) -> None:
+        self.traffic.client_bytes += len(data)
+        self.batch_at = time.monotonic()
         try:
             lane = self.lane
             if lane is not None:
@@ -176,6 +195,8 @@ class ClientSession(FanoutRelay):
                     consumed = self._relay(data)
                     if consumed < len(data):
                         self._keep(data, consumed)
+                if self.listening is not None and self.listening.pending:
+                    self._flush_notifications()  # a transaction the proxy answered the end of
             elif self.phase is not CLOSED:
                 self.inbuf += data
                 self._startup_data()
@@ -218,6 +239,8 @@ class ClientSession(FanoutRelay):
             self._task.cancel()
         if self.console is not None:
             self.console.close()
+        if self.listening is not None:
+            self.listening.close()
         self._release(closing=True)
 
     def pause_writing(self) -> None:
@@ -248,6 +271,7 @@ class ClientSession(FanoutRelay):
         """Send a FATAL error and close this client only."""
         if self.phase is CLOSED or self.transport is None:
             return
+        self.traffic.error("proxy", code)
         self.write(codec.error_response(code, text, "FATAL"))
         self.phase = CLOSED
         self.lane = None
@@ -367,10 +391,39 @@ class ClientSession(FanoutRelay):
         try:
             tenant = self.rt.auth.tenant_of(identity) if identity.is_jwt else None
             setup = setup_session(self.rt, user, self.database, jwt=identity.is_jwt, tenant=tenant)
-            pool = self.pool = login_pool(self.rt, user, setup)
         except (ProxyError, AuthError) as exc:
             self.fatal(exc.sqlstate, exc.message)
             return
+        try:
+            pool = login_pool(self.rt, user, setup)
+        except ProxyError as exc:
+            # no server can take the login now (no primary, and no replica for a pooled client): a login
+            # waits for a primary as a write does
+            if exc.sqlstate in WAITABLE_SQLSTATES and setup.cluster.waits_for_primary():
+                self._start_task(self._login_when_primary(user, setup, exc))
+            else:
+                self.fatal(exc.sqlstate, exc.message)
+            return
+        self._log_in(setup, pool)
+
+    async def _login_when_primary(self, user: UserConfig, setup: SessionSetup, failed: ProxyError) -> None:
+        log.info("event=primary_wait peer=%s database=%s shard=%d reason=%r at=login", self.peer,
+                 setup.cluster.name, setup.cluster.shard, failed.message)
+        deadline = time.monotonic() + self.rt.config.general.primary_wait_timeout_ms / 1000
+        try:
+            await setup.cluster.wait_for_primary(deadline, failed)
+            pool = login_pool(self.rt, user, setup)
+        except asyncio.CancelledError:
+            return
+        except ProxyError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+            return
+        if self.phase is not CLOSED:
+            self._log_in(setup, pool)
+
+    def _log_in(self, setup: SessionSetup, pool: Pool) -> None:
+        """The login's pool is known: the session takes what the login decided, then logs in."""
+        self.pool = pool
         self.pool_mode = setup.pool_mode
         self.guard = setup.guard
         self.refusals = setup.guard.refuses
@@ -381,6 +434,7 @@ class ClientSession(FanoutRelay):
         self.sharded = setup.scatter is not None
         self.lane_ok = setup.lane_ok
         self.lane_routed = setup.pool_mode is TRANSACTION and setup.split is not None
+        self.listen_ok = setup.pool_mode is not SESSION and setup.scatter is None
         if self.pool_mode is not SESSION:
             params = self.rt.login_params.get(self._login_params_key(pool))
             if params is not None:  # the usual case: no server needed to log in
@@ -390,8 +444,12 @@ class ClientSession(FanoutRelay):
 
     async def _login(self, pool: Pool) -> None:
         """Slow path of a login: a server is needed (session mode, or startup settings not seen before). A
-        server lost while the client's startup settings are set on it is replaced once."""
-        for attempt in range(2):
+        server lost while the client's startup settings are set on it is replaced once; a primary that cannot
+        be reached is waited for (primary_wait_timeout_ms), as a write waits."""
+        deadline = 0.0
+        attempt = 0
+        while attempt < 2:
+            attempt += 1
             try:
                 if self.pool_mode is SESSION:
                     server = await pool.checkout()
@@ -404,14 +462,30 @@ class ClientSession(FanoutRelay):
                     cancel_key = (secrets.randbits(31), secrets.randbits(31) - (1 << 30))
             except ServerLostError as exc:
                 self._forget_server()
-                if attempt == 0 and self.phase is not CLOSED:
+                if attempt == 1 and self.phase is not CLOSED:
                     log.info("event=server_lost_at_login_retry peer=%s", self.peer)
                     continue
                 self.fatal(exc.sqlstate, exc.message)
                 return
             except ProxyError as exc:
-                self.fatal(exc.sqlstate, exc.message)
-                return
+                cluster = self._cluster_waiting_for(exc) if isinstance(exc, ServerError) else None
+                if cluster is None or self.user is None:
+                    self.fatal(exc.sqlstate, exc.message)
+                    return
+                if not deadline:
+                    deadline = time.monotonic() + self.rt.config.general.primary_wait_timeout_ms / 1000
+                    log.info("event=primary_wait peer=%s database=%s shard=%d reason=%r at=login", self.peer,
+                             cluster.name, cluster.shard, exc.message)
+                try:
+                    primary = await cluster.wait_for_primary(deadline, exc)
+                except ProxyError as timed_out:
+                    self.fatal(timed_out.sqlstate, timed_out.message)
+                    return
+                except asyncio.CancelledError:
+                    return
+                pool = self.pool = self.rt.pool_for_server(self.user, primary.config)
+                attempt -= 1  # waiting is not a lost server's retry
+                continue
             except asyncio.CancelledError:
                 return
             self._finish_login(params, cancel_key)
@@ -539,11 +613,7 @@ class ClientSession(FanoutRelay):
             try:
                 server = self.server
                 if server is None:
-                    assert self.pool is not None
-                    if split is not None:
-                        server, self.pool = await split.checkout(self.pool)
-                    else:
-                        server = await self.pool.checkout()
+                    server = await self._checkout_for_route()
             except asyncio.CancelledError:
                 return
             except ProxyError as exc:  # pool timeout, server unreachable or refusing, no primary: nothing sent
@@ -580,6 +650,83 @@ class ClientSession(FanoutRelay):
         data, self.waiting = self.waiting, b""
         if data:
             self._ready_data(data)
+
+    async def _checkout_for_route(self) -> ServerConnection:
+        """A server for the transaction's route. When the primary cannot be reached (a failover, a restart
+        the probes have not seen yet), the checkout waits for a probe to find a primary, up to
+        primary_wait_timeout_ms, and is tried again there."""
+        split = self.split
+        deadline = 0.0
+        while True:
+            assert self.pool is not None
+            try:
+                if split is not None:
+                    server, self.pool = await split.checkout(self.pool)
+                    return server
+                return await self.pool.checkout()
+            except ServerError as exc:
+                cluster = self._cluster_waiting_for(exc)
+                if cluster is None:
+                    raise
+                if not deadline:
+                    deadline = time.monotonic() + self.rt.config.general.primary_wait_timeout_ms / 1000
+                    log.info("event=primary_wait peer=%s database=%s shard=%d reason=%r", self.peer, cluster.name,
+                             cluster.shard, exc.message)
+                self.primary_waiting = True
+                try:
+                    await cluster.wait_for_primary(deadline, exc)
+                finally:
+                    self.primary_waiting = False
+                if split is not None:
+                    self.pool = split.pool_for_route()
+
+    def _cluster_waiting_for(self, exc: ProxyError) -> Cluster | None:
+        """The cluster whose primary a refused statement may wait for (see primary_wait_timeout_ms), or
+        None when `exc` is not for want of a reachable primary or waiting is off."""
+        if exc.sqlstate not in WAITABLE_SQLSTATES:
+            return None
+        cluster = self.split.cluster if self.split is not None else self.cluster
+        if cluster is None or not cluster.waits_for_primary():
+            return None
+        return cluster
+
+    def _wait_for_primary(self, exc: ProxyError) -> bool:
+        """`_attach_now` found no server for the transaction (no primary now): when it may wait for one,
+        start waiting (what the client sent stays in `waiting`) and return True."""
+        cluster = self._cluster_waiting_for(exc)
+        if cluster is None:
+            return False
+        log.info("event=primary_wait peer=%s database=%s shard=%d reason=%r", self.peer, cluster.name,
+                 cluster.shard, exc.message)
+        self.acquiring = True
+        self._start_task(self._attach_when_primary(cluster, exc))
+        return True
+
+    async def _attach_when_primary(self, cluster: Cluster, failed: ProxyError) -> None:
+        deadline = time.monotonic() + self.rt.config.general.primary_wait_timeout_ms / 1000
+        self.primary_waiting = True
+        try:
+            await cluster.wait_for_primary(deadline, failed)
+        except asyncio.CancelledError:
+            return
+        except ProxyError as exc:
+            self.acquiring = False
+            self._reject_waiting(exc)
+            return
+        finally:
+            self.primary_waiting = False
+        self.acquiring = False
+        if self.phase is CLOSED:
+            return
+        try:
+            linked = self._attach_now()  # may go on to `_acquire`, which relays `waiting` itself
+        except ProxyError as exc:
+            self._reject_waiting(exc)
+            return
+        if linked is not None:
+            data, self.waiting = self.waiting, b""
+            if data:
+                self._ready_data(data)
 
     def _attach_now(self) -> ServerConnection | None:
         """Fast path: the server parked with us, or an idle one, whose session already matches; else
@@ -671,11 +818,25 @@ class ClientSession(FanoutRelay):
             statements.forget_failed(Pool.take_failed_parses(server))
         if server.outstanding or self.unsynced or server is not self.server:
             return
+        # counted per answered batch, not per message: its route, and its time since the client's bytes came
+        traffic = self.traffic
+        split = self.split
+        route = _REPLICA if split is not None and split.role is Role.REPLICA else _SHARD if self.sharded else _PRIMARY
+        traffic.query_duration.observe(time.monotonic() - self.batch_at)
+        traffic.queries[route] += 1
+        if status == b"I":
+            traffic.transactions[route] += 1
         waiter = self._home_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         if self.pending_effects or self.txn_effects:
             self._settle_effects(server, status)
+        listening = self.listening
+        if listening is not None and status == b"I":
+            if listening.reserved:
+                listening.release()
+            if listening.pending and not self.acquiring:
+                self._flush_notifications()
         mode = self.pool_mode
         if mode is SESSION or self.pinned or self.acquiring:
             return
@@ -774,6 +935,8 @@ class ClientSession(FanoutRelay):
                 return
         if self.state.apply(effects):
             self.pinned = True
+        if self.listening is not None and any(e.kind in LISTENING_KINDS for e in effects):
+            self._listen_apply(effects)
         self._snapshot = None
         Pool.settle(server, effects)
 
@@ -798,6 +961,198 @@ class ClientSession(FanoutRelay):
             self._start_task(self._acquire())
             return
         self.fatal(sqlstate.CONNECTION_FAILURE, "server connection lost")
+
+    # ------------------------------------------------------------ LISTEN/NOTIFY (pooled modes)
+
+    def _listening(self) -> Listening:
+        listening = self.listening
+        if listening is None:
+            listening = self.listening = Listening(self._notify_hub, self)
+        return listening
+
+    def _notify_hub(self) -> NotifyHub:
+        """The hub of the database for the session's user, or for general.listen_user."""
+        rt, database, own, home = self.rt, self.database, self.user, self.cluster
+        assert own is not None
+        name = rt.config.general.listen_user or own.name
+
+        def primary_pool() -> Pool:  # asked at each connect of the hub: it follows a failover
+            user = rt.config.user(name) or own  # a user found by auth_query is in no config
+            cluster = rt.cluster_for(database) or home  # the wildcard's databases are not either
+            if cluster is None:
+                raise ProxyError(sqlstate.INVALID_CATALOG_NAME, f'database "{database}" does not exist')
+            return rt.pool_for_server(user, cluster.primary().config)
+
+        return rt.notify.hub_for(name, database, primary_pool)
+
+    def _answer_listen(self, effects: tuple[Effect, ...], tags: tuple[str, ...], status: bytes,
+                       rest: bytes) -> bool:
+        if status == b"E":
+            self.write(codec.error_response("25P02", _ABORTED) + codec.ready_for_query(b"E"))
+            return True
+        reply = b"".join(codec.command_complete(tag) for tag in tags) + codec.ready_for_query(status)
+        listening = self._listening()
+        try:
+            channels = listening.reserve(effects)  # inside a transaction: held until it ends
+            hub = listening.hub_now()
+        except ProxyError as exc:  # no primary to listen on
+            self._listen_refused(status, exc)
+            return True
+        if hub.is_listening(channels):
+            self._listen_answered(effects, status, reply)
+            return True
+        # as on a direct connection, what is notified once LISTEN (or its COMMIT) has answered reaches the
+        # client: the answer waits for the hub's own LISTEN, and what the client sends meanwhile waits with it
+        self.acquiring = True
+        self.waiting += rest
+        self._start_task(self._listen_when_ready(hub, effects, channels, status, reply))
+        return False
+
+    def _listen_answered(self, effects: tuple[Effect, ...], status: bytes, reply: bytes) -> None:
+        listening = self._listening()
+        if status == b"I":
+            listening.apply(effects)
+            listening.release()
+        else:  # registered when the transaction commits (see `_settle_effects`)
+            self.pending_effects.extend(effects)
+            if self.server is not None:
+                self.server.track_tags(True)
+        self.write(reply)
+
+    def _listen_refused(self, status: bytes, exc: ProxyError) -> None:
+        if status == b"T" and self.server is not None:
+            # the server raises it: the transaction aborts there too, as it would on a direct connection
+            self.server.outstanding += 1
+            self.server.send(raising_query((exc.sqlstate, exc.message, "the proxy listens through its own "
+                                            "connection to the primary: retry once it is up")))
+            return
+        self._listening().release()
+        self.write(codec.error_response(exc.sqlstate, exc.message) + codec.ready_for_query(b"I"))
+
+    async def _listen_when_ready(self, hub: NotifyHub, effects: tuple[Effect, ...], channels: frozenset[str],
+                                 status: bytes, reply: bytes) -> None:
+        try:
+            await hub.ready(channels, self.rt.config.general.server_connect_timeout_ms / 1000 + 1)
+        except asyncio.CancelledError:
+            return  # the client is gone (its reservations go with it)
+        except ProxyError as exc:
+            log.info("event=listen_refused peer=%s sqlstate=%s error=%r", self.peer, exc.sqlstate, exc.message)
+            self.acquiring = False
+            if self.phase is not CLOSED:
+                self._listen_refused(status, exc)
+        else:
+            self.acquiring = False
+            if self.phase is not CLOSED:
+                self._listen_answered(effects, status, reply)
+        if self.phase is CLOSED:
+            return
+        data, self.waiting = self.waiting, b""
+        if data:
+            self._ready_data(data)
+        self._flush_notifications()
+
+    def _listen_hold(self, effects: tuple[Effect, ...]) -> bool:
+        channels = frozenset(e.name for e in effects if e.kind == "listen")
+        if not channels or not self.listen_ok:
+            return False
+        if self.listen_unheld:  # held once already and the hub did not come up: it goes now
+            self.listen_unheld = False
+            return False
+        listening = self._listening()
+        try:
+            hub = listening.hub_now()
+        except ProxyError:
+            return False  # no primary: the statement fails on its way to one
+        if hub.is_listening(channels):
+            return False
+        listening.reserve(effects)
+        self.acquiring = True
+        self._start_task(self._relay_when_listening(hub, channels))
+        return True
+
+    async def _relay_when_listening(self, hub: NotifyHub, channels: frozenset[str]) -> None:
+        try:
+            await hub.ready(channels, self.rt.config.general.server_connect_timeout_ms / 1000 + 1)
+        except asyncio.CancelledError:
+            return
+        except ProxyError as exc:  # the statement runs: its registration waits for the hub to come up
+            log.info("event=listen_hub_not_ready peer=%s error=%r", self.peer, exc.message)
+            self.listen_unheld = True
+        self.acquiring = False
+        if self.phase is CLOSED:
+            return
+        data, self.waiting = self.waiting, b""
+        if data:
+            self._ready_data(data)
+
+    def _listen_noted(self, effects: tuple[Effect, ...]) -> None:
+        if not self.listen_ok:
+            if any(e.kind == "listen" for e in effects):
+                self.pinned = True  # several shards: its server listens, as before the hub
+            return
+        try:
+            self._listening().reserve(effects)
+        except ProxyError:
+            pass  # no primary: the statement fails on its way to one
+
+    def _listen_apply(self, effects: list[Effect]) -> None:
+        listening = self.listening
+        assert listening is not None
+        try:
+            listening.apply(effects)
+        except ProxyError as exc:
+            log.warning("event=listen_not_registered peer=%s error=%r", self.peer, exc.message)
+
+    def notify(self, message: bytes) -> None:
+        """A notification on one of the client's channels: written now when the client is idle, as PostgreSQL
+        does, else kept until its transaction ends."""
+        listening = self.listening
+        if listening is None or self.phase is not READY:
+            return
+        if self._idle():
+            if listening.pending:  # kept while it was busy: they go first
+                listening.pending.append(message)
+                self._flush_notifications()
+            else:
+                self._write_notifications(message)
+            return
+        listening.pending_bytes += len(message)
+        if listening.pending_bytes > MAX_PENDING_NOTIFICATION_BYTES:
+            self.fatal(sqlstate.PROGRAM_LIMIT_EXCEEDED, f"more than {MAX_PENDING_NOTIFICATION_BYTES >> 20} MiB of "
+                       "notifications waited for this client to end its transaction")
+            return
+        listening.pending.append(message)
+
+    def _write_notifications(self, data: bytes) -> None:
+        """Straight to the transport: a notification is no sign of life of the client's (client_idle_timeout_s
+        goes on, as PostgreSQL's idle_session_timeout does). A client that reads none of them is closed
+        rather than buffered for without bound."""
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size() > MAX_PENDING_NOTIFICATION_BYTES:
+            self.fatal(sqlstate.PROGRAM_LIMIT_EXCEEDED, f"more than {MAX_PENDING_NOTIFICATION_BYTES >> 20} MiB of "
+                       "notifications are not read by this client")
+            return
+        transport.write(data)
+
+    def _idle(self) -> bool:
+        """Between transactions, with nothing of the client's under way: a notification may be written."""
+        if (self.acquiring or self.fanout is not None or self.links or self.committing or self.discarding
+                or self.local_failed or (self.split is not None and self.split.deferred_begin)):
+            return False
+        server = self.server
+        if server is None or self.parked:
+            return True
+        return (not server.outstanding and not self.unsynced and server.txn_status == b"I"
+                and server.at_message_boundary())
+
+    def _flush_notifications(self) -> None:
+        listening = self.listening
+        if listening is not None and listening.pending and self.phase is READY and self._idle():
+            pending, listening.pending = listening.pending, []
+            listening.pending_bytes = 0
+            self._write_notifications(b"".join(pending))
 
     # ------------------------------------------------------------ limits (the janitor's timeout sweep)
 
@@ -835,7 +1190,17 @@ class ClientSession(FanoutRelay):
             self.fatal(sqlstate.PROTOCOL_VIOLATION, f"login not finished within {limit} s")
 
     def cancel_running(self) -> None:
-        """A CancelRequest named this client: pass it to every server of its link set running its query."""
+        """A CancelRequest named this client: pass it to every server of its link set running its query. A
+        statement waiting for a primary is not anywhere yet: it (and what waits behind it) is answered
+        57014 here, as PostgreSQL answers a canceled statement, and the session goes on."""
+        if self.primary_waiting and self._task is not None and not self._task.done():
+            self._task.cancel()
+            self.primary_waiting = False
+            self.acquiring = False
+            self._reject_waiting(ProxyError(sqlstate.QUERY_CANCELED,
+                                            "canceling statement due to user request (it was waiting for a "
+                                            "primary)"))
+            return
         for server in self._link_set():
             if server.outstanding or (server is self.server and self.unsynced):
                 self.rt.send_cancel(server.address, server.process_id, server.secret_key)

@@ -38,6 +38,13 @@ MIN_PROBE_GAP_S = 0.2
 # While no primary is reachable the servers are probed at least this often, so that writes resume soon after
 # the primary comes back (a restart) or a replica is promoted.
 NO_PRIMARY_PROBE_INTERVAL_S = 1.0
+# While writes wait for a primary (primary_wait_timeout_ms) the servers are probed this often, so a promoted
+# replica or a restarted primary takes the waiting writes within a fraction of a second.
+WAITING_PROBE_INTERVAL_S = 0.25
+# Refusals a write may wait out: no primary reachable, a primary that cannot be reached or does not take
+# logins yet (restarting: 57P03), or split brain (it ends when one of the two is demoted or fenced).
+WAITABLE_SQLSTATES = frozenset({sqlstate.CONNECTION_FAILURE, sqlstate.CANNOT_CONNECT_NOW,
+                                sqlstate.SQLCLIENT_UNABLE_TO_ESTABLISH})
 
 
 def parse_lsn(text: str) -> int:
@@ -125,6 +132,7 @@ class Cluster:
         self.tls: TlsContexts | None = None  # the runtime's, for monitor connections
         self.servers: list[ClusterServer] = [ClusterServer(config, now) for config in servers]
         self.probes = 0
+        self.bans = 0  # bans started (a ban extended is not a new one)
         self.wake = asyncio.Event()
         self._now = now
         self._next = 0  # round-robin position, also the tie breaker of least_connections
@@ -132,6 +140,11 @@ class Cluster:
         self._split_brain = False
         self._no_primary = False
         self._probe_lock = asyncio.Lock()
+        # writes waiting for a primary: (when each started waiting, its future), woken by the first probe
+        # round that started after it and found a primary (see wait_for_primary)
+        self._primary_waiters: list[tuple[float, asyncio.Future[None]]] = []
+        self.primary_waits = 0  # writes that waited, for the metrics
+        self.primary_wait_timeouts = 0
         self.removed = False  # a reload dropped this database shard: no server, and errors say why
 
     # ------------------------------------------------------------ picking a server
@@ -172,6 +185,69 @@ class Cluster:
             log.warning("event=no_primary database=%s shard=%d", self.name, self.shard)
         raise ProxyError(sqlstate.CONNECTION_FAILURE,
                          f"no primary is reachable for database {self.name} shard {self.shard}")
+
+    def waits_for_primary(self) -> bool:
+        """A write refused for want of a primary may wait for one: primary_wait_timeout_ms is set and the
+        probes run (they are what sees a primary come back)."""
+        return (self.general.primary_wait_timeout_ms > 0 and self.general.healthcheck_interval_ms > 0
+                and self.credentials is not None and not self.removed)
+
+    async def wait_for_primary(self, deadline: float, failed: ProxyError) -> ClusterServer:
+        """Wait until a probe round that started after this call finds one reachable primary, and return it.
+        `failed` is why the write could not go to a primary now; at `deadline` (monotonic) its error is
+        raised again, saying which database has no primary and for how long the write waited. No polling:
+        the probe loop resolves the waiters (and probes every WAITING_PROBE_INTERVAL_S while they wait)."""
+        loop = asyncio.get_running_loop()
+        self.primary_waits += 1
+        while True:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0 or self.removed:
+                break
+            waiter = (self._now(), loop.create_future())
+            self._primary_waiters.append(waiter)
+            self.wake.set()
+            try:
+                await asyncio.wait_for(waiter[1], remaining_s)
+            except TimeoutError:
+                break
+            finally:
+                if waiter in self._primary_waiters:
+                    self._primary_waiters.remove(waiter)
+            try:
+                return self._the_primary()
+            except ProxyError as exc:
+                failed = exc  # a reload or another round changed it meanwhile: wait on
+        self.primary_wait_timeouts += 1
+        try:
+            self._the_primary()  # 3D000 once removed; the probes' view of the primary when they have one
+        except ProxyError as exc:
+            if exc.sqlstate != sqlstate.CONNECTION_FAILURE:
+                raise
+            failed = exc
+        message = failed.message
+        if f"database {self.name}" not in message:  # a connect error names only the server
+            message = f"no primary is reachable for database {self.name} shard {self.shard}: {message}"
+        log.warning("event=primary_wait_timeout database=%s shard=%d primary_wait_timeout_ms=%d", self.name,
+                    self.shard, self.general.primary_wait_timeout_ms)
+        raise ProxyError(sqlstate.CONNECTION_FAILURE, f"{message} (waited primary_wait_timeout_ms = "
+                         f"{self.general.primary_wait_timeout_ms} ms)")
+
+    @property
+    def primary_waiting(self) -> int:
+        """Statements and logins waiting for a primary now."""
+        return len(self._primary_waiters)
+
+    def _wake_primary_waiters(self, started: float) -> None:
+        """A probe round that started at `started` found a primary: wake the writes that began waiting
+        before it started (a round already under way when a connect failed may not have seen the failure)."""
+        still: list[tuple[float, asyncio.Future[None]]] = []
+        for since, future in self._primary_waiters:
+            if since <= started:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                still.append((since, future))
+        self._primary_waiters = still
 
     def pick_read(self, *, sticky: ClusterServer | None = None, min_caught_up_at: float | None = None,
                   active_connections: Callable[[ClusterServer], int] = lambda s: 0) -> ClusterServer:
@@ -249,6 +325,7 @@ class Cluster:
         already = server.banned(now)
         server.banned_until = max(server.banned_until, now + self.general.ban_timeout_s)
         if not already:
+            self.bans += 1
             server.ban_reason = reason
             log.warning("event=server_banned database=%s shard=%d server=%s role=%s ban_timeout_s=%s reason=%r",
                         self.name, self.shard, server.name, server.role, self.general.ban_timeout_s, reason)
@@ -334,7 +411,9 @@ class Cluster:
         try:
             self._the_primary()
         except ProxyError:
-            pass
+            return
+        if self._primary_waiters:
+            self._wake_primary_waiters(started)
 
     async def _probe(self, server: ClusterServer) -> ProbeResult | str:
         """One server's probe; the error text when it failed (the connection is then dropped)."""
@@ -393,6 +472,8 @@ class Cluster:
                     log.exception("event=probe_failed database=%s shard=%d", self.name, self.shard)
                 elapsed_s = time.monotonic() - started
                 wait_s = min(interval_s, NO_PRIMARY_PROBE_INTERVAL_S) if self._no_primary else interval_s
+                if self._primary_waiters:
+                    wait_s = min(wait_s, WAITING_PROBE_INTERVAL_S)
                 try:
                     await asyncio.wait_for(self.wake.wait(), max(wait_s - elapsed_s, 0))
                 except TimeoutError:
@@ -443,6 +524,9 @@ class Cluster:
         self.removed = True
         self.close()
         self.servers = []
+        for _, future in self._primary_waiters:  # they get the 3D000 that says why
+            if not future.done():
+                future.set_result(None)
 
     # ------------------------------------------------------------ reporting
 

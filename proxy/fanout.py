@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Coroutine
 
 from config.model import UserConfig
@@ -284,6 +285,13 @@ class FanoutRelay(Relay):
             await self._commit_across(plan, first)
         else:
             await self._fan_out(plan, prefix, first, status)
+        if plan.refusal is None:
+            traffic = self.rt.traffic
+            route = "multi_shard" if len(plan.shards) > 1 else "shard"
+            traffic.query_duration.observe(time.monotonic() - self.batch_at)
+            traffic.queries[route] += 1
+            if self._client_status() == b"I":
+                traffic.transactions[route] += 1
         if self._phase_closed():
             return
         self.acquiring = False
@@ -339,6 +347,7 @@ class FanoutRelay(Relay):
         """A statement the proxy does not send: its error, then ReadyForQuery (for an extended batch at
         its Sync: the messages up to it are skipped as the server would after an error)."""
         assert plan.refusal is not None
+        self.rt.traffic.error("proxy", plan.refusal[0])
         error = codec.error_response(*plan.refusal)
         if part.endswith(_UNSYNCED):
             self.write(error)

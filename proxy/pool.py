@@ -12,6 +12,7 @@ from typing import Any
 
 from auth.scram import ScramKeys
 from proxy.errors import PoolError, ProxyError, ServerError
+from proxy.metrics import Traffic
 from proxy.protocol import codec, sqlstate
 from proxy.server import ServerConnection, ServerOwner
 from proxy.session_state import Effect, ServerState, server_state_after, sync_sql
@@ -34,6 +35,7 @@ class PoolSettings:
     connect_timeout_ms: int
     reset_query: str
     connects_in_flight: int = 0  # at most this many server logins at once (0 = no limit)
+    send_buffer_bytes: int = 0  # each server socket's send buffer (client_to_server_buffer_bytes); 0 = kernel's
 
 
 class Pool:
@@ -46,8 +48,9 @@ class Pool:
     """
 
     def __init__(self, name: str, address: tuple[str, int], database: str, user: str, password: str | ScramKeys,
-                 settings: PoolSettings, tls: TlsContexts | None = None) -> None:
+                 settings: PoolSettings, tls: TlsContexts | None = None, traffic: Traffic | None = None) -> None:
         self.name = name
+        self.traffic = traffic if traffic is not None else Traffic()  # the runtime's, shared by its pools
         self.tls = tls  # read at each server connect: a reload's new certificates go to new servers
         self.address = address
         self.database = database
@@ -135,7 +138,9 @@ class Pool:
                 self.active.add(server)
                 server.state = "active"
                 self.checkouts += 1
-                self.wait_time_total_s += time.monotonic() - started
+                waited_s = time.monotonic() - started
+                self.wait_time_total_s += waited_s
+                self.traffic.checkout_wait.observe(waited_s)
                 return server
             remaining: float | None = deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -155,7 +160,9 @@ class Pool:
                 if handed.broken:
                     continue
                 self.checkouts += 1
-                self.wait_time_total_s += time.monotonic() - started
+                waited_s = time.monotonic() - started
+                self.wait_time_total_s += waited_s
+                self.traffic.checkout_wait.observe(waited_s)
                 return handed
 
     def _timeout_error(self) -> PoolError:
@@ -192,7 +199,8 @@ class Pool:
 
     async def _create(self) -> ServerConnection:
         self.connecting += 1
-        server = ServerConnection(self, self.address, self.user, self.password, self.database, self.tls)
+        server = ServerConnection(self, self.address, self.user, self.password, self.database, self.tls,
+                                  self.settings.send_buffer_bytes)
         try:
             await self._login_turn()
             try:

@@ -8,11 +8,19 @@ from collections.abc import Callable
 
 from proxy.errors import ProxyError
 from proxy.guard import PREPARE_TRANSACTION_POOLED, Guard, prepares_transaction, raising_query
+from proxy.metrics import Traffic
 from proxy.pool import Pool
 from proxy.protocol import codec, sqlstate
 from proxy.protocol.codec import ProtocolError
 from proxy.server import ServerConnection
-from proxy.session_state import Effect, ServerState, SessionState
+from proxy.session_state import (
+    LISTEN_KINDS,
+    Effect,
+    ServerState,
+    SessionState,
+    listen_only_tags,
+    listen_substitute,
+)
 from proxy.splitter import ReadWriteSplit
 from proxy.statements import NamedBind, PreparedStatements
 
@@ -45,6 +53,10 @@ KINDS_POOLED = _kinds_table({b"SF": _K_SYNC, b"Q": _K_QUERY, b"EH": _K_UNSYNCED,
 _MALFORMED = 'invalid frontend message format: "%s" message body does not hold its names'
 _HIGH_WATER_BYTES = 1 << 20
 _ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
+# first bytes of a Query the proxy may answer itself (LISTEN, UNLISTEN; the second byte tells UNLISTEN from
+# UPDATE); others, with white space or comments before their LISTEN, go to the server as its substitute
+_LISTEN_FIRST_BYTES = frozenset(b"lL")
+_UNLISTEN_BYTES = (frozenset(b"uU"), frozenset(b"nN"))
 
 
 class Relay(asyncio.Protocol):
@@ -61,6 +73,8 @@ class Relay(asyncio.Protocol):
     parked: bool  # `server` stays linked between transactions (see Pool)
     lane: ServerConnection | None  # the client's server while in the steady state (see `_lane`)
     lane_ok: bool  # transaction mode with no routing (set at login)
+    batch_at: float  # when the client's last bytes came (time.monotonic)
+    traffic: Traffic  # the runtime's counters (proxy/metrics.py)
     lane_routed: bool  # transaction mode, read/write split or shards: the lane takes repeated reads
     # the last extended batch with one Bind taken by `_lane_batch`: the bytes before and after the Bind,
     # its Syncs, and for a Bind of a named statement how it is renamed
@@ -84,6 +98,9 @@ class Relay(asyncio.Protocol):
     effects_of: Callable[[bytes], tuple[Effect, ...]]  # the runtime's EffectScanner.effects
     parsed_effects_of: Callable[[bytes], tuple[Effect, ...]]  # and its parsed_effects
     _snapshot: ServerState | None
+    listen_ok: bool  # pooled, one shard: LISTEN and UNLISTEN go through the notification hub (proxy/notify.py)
+    # the client's prepared statements that LISTEN or UNLISTEN, by name ("" the unnamed one): noted at each Bind
+    listen_statements: dict[str, tuple[Effect, ...]]
 
     # ------------------------------------------------------------ hooks the session provides
 
@@ -93,7 +110,27 @@ class Relay(asyncio.Protocol):
     def _fan_out_from(self, data: bytes, pos: int, server: ServerConnection | None) -> bool:
         raise NotImplementedError
 
+    def _wait_for_primary(self, exc: ProxyError) -> bool:
+        """No server for the transaction now: True when the session waits for a primary instead of
+        refusing it (it then relays `waiting` once it has a server)."""
+        raise NotImplementedError
+
     def settings_key(self) -> bytes:
+        raise NotImplementedError
+
+    def _answer_listen(self, effects: tuple[Effect, ...], tags: tuple[str, ...], status: bytes,
+                       rest: bytes) -> bool:
+        """Answer a Query of LISTEN and UNLISTEN statements as the server would in transaction status
+        `status`; False when the answer waits (for the hub's LISTEN): `rest` then waits with it."""
+        raise NotImplementedError
+
+    def _listen_hold(self, effects: tuple[Effect, ...]) -> bool:
+        """True when a LISTEN must wait before it goes to a server: the hub is not listening on its channel
+        yet. The session is then `acquiring`, and relays again from the held message once the hub is."""
+        raise NotImplementedError
+
+    def _listen_noted(self, effects: tuple[Effect, ...]) -> None:
+        """LISTEN or UNLISTEN on its way to a server (as its substitute), taking hold at its commit."""
         raise NotImplementedError
 
     def _repeats_read(self, split: ReadWriteSplit, data: bytes, size: int) -> bool:
@@ -178,6 +215,16 @@ class Relay(asyncio.Protocol):
                     self._answer_without_server(type_code, data, pos, end)
                     pos = run = end
                     continue
+                if (kind == _K_QUERY and self.listen_ok and end - pos > 7
+                        and (data[pos + 5] in _LISTEN_FIRST_BYTES
+                             or (data[pos + 5] in _UNLISTEN_BYTES[0] and data[pos + 6] in _UNLISTEN_BYTES[1]))
+                        and (self.split is None or not self.split.deferred_begin)):
+                    listened = self._listen_query(data, pos, end)
+                    if listened is not None:
+                        if not listened:  # answered once the hub listens: the rest waits for it
+                            return size
+                        pos = run = end
+                        continue
                 split = self.split
                 if split is not None:
                     answered = split.start(data, pos, size)
@@ -190,7 +237,8 @@ class Relay(asyncio.Protocol):
                     linked = self._attach_now()
                 except ProxyError as exc:
                     self.waiting += data[pos:]
-                    self._reject_waiting(exc)
+                    if not self._wait_for_primary(exc):
+                        self._reject_waiting(exc)
                     return size
                 if linked is None:
                     self.waiting += data[pos:]
@@ -199,6 +247,7 @@ class Relay(asyncio.Protocol):
                 attached = True
                 sent_from = pos
             if kind <= _K_QUERY:  # Sync, FunctionCall or Query: answered with a ReadyForQuery
+                synced = not self.unsynced
                 self.unsynced = False
                 if kind == _K_QUERY:
                     sql = data[pos + 5 : end - 1]
@@ -218,8 +267,27 @@ class Relay(asyncio.Protocol):
                         pos = run = end
                         continue
                     if effects:
+                        substituted = False
+                        if self.listen_ok and any(e.kind in LISTEN_KINDS for e in effects):
+                            status = server.txn_status
+                            tags = listen_only_tags(sql) if status != b"I" and synced and not server.outstanding else None
+                            if tags is not None:  # inside a transaction, with everything answered
+                                self._flush(server, data, run, pos, out, sent_from)
+                                out = None
+                                pos = run = sent_from = end
+                                self._answer_listen(effects, tags, status, b"")
+                                continue
+                            if self._listen_hold(effects):
+                                self.unsynced = not synced
+                                self._flush(server, data, run, pos, out, sent_from)
+                                self.waiting += data[pos:]
+                                return size
+                            sql = listen_substitute(sql)
+                            substituted = True
                         self._note_effects(effects)
                         renamed = self._statements_in_sql(server, sql, effects, True)
+                        if renamed is None and substituted:
+                            renamed = (b"", sql)
                         if renamed is not None:  # sent after the Sync its preamble may have counted
                             if out is None:
                                 out = []
@@ -239,6 +307,10 @@ class Relay(asyncio.Protocol):
                     raise ProtocolError(_MALFORMED % chr(type_code))
                 if kind == _K_BIND:
                     named = data[pos + 5] or data[pos + 6]
+                    if self.listen_statements and self._bound_listen(data, pos, end):
+                        self._flush(server, data, run, pos, out, sent_from)
+                        self.waiting += data[pos:]
+                        return size
                 elif kind == _K_DESCRIBE:
                     named = data[pos + 6]
                 elif kind == _K_PARSE:
@@ -249,7 +321,10 @@ class Relay(asyncio.Protocol):
                         except ValueError:
                             raise ProtocolError(_MALFORMED % "P") from None
                         effects = self._parse_text(query)
-                        renamed = self._statements_in_sql(server, query, effects, False) if effects else None
+                        sent = self._listen_parse("", query, effects) if effects or self.listen_statements else query
+                        renamed = self._statements_in_sql(server, sent, effects, False) if effects else None
+                        if renamed is None and sent is not query:
+                            renamed = (b"", sent)
                         if renamed is not None:
                             if out is None:
                                 out = []
@@ -310,6 +385,8 @@ class Relay(asyncio.Protocol):
             name = raw_name.decode()
             taken = name in self.state.prepared or name in self.statements.known
             effects = () if taken else self._parse_text(query_text)
+            if not taken and (effects or self.listen_statements):
+                query_text = self._listen_parse(name, query_text, effects)
             before = b""
             if effects:
                 renamed = self._statements_in_sql(server, query_text, effects, False)
@@ -332,13 +409,60 @@ class Relay(asyncio.Protocol):
                 if prepares_transaction(effects):
                     raise ProxyError(PREPARE_TRANSACTION_POOLED[0], PREPARE_TRANSACTION_POOLED[1],
                                      detail=PREPARE_TRANSACTION_POOLED[2])
-                self._note_effects(effects)
+                if self.listen_ok and any(e.kind in LISTEN_KINDS for e in effects):
+                    # a LISTEN takes effect when its statement runs: noted at each Bind (see `_bound_listen`)
+                    others = tuple(e for e in effects if e.kind not in LISTEN_KINDS)
+                    if others:
+                        self._note_effects(others)
+                else:
+                    self._note_effects(effects)
                 return effects
         return ()
+
+    def _listen_parse(self, name: str, query: bytes, effects: tuple[Effect, ...]) -> bytes:
+        """A Parse: whether its statement LISTENs or UNLISTENs is kept for its Binds; the server prepares the
+        substitute text (see listen_substitute), so that running it leaves the server listening to nothing."""
+        listening = tuple(e for e in effects if e.kind in LISTEN_KINDS) if self.listen_ok else ()
+        if listening:
+            self.listen_statements[name] = listening
+            return listen_substitute(query)
+        if self.listen_statements:
+            self.listen_statements.pop(name, None)
+        return query
+
+    def _bound_listen(self, data: bytes, pos: int, end: int) -> bool:
+        """A Bind of one of the client's LISTEN or UNLISTEN statements: it runs in this transaction. True
+        when it waits for the hub (see `_listen_hold`)."""
+        try:
+            portal_end = data.index(0, pos + 5, end)
+            name = data[portal_end + 1 : data.index(0, portal_end + 1, end)].decode()
+        except (ValueError, UnicodeDecodeError):
+            raise ProtocolError(_MALFORMED % "B") from None
+        effects = self.listen_statements.get(name)
+        if not effects:
+            return False
+        if self._listen_hold(effects):
+            return True
+        self._note_effects(effects)
+        return False
+
+    def _listen_query(self, data: bytes, pos: int, end: int) -> bool | None:
+        """A Query made only of LISTEN and UNLISTEN statements between transactions: answered by the proxy
+        (True now, False once the hub listens); None for any other Query."""
+        sql = data[pos + 5 : end - 1]
+        effects = self.effects_of(sql)
+        if not effects or not any(e.kind in LISTEN_KINDS for e in effects):
+            return None
+        tags = listen_only_tags(sql)
+        if tags is None:
+            return None
+        return self._answer_listen(effects, tags, b"I", data[end:])
 
     def _note_effects(self, effects: tuple[Effect, ...]) -> None:
         if any(e.kind == "pin" for e in effects):
             self.pinned = True
+        if any(e.kind in LISTEN_KINDS for e in effects):
+            self._listen_noted(effects)
         self.pending_effects.extend(effects)
         server = self.server
         if server is not None:
@@ -350,6 +474,9 @@ class Relay(asyncio.Protocol):
                 # client's is gone, and the server's may be
                 Pool.mark_deallocated(server)
                 self.statements.clear()
+                if self.listen_statements:
+                    unnamed = self.listen_statements.get("")
+                    self.listen_statements = {"": unnamed} if unnamed else {}
 
     def _statements_in_sql(self, server: ServerConnection, sql: bytes, effects: tuple[Effect, ...],
                            query: bool) -> tuple[bytes, bytes] | None:
@@ -386,6 +513,7 @@ class Relay(asyncio.Protocol):
         ReadyForQuery at its Sync (a group still missing its Sync is discarded up to it, as the server would).
         """
         data, self.waiting = self.waiting, b""
+        self.traffic.error("proxy", exc.sqlstate)
         deferred = False
         if self.split is not None:
             self.split.routing.on_transaction_end()
@@ -477,8 +605,8 @@ class Relay(asyncio.Protocol):
 
         Applications repeat their batches with new parameters: a batch with one Bind whose messages before
         and after it are the same bytes as in the last such batch only has its Bind looked at."""
-        if size > self.max_message_bytes:
-            return 0
+        if size > self.max_message_bytes or self.listen_statements:
+            return 0  # a Bind of a LISTEN statement is noted on the general path
         shape = self.lane_shape
         if shape is not None and data.startswith(shape[0]) and data.endswith(shape[1]):
             head, tail, shape_syncs, named = shape

@@ -18,6 +18,8 @@ from proxy.autodb import AutoDatabases
 from proxy.cluster import Cluster, build_clusters
 from proxy.errors import ProxyError
 from proxy.limits import Limits
+from proxy.metrics import Traffic
+from proxy.notify import NotifyHubs
 from proxy.pool import Pool, PoolSettings
 from proxy.protocol import codec, sqlstate
 from proxy.server import ServerConnection
@@ -94,10 +96,12 @@ class Runtime:
         self.auth = Authenticator(config)
         self.auth_query = AuthQuery(config)  # users the config does not list (general.auth_user)
         self.autodb = AutoDatabases(config, self.clusters, self.pools, self.tls)  # the wildcard's databases
+        self.traffic = Traffic()  # statements, durations, bytes, errors by SQLSTATE class (proxy/metrics.py)
         self.limits = Limits(config)  # auth cool-offs, accept pace, client counts, timeouts (proxy/limits.py)
         self.collations: dict[str, str] = {}  # database -> its collation as the merger compares text
         self.shard_routers: dict[str, ShardRouter | None] = {}
         self.twophase = TwoPhase(self)
+        self.notify = NotifyHubs()  # LISTEN/NOTIFY in the pooled modes: a listening server per (database, user)
         # admin console: client ids, paused databases, and what App lends it (reload, graceful stop)
         self.client_ids = itertools.count(1)
         self.paused_databases: set[str] = set()
@@ -172,6 +176,7 @@ class Runtime:
                 self.auth.backend_secret(user),
                 self.pool_settings(user),
                 tls=self.tls,
+                traffic=self.traffic,
             )
             self.pools[key] = pool
             if self.is_paused(server.name):
@@ -191,6 +196,7 @@ class Runtime:
             connect_timeout_ms=general.server_connect_timeout_ms,
             reset_query=general.server_reset_query,
             connects_in_flight=general.max_server_connects_in_flight,
+            send_buffer_bytes=general.client_to_server_buffer_bytes,
         )
 
     def create_min_pools(self) -> None:

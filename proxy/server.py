@@ -13,6 +13,7 @@ from typing import Protocol
 from auth.errors import AuthError
 from auth.scram import MECHANISM, ScramClient, ScramKeys, md5_response
 from proxy.errors import ServerError, ServerLostError
+from proxy.metrics import Traffic, error_code
 from proxy.protocol import codec, sqlstate
 from proxy.session_state import EMPTY_SERVER_STATE, ServerState
 from proxy.tls import TLS_HANDSHAKE_TIMEOUT_S, ServerTlsContext, TlsContexts
@@ -33,6 +34,7 @@ class ServerSink(Protocol):
     def on_server_ready(self, server: ServerConnection, status: bytes) -> None: ...
 
     def on_server_lost(self, server: ServerConnection) -> None: ...
+
 
     def pause_reading(self) -> None: ...
 
@@ -98,6 +100,10 @@ _ALL_TYPES = [True] * 256  # while proxy SQL runs: every response is the proxy's
 _PLAIN = _WATCHED[False, False]
 _NO_SHAPE = (b"\x00", b"", b"")  # no response starts with a zero byte: matches nothing
 _SHAPE_PATIENCE = 8  # misses before the relay learns a new response shape
+# A server's write buffer pauses its client's reading above this fraction of client_to_server_buffer_bytes
+# (and resumes it at a quarter of that, asyncio's default low-water mark)
+CLIENT_TO_SERVER_HIGH_WATER_DIVISOR = 8
+MIN_HIGH_WATER_BYTES = 4096
 
 
 class ServerConnection(asyncio.Protocol):
@@ -105,8 +111,11 @@ class ServerConnection(asyncio.Protocol):
     responses go to `out` and events to `sink` (both None while idle or parked)."""
 
     def __init__(self, pool: ServerPool, address: tuple[str, int], user: str, password: str | ScramKeys,
-                 database: str, tls: TlsContexts | None = None) -> None:
+                 database: str, tls: TlsContexts | None = None, send_buffer_bytes: int = 0) -> None:
         self.pool = pool
+        # what it relays is counted with its pool's (a monitor's stand-in pool counts apart)
+        self.traffic: Traffic = getattr(pool, "traffic", None) or Traffic()
+        self.send_buffer_bytes = send_buffer_bytes
         self.tls = tls
         self.tls_version: str | None = None  # once logged in over TLS: "TLSv1.3", say
         self.address = address
@@ -223,6 +232,13 @@ class ServerConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.send_buffer_bytes:
+                # What a client sends is held back as the server takes it: the kernel's autotuned buffer
+                # (megabytes on loopback) would let the client run far ahead of the server and see its
+                # error late; the client's reading pauses once the rest exceeds the write buffer's mark.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
+                self.transport.set_write_buffer_limits(  # type: ignore[union-attr]
+                    high=max(self.send_buffer_bytes // CLIENT_TO_SERVER_HIGH_WATER_DIVISOR, MIN_HIGH_WATER_BYTES))
 
     def _login_data(self, data: bytes) -> None:
         answer = self._tls_answer
@@ -320,6 +336,7 @@ class ServerConnection(asyncio.Protocol):
             self._login_data(data)
             return
         self.relayed = True
+        self.traffic.server_bytes += len(data)
         if self._pending:
             data = self._pending + data
             self._pending = b""
@@ -448,6 +465,7 @@ class ServerConnection(asyncio.Protocol):
             return False
         if type_code == _E:
             self.saw_error = True
+            self.traffic.error("server", error_code(data[pos + 5 : end]))
             if self.rewrites:
                 expect = self.expect
                 if (expect and not expect[0][2] and expect[0][0] == EXPECT_DUPLICATE

@@ -8,12 +8,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from proxy.protocol.sqltext import quote_ident, quote_literal
+from routing.classify import StatementKind, classify
 from routing.classify import split_statements as routing_split_statements
 
 # Cheap test run once per Query, a few C-level calls on the bytes off the wire; only a hit pays for the
 # statement splitter. A false hit costs time, never correctness. Statement heads are compared on their
 # first three letters; leading comments count as a hit (they may hide a SET).
-_STATEFUL_HEADS = frozenset((b"set", b"res", b"dis", b"dea", b"pre", b"lis", b"dec", b"cre", b"exe", b"exp"))
+_STATEFUL_HEADS = frozenset((b"set", b"res", b"dis", b"dea", b"pre", b"lis", b"unl", b"dec", b"cre", b"exe",
+                             b"exp"))
 # the same heads in every letter case, so that text starting with a letter needs no lowering
 _STATEFUL_HEADS_ANY_CASE = frozenset(
     bytes(letters) for head in _STATEFUL_HEADS
@@ -69,7 +71,7 @@ _SET_CONFIG = re.compile(
 )
 _SET_CONFIG_CALL = re.compile(r"set_config\s*\(", re.IGNORECASE)
 _PIN = re.compile(
-    r"^\s*(?:listen\b|declare\b.*\bwith\s+hold\b|create\s+(?:global\s+|local\s+)?temp(?:orary)?\b)"
+    r"^\s*(?:declare\b.*\bwith\s+hold\b|create\s+(?:global\s+|local\s+)?temp(?:orary)?\b)"
     r"|pg_advisory_lock(?:_shared)?\s*\(|pg_try_advisory_lock(?:_shared)?\s*\(",
     re.IGNORECASE | re.DOTALL,
 )
@@ -79,6 +81,7 @@ _ALIASES = {"time zone": "timezone", "names": "client_encoding", "schema": "sear
 @dataclass(frozen=True, slots=True)
 class Effect:
     """One change to session state. kind: set | reset | reset_all | prepare | deallocate | discard_all | pin;
+    listen | unlisten (a channel) | unlisten_all (answered with the notification hub, see proxy/notify.py);
     prepare_transaction (PREPARE TRANSACTION: no state, but refused when pooled); execute (no change: a
     statement named by SQL, which may be one of the client's protocol-level ones)."""
 
@@ -154,6 +157,10 @@ def _statement_effects(statement: str) -> list[Effect]:
             return [Effect("prepare_transaction")]  # refused when pooled (see proxy.guard)
         match = _PREPARE.match(statement)
         return [Effect("prepare", _normalise_name(match.group(1)), statement)] if match else []
+    if keyword.startswith(("listen", "unlisten")):
+        listening = _listen_effects(statement)
+        if listening is not None:
+            return listening
     written_out = _SET_CONFIG.findall(statement)
     effects = [Effect("set", name.replace("''", "'").lower(), quote_literal(value.replace("''", "'")))
                for name, value, is_local in written_out if is_local.lower() == "false"]
@@ -164,6 +171,50 @@ def _statement_effects(statement: str) -> list[Effect]:
         # column): what it leaves on the session is unknown, so the client keeps its server
         effects.append(Effect("pin", value="SET_CONFIG"))
     return effects
+
+
+LISTEN_KINDS = frozenset(("listen", "unlisten", "unlisten_all"))
+
+
+def _listen_effects(statement: str) -> list[Effect] | None:
+    """LISTEN and UNLISTEN in the forms the proxy reads (None: not LISTEN or UNLISTEN at all). A LISTEN it
+    cannot read (a U&"..." channel, say) pins the client: its server runs it; an UNLISTEN it cannot read goes
+    to the server, where it is harmless."""
+    found = classify(statement)
+    if found.kind is StatementKind.LISTEN:
+        return [Effect("listen", found.name)] if found.name is not None else [Effect("pin", value="LISTEN")]
+    if found.kind is StatementKind.UNLISTEN:
+        if found.value == "*":
+            return [Effect("unlisten_all")]
+        return [Effect("unlisten", found.name)] if found.name is not None else []
+    return None
+
+
+def listen_substitute(sql: bytes) -> bytes:
+    """The text a server runs for a client's statements with a LISTEN among them: each LISTEN channel is
+    sent as UNLISTEN channel, which answers the same way (an error in an aborted transaction, none else)
+    and leaves the pooled server listening to nothing; the proxy's notification hub does the listening."""
+    pieces = []
+    for piece in routing_split_statements(sql.decode("utf-8", "replace")):
+        statement = _strip_comments(piece)
+        if statement[:6].lower() == "listen":
+            found = classify(statement)
+            if found.kind is StatementKind.LISTEN and found.name is not None:
+                piece = "UNLISTEN " + quote_ident(found.name)
+        pieces.append(piece)
+    return ";".join(pieces).encode("utf-8")
+
+
+def listen_only_tags(sql: bytes) -> tuple[str, ...] | None:
+    """The command tags of a text made only of LISTEN and UNLISTEN statements in the forms the proxy reads
+    (what it answers itself), else None."""
+    tags = []
+    for statement in split_statements(sql.decode("utf-8", "replace")):
+        effects = _listen_effects(statement)
+        if not effects or effects[0].kind not in LISTEN_KINDS:
+            return None
+        tags.append("LISTEN" if effects[0].kind == "listen" else "UNLISTEN")
+    return tuple(tags) or None
 
 
 def _other_set(statement: str) -> list[Effect]:

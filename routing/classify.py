@@ -539,6 +539,46 @@ def _explain(cursor: _Cursor, head: _Head) -> Classification:
     )
 
 
+_NAMEDATALEN = 64  # PostgreSQL's identifier limit, with its terminator
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def channel_name(text: str, quoted: bool) -> str:
+    """A channel as PostgreSQL names it: unquoted identifiers lower-cased (ASCII letters only, as in a UTF-8
+    database), both forms cut to 63 bytes on a character boundary."""
+    name = text if quoted else text.translate(_ASCII_LOWER)
+    encoded = name.encode("utf-8")
+    if len(encoded) >= _NAMEDATALEN:
+        name = encoded[: _NAMEDATALEN - 1].decode("utf-8", "ignore")
+    return name
+
+
+def _closed_identifier(sql: str, start: int) -> bool:
+    body = _IDENT_BODY_RE.match(sql, start + 1)
+    return body is not None and sql.startswith('"', body.end())
+
+
+def _listen(kind: StatementKind) -> Callable[[_Cursor, _Head], Classification]:
+    """LISTEN channel, UNLISTEN channel | *: the channel in `name` (None when the statement is not that
+    simple form: PostgreSQL then judges it), `value` "*" for UNLISTEN *."""
+
+    def classify_listen(cursor: _Cursor, head: _Head) -> Classification:
+        token = cursor.next()
+        name: str | None = None
+        value: str | None = None
+        if token.kind == _WORD:  # from the source: the token's text is lowered beyond ASCII
+            name = channel_name(cursor.sql[token.start : token.end], quoted=False)
+        elif token.kind == _QUOTED_IDENT and token.text and _closed_identifier(cursor.sql, token.start):
+            name = channel_name(token.text, quoted=True)
+        elif kind is StatementKind.UNLISTEN and token.kind == _PUNCT and token.text == "*":
+            value = "*"
+        if cursor.next().kind != _END:
+            name = value = None
+        return Classification(kind, True, head.keyword, head.hint, name=name, value=value)
+
+    return classify_listen
+
+
 def _fixed(kind: StatementKind, write: bool | None) -> Callable[[_Cursor, _Head], Classification]:
     def classify_fixed(cursor: _Cursor, head: _Head) -> Classification:
         return Classification(kind, write, head.keyword, head.hint)
@@ -572,8 +612,8 @@ _HANDLERS: dict[str, Callable[[_Cursor, _Head], Classification]] = {
     "set": _set,
     "show": _session_command(StatementKind.SHOW),
     "reset": _session_command(StatementKind.RESET),
-    "listen": _fixed(StatementKind.LISTEN, True),  # a hot standby refuses LISTEN/UNLISTEN/NOTIFY
-    "unlisten": _fixed(StatementKind.UNLISTEN, True),
+    "listen": _listen(StatementKind.LISTEN),  # a hot standby refuses LISTEN/UNLISTEN/NOTIFY
+    "unlisten": _listen(StatementKind.UNLISTEN),
     "notify": _fixed(StatementKind.NOTIFY, True),
     "discard": _discard,
     "deallocate": _deallocate,

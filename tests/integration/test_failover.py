@@ -283,6 +283,7 @@ def test_refused_write_without_primary_keeps_the_session_usable(proxy: ProxyFact
             "read_write_split": "exclude_primary",
             "healthcheck_interval_ms": HEALTHCHECK_INTERVAL_MS,
             "server_connect_timeout_ms": 1000,
+            "primary_wait_timeout_ms": 0,  # refused at once (waiting: tests/integration/test_primary_wait.py)
         }))
         replica_ports = {replica.port for replica in replicas}
         insert_sql = f"INSERT INTO {table} (note) VALUES ('nowhere') RETURNING inet_server_port()"
@@ -445,6 +446,7 @@ def test_failover_writes_fail_fast_then_follow_the_promoted_replica(
         "ban_timeout_s": BAN_TIMEOUT_S,
         "server_connect_timeout_ms": 1000,
         "checkout_timeout_ms": 2000,
+        "primary_wait_timeout_ms": 0,  # refused at once (waiting: tests/integration/test_primary_wait.py)
     }))
     proxy_pid = shardgate.pid
 
@@ -528,7 +530,8 @@ def test_restarted_primary_takes_writes_again_at_once(
     primary.psql(f"CREATE TABLE {table} (id serial PRIMARY KEY, note text)", user="app", db="app")
     shardgate = real_proxy(proxy(
         databases=database_entries(primary, [replica] if with_replica else []),
-        general={"ban_timeout_s": 30, "server_connect_timeout_ms": 1000},  # probes every 5 s (default)
+        # probes every 5 s (default); refused at once (waiting: tests/integration/test_primary_wait.py)
+        general={"ban_timeout_s": 30, "server_connect_timeout_ms": 1000, "primary_wait_timeout_ms": 0},
     ))
 
     async def scenario() -> tuple[WriteAttempt, list[WriteAttempt], WriteAttempt, WriteAttempt, float]:

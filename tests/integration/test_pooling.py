@@ -827,7 +827,7 @@ def test_session_mode_reset_between_clients(
         assert one(second, "SELECT count(*) FROM pg_listening_channels()") == 0
 
 
-# -- transaction mode: disconnect, LISTEN ----------------------------------------------------------------
+# -- transaction mode: disconnect ----------------------------------------------------------------------
 
 
 def test_disconnect_mid_transaction_rolls_back(
@@ -921,24 +921,6 @@ def test_a_malformed_message_that_waited_for_a_server_closes_its_client(
         holder.close()
         waiter.close()
     assert "Traceback" not in shared.stderr_text()
-
-
-def test_listen_pins_client_in_transaction_mode(primary_proxy: Callable[..., ProxyProcess]) -> None:
-    shared = primary_proxy("transaction", 2)
-    channel = unique_name("pinchan")
-    with connect(shared) as listener, connect(shared) as notifier, connect(shared) as other:
-        listener.execute(f"LISTEN {channel}")
-        listener_pid = one(listener, "SELECT pg_backend_pid()")
-        for i in range(5):
-            assert one(other, "SELECT %s::int", (i,)) == i
-            assert one(listener, "SELECT pg_backend_pid()") == listener_pid
-        assert one(listener, "SELECT array_agg(c) FROM pg_listening_channels() AS c") == [channel]
-        assert one(other, "SELECT pg_backend_pid()") != listener_pid
-
-        notifier.execute(f"NOTIFY {channel}, 'first'")
-        notifier.execute("SELECT pg_notify(%s, %s)", (channel, "second"))
-        received = [(n.channel, n.payload) for n in listener.notifies(timeout=5, stop_after=2)]
-        assert received == [(channel, "first"), (channel, "second")]
 
 
 # A statement whose effect lives in the server session beyond its transaction, and a later statement that

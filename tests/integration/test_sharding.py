@@ -631,7 +631,7 @@ def test_a_shard_with_a_replica_serves_its_reads(proxy: ProxyFactory, pg: Any, t
                                   (on_one,))
             assert {row[0] for row in cursor.fetchall()} == {shard1.port}
     finally:
-        replica.stop()
+        pg.drop_replica(replica, primary=shard1)  # later tests share the topology's replica list
 
 
 def test_psql_through_sharded_proxy(proxy: ProxyFactory, two: dict[str, Any]) -> None:

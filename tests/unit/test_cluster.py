@@ -426,3 +426,67 @@ def test_run_survives_failing_probes_until_cancelled(clock: Clock, caplog: pytes
         asyncio.run(scenario())
     assert calls >= 5
     assert "event=probe_failed" in caplog.records[0].message
+
+
+# -- waiting for a primary (primary_wait_timeout_ms) ---------------------------------------------------
+
+
+def waiting_cluster(clock: Clock, **general: object) -> Cluster:
+    servers = [DatabaseConfig("app", "127.0.0.1", 5432 + index, "app", "auto") for index in range(2)]
+    settings = replace(GeneralConfig(), **{"primary_wait_timeout_ms": 5000, **general})  # type: ignore[arg-type]
+    return Cluster("app", 0, servers, settings, ("u", "p"), now=clock)
+
+
+PRIMARY_AND_REPLICA = [ProbeResult(False, 100, 0.0), ProbeResult(True, 100, 0.0)]
+TWO_REPLICAS = [ProbeResult(True, 100, 0.0), ProbeResult(True, 100, 0.0)]
+
+
+def test_a_wait_ends_at_the_first_round_started_after_it_that_finds_a_primary(clock: Clock) -> None:
+    cluster = waiting_cluster(clock)
+    assert cluster.waits_for_primary()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        with pytest.raises(ProxyError) as refused:
+            cluster.primary()
+        waiting = asyncio.create_task(cluster.wait_for_primary(loop.time() + 5, refused.value))
+        await asyncio.sleep(0)
+        assert cluster.primary_waiting == 1 and cluster.wake.is_set()  # asks for a probe at once
+        cluster._apply(clock() - 1, PRIMARY_AND_REPLICA)  # started before the wait: may predate the outage
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        cluster._apply(clock(), TWO_REPLICAS)  # after it, but still no primary
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        clock.now += 1
+        cluster._apply(clock(), PRIMARY_AND_REPLICA)
+        assert await asyncio.wait_for(waiting, 1) is cluster.servers[0]
+        assert cluster.primary_waiting == 0 and cluster.primary_waits == 1 and cluster.primary_wait_timeouts == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_wait_without_a_primary_ends_at_its_deadline_naming_the_database(clock: Clock) -> None:
+    cluster = waiting_cluster(clock, primary_wait_timeout_ms=200)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        cluster._apply(clock(), TWO_REPLICAS)
+        with pytest.raises(ProxyError) as refused:
+            cluster.primary()
+        started = loop.time()
+        with pytest.raises(ProxyError) as caught:
+            await cluster.wait_for_primary(loop.time() + 0.2, refused.value)
+        assert 0.15 < loop.time() - started < 2
+        assert caught.value.sqlstate == "08006"
+        assert caught.value.message == ("no primary is reachable for database app shard 0 "
+                                        "(waited primary_wait_timeout_ms = 200 ms)")
+        assert cluster.primary_waiting == 0 and cluster.primary_wait_timeouts == 1
+
+    asyncio.run(scenario())
+
+
+def test_nothing_waits_with_the_wait_or_the_probes_off(clock: Clock) -> None:
+    assert not waiting_cluster(clock, primary_wait_timeout_ms=0).waits_for_primary()
+    assert not waiting_cluster(clock, healthcheck_interval_ms=0).waits_for_primary()
+    assert not make_cluster(clock).waits_for_primary()  # no credentials: no probes

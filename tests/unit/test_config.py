@@ -290,6 +290,15 @@ def test_jwt_audience_may_be_one_string_as_postgrest_jwt_aud() -> None:
     assert problems_of(data) == ["jwt.audience: must be a string or an array of strings (got array)"]
 
 
+def test_listen_user_names_a_user() -> None:
+    data = minimal()
+    assert parse(data).general.listen_user == ""
+    data["general"] = {"listen_user": "app"}
+    assert parse(data).general.listen_user == "app"
+    data["general"] = {"listen_user": "nobody"}
+    assert only_problem(data) == 'general.listen_user: no [[users]] entry is named "nobody"'
+
+
 def test_watch_config_is_a_boolean() -> None:
     data = minimal()
     assert parse(data).general.watch_config is False

@@ -24,11 +24,11 @@ ALLOWED = {
 # the modules a server connection, the pool and the runtime sit below: none of them may import a session
 SESSION_MODULES = {"proxy.client", "proxy.relay", "proxy.fanout", "proxy.executor", "proxy.login", "proxy.handshake",
                    "proxy.splitter", "proxy.scatter", "proxy.app", "proxy.admin", "proxy.console",
-                   "proxy.http_sql", "proxy.sql_runner"}
+                   "proxy.http_sql", "proxy.sql_runner", "proxy.listening"}
 BELOW_SESSIONS = ["proxy.server", "proxy.pool", "proxy.cluster", "proxy.runtime", "proxy.session_state", "proxy.shardmap",
                   "proxy.views", "proxy.twophase.coordinator", "proxy.twophase.recovery", "proxy.twophase.decisions",
                   "proxy.twophase.gid", "proxy.twophase.cli", "proxy.tls", "proxy.catalog", "proxy.limits",
-                  "proxy.autodb", "proxy.auth_query"]
+                  "proxy.notify", "proxy.autodb", "proxy.auth_query"]
 # modules on the request path: they never import the throwaway-PostgreSQL tooling
 TOOLING_IMPORTERS = {"proxy.quickstart"}
 
