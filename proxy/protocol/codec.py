@@ -13,6 +13,8 @@ SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
 CANCEL_REQUEST_CODE = 80877102
 MAX_STARTUP_BYTES = 10_000
+# Protocol 3.2's longest cancel key; the proxy negotiates 3.0 and hands out 4-byte keys.
+MAX_CANCEL_KEY_BYTES = 256
 
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
@@ -54,8 +56,11 @@ class GSSENCRequest:
 
 @dataclass(frozen=True, slots=True)
 class CancelRequest:
+    """`secret_key` is None for a key of another length than the 4 bytes the proxy hands out (protocol 3.2
+    allows up to 256): it matches no client of ours."""
+
     process_id: int
-    secret_key: int
+    secret_key: int | None
 
 
 StartupPacket = StartupMessage | SSLRequest | GSSENCRequest | CancelRequest
@@ -81,6 +86,8 @@ def read_startup_packet(buffer: bytearray) -> StartupPacket | None:
     if code == CANCEL_REQUEST_CODE and length == 16:
         pid, key = struct.unpack("!ii", body)
         return CancelRequest(pid, key)
+    if code == CANCEL_REQUEST_CODE and 12 < length <= 12 + MAX_CANCEL_KEY_BYTES:
+        return CancelRequest(_I32.unpack_from(body, 0)[0], None)
     if code >> 16 != 3:
         raise ProtocolError(
             f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: server supports 3.0",
@@ -192,9 +199,12 @@ TERMINATE = message(b"X")
 
 
 def negotiate_protocol_version(newest_minor: int, unrecognized_options: Iterable[str]) -> bytes:
-    """NegotiateProtocolVersion: the newest 3.x minor version served, and the `_pq_.` options not known."""
+    """NegotiateProtocolVersion: the newest 3.x version served, and the `_pq_.` options not known."""
     names = list(unrecognized_options)
-    return message(b"v", _I32.pack(newest_minor) + _I32.pack(len(names)) + b"".join(cstr(n) for n in names))
+    # The whole version (3 << 16 | minor), as PostgreSQL sends it: libpq 18 reads a bare minor as 0.x and
+    # refuses the connection ("server requested downgrade to pre-3.0 protocol version").
+    version = PROTOCOL_V3 | newest_minor
+    return message(b"v", _I32.pack(version) + _I32.pack(len(names)) + b"".join(cstr(n) for n in names))
 
 
 def auth_md5(salt: bytes) -> bytes:

