@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from bench.memory import RssSampler
 from localpg import Topology
 from tests.harness import DirectProxy, ProxyFactory, ProxyProcess, database_entries
 
@@ -31,65 +31,6 @@ CLIENT_RECEIVE_BUFFER_BYTES = 64 * 1024
 INITIAL_STALL_S = 1.0
 PAUSE_PER_RECEIVE_S = 0.001
 STREAM_TIMEOUT_S = 90.0
-RSS_SAMPLE_INTERVAL_S = 0.02
-
-
-# -- the proxy's memory -------------------------------------------------------------------------------
-
-
-def _status_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
-
-
-def _reset_peak_rss(pid: int) -> bool:
-    """Reset VmHWM (Linux: write 5 to clear_refs) so it measures from now on; False if not allowed."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-class RssSampler:
-    """Samples the proxy's VmRSS in a thread; `peak_bytes` also takes VmHWM into account when it
-    could be reset at the start (it catches spikes between samples)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.baseline_bytes = max(_status_kb(pid, "VmRSS") for _ in range(5)) * 1024
-        self.hwm_reset = _reset_peak_rss(pid)
-        self.samples_kb: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set() and len(self.samples_kb) < 100_000:
-            self.samples_kb.append(_status_kb(self.pid, "VmRSS"))
-            self._stop.wait(RSS_SAMPLE_INTERVAL_S)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    @property
-    def peak_bytes(self) -> int:
-        peak_kb = max(self.samples_kb, default=0)
-        if self.hwm_reset:
-            peak_kb = max(peak_kb, _status_kb(self.pid, "VmHWM"))
-        return peak_kb * 1024
-
-    def report(self) -> str:
-        return (
-            f"baseline {self.baseline_bytes / 2**20:.1f} MiB, peak {self.peak_bytes / 2**20:.1f} MiB,"
-            f" {len(self.samples_kb)} samples, VmHWM reset: {self.hwm_reset}"
-        )
 
 
 # -- a slow raw client ----------------------------------------------------------------------------------
@@ -246,7 +187,7 @@ def test_100mb_result_streams_with_flat_memory(
             True,
             f"SELECT {ROWS}".encode(),
         )
-        growth = rss.peak_bytes - rss.baseline_bytes
+        growth = (rss.peak_kb - rss.baseline_kb) * 1024
         assert growth < MAX_RSS_GROWTH_BYTES, f"proxy RSS grew by {growth / 2**20:.1f} MiB: {rss.report()}"
         # The session is still in step after 100 MB.
         assert client.simple_value("SELECT 'after'") == "after"
@@ -303,7 +244,7 @@ def test_50mb_copy_to_stdout_streams_with_flat_memory(
             True,
             f"COPY {ROWS}".encode(),
         )
-        growth = rss.peak_bytes - rss.baseline_bytes
+        growth = (rss.peak_kb - rss.baseline_kb) * 1024
         assert growth < MAX_RSS_GROWTH_BYTES, f"proxy RSS grew by {growth / 2**20:.1f} MiB: {rss.report()}"
         assert client.simple_value("SELECT 'after copy'") == "after copy"
     finally:
