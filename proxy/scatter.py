@@ -42,10 +42,11 @@ class _Point:
     or a batch around its Bind), the key's placement, its parameter number (0: a literal, in `head`), the
     shard of that literal, and the batch's Parse."""
 
-    __slots__ = ("head", "param", "parse", "placement", "shard", "tail")
+    __slots__ = ("head", "param", "parse", "placement", "router", "shard", "tail")
 
     def __init__(self, head: bytes, tail: bytes, placement: Placement, param: int, shard: int,
-                 parse: bytes) -> None:
+                 parse: bytes, router: ShardRouter) -> None:
+        self.router = router  # the placement is this router's: a reload's new router forgets it
         self.head = head
         self.tail = tail
         self.placement = placement
@@ -215,7 +216,7 @@ class Scatter:
             shape = integer_shape(data)
             if shape is None or key.text != data[len(shape[0]) : len(data) - len(shape[1])].decode("ascii"):
                 return
-            self._point = _Point(shape[0][5:], shape[1], placement, 0, shard, b"")
+            self._point = _Point(shape[0][5:], shape[1], placement, 0, shard, b"", self.shards)
             return
         decided = self._bind_decided
         if data[0] != _P or data[5] or decided is None or decided[0] is not data:
@@ -225,14 +226,14 @@ class Scatter:
         if data[bind_at + 5] or data[bind_at + 6] or bind_end > len(data) or data[-5] != _S:
             return
         param = 0 if isinstance(key, Literal) else key.number
-        self._point = _Point(data[:bind_at], data[bind_end:], placement, param, shard, data[:end])
+        self._point = _Point(data[:bind_at], data[bind_end:], placement, param, shard, data[:end], self.shards)
 
     def repeats_point(self, data: bytes, size: int) -> int | None:
         """The shard of a new transaction's first statement when it is the last one `_learn_point` kept with
         another value for its key (another integer in the Query, another Bind): the shard that key's
         placement gives, without the parser or the router. None for anything else (the slow path decides)."""
         point = self._point
-        if point is None:
+        if point is None or point.router is not self.shards:  # a reload changed the shard map since
             return None
         session = self.session
         if session.shard is not None or session.key is not None or session.tenant is not None:

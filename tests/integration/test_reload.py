@@ -370,15 +370,20 @@ def test_shard_count_changed(proxy: ProxyFactory, servers: dict[str, PgServer], 
     try:
         held.execute("INSERT INTO orders (tenant_id, note) VALUES (%s, 'before')", (tenant,))
         assert _holders(shards, tenant) == [_shard_of(shards[0], tenant, 2)]
+        for _ in range(3):  # the same read again and again: the session routes the repeats by the key alone
+            assert held.execute(f"SELECT note FROM orders WHERE tenant_id = {tenant}").fetchall() == [("before",)]
         under_load(shardgate, lambda: reload(shardgate, databases=layout(3)), script=script)
         # a client connected before the reload, and a new one, place the key by three shards now
         held.execute("INSERT INTO orders (tenant_id, note) VALUES (%s, 'after')", (tenant + 100_000,))
         with psycopg.connect(shardgate.dsn(), autocommit=True) as conn:
             conn.execute("INSERT INTO orders (tenant_id, note) VALUES (%s, 'after')", (tenant,))
+        # the read it repeated before the reload follows the new shard map (shard 2 of three) too
+        assert held.execute(f"SELECT note FROM orders WHERE tenant_id = {tenant}").fetchall() == [("after",)]
         assert _holders(shards, tenant + 100_000) == [_shard_of(shards[0], tenant + 100_000, 3)]
         assert sorted(_holders(shards, tenant)) == sorted({_shard_of(shards[0], tenant, 2), 2})
         row = held.execute("SELECT count(*) FROM orders WHERE tenant_id = %s", (tenant,)).fetchone()
         assert row == (1,)  # read from shard 2 of three: the row written there after the reload
+
     finally:
         held.close()
 
