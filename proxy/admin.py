@@ -280,53 +280,84 @@ def shards_report(runtime: Runtime) -> dict[str, object]:
     return {"databases": databases}
 
 
-class AdminProtocol(asyncio.Protocol):
-    """One HTTP/1.x request per connection: GET only, then close."""
+class AdminRequest(asyncio.Protocol):
+    """One HTTP/1.x request per connection: GET or HEAD, the bearer token checked where asked, an answer,
+    then close. Subclasses answer a path (`_answer`), knowing it is allowed."""
 
-    def __init__(self, runtime: Runtime, registry: CollectorRegistry) -> None:
-        self.runtime = runtime
-        self.registry = registry
+    def __init__(self) -> None:
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
+        self.answering = False  # the request is read: what comes after it is not looked at
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.answering:
+            return
         self.buffer += data
         if b"\r\n\r\n" not in self.buffer and b"\n\n" not in self.buffer:
             if len(self.buffer) > MAX_REQUEST_BYTES:
                 self._respond(431, "text/plain", b"request too large\n")
             return
-        request_line = bytes(self.buffer).split(b"\n", 1)[0].decode("latin-1").strip()
-        parts = request_line.split()
+        self.answering = True
+        request = bytes(self.buffer)
+        parts = request.split(b"\n", 1)[0].decode("latin-1").strip().split()
         if len(parts) < 2:
             self._respond(400, "text/plain", b"bad request\n")
             return
         method, path = parts[0], parts[1].split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             self._respond(405, "text/plain", b"method not allowed\n")
-        elif path not in OPEN_PATHS and not self._authorized(bytes(self.buffer)):
+        elif path not in OPEN_PATHS and not bearer_ok(request, self._admin_token()):
             self._respond(401, "text/plain", b"a bearer token is required (Authorization: Bearer <admin_token>)\n",
                           extra_headers="WWW-Authenticate: Bearer\r\n")
-        elif path.startswith("/api/") and path[5:] in API_VIEWS:
+        else:
+            self._answer(path, head=method == "HEAD")
+
+    def _admin_token(self) -> str:
+        raise NotImplementedError
+
+    def _answer(self, path: str, *, head: bool) -> None:
+        raise NotImplementedError
+
+    def _respond(self, status: int, content_type: str, body: bytes, *, head: bool = False,
+                 extra_headers: str = "") -> None:
+        assert self.transport is not None
+        self.transport.write(http_response(status, content_type, body, head=head, extra_headers=extra_headers))
+        self.transport.close()
+
+
+class AdminProtocol(AdminRequest):
+    """The admin listener of one process: its metrics, views, health and readiness."""
+
+    def __init__(self, runtime: Runtime, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.registry = registry
+
+    def _admin_token(self) -> str:
+        return self.runtime.config.general.admin_token
+
+    def _answer(self, path: str, *, head: bool) -> None:
+        if path.startswith("/api/") and path[5:] in API_VIEWS:
             name = path[5:]
             body = json.dumps({name: views.VIEWS[name](self.runtime).records()}, indent=2).encode() + b"\n"
-            self._respond(200, "application/json", body, head=method == "HEAD")
+            self._respond(200, "application/json", body, head=head)
         elif path == "/metrics":
-            self._respond(200, CONTENT_TYPE_METRICS, generate_latest(self.registry), head=method == "HEAD")
+            self._respond(200, CONTENT_TYPE_METRICS, generate_latest(self.registry), head=head)
         elif path == "/api/prepared_transactions":
-            asyncio.get_running_loop().create_task(self._prepared_transactions(head=method == "HEAD"))
+            asyncio.get_running_loop().create_task(self._prepared_transactions(head=head))
         elif path == "/api/shards":
             body = json.dumps(shards_report(self.runtime), indent=2).encode() + b"\n"
-            self._respond(200, "application/json", body, head=method == "HEAD")
+            self._respond(200, "application/json", body, head=head)
         elif path == "/health":
-            self._respond(200, "text/plain", b"ok\n", head=method == "HEAD")
+            self._respond(200, "text/plain", b"ok\n", head=head)
         elif path == "/ready":
             if self.runtime.shutting_down:
-                self._respond(503, "text/plain", b"shutting down\n", head=method == "HEAD")
+                self._respond(503, "text/plain", b"shutting down\n", head=head)
             else:
-                self._respond(200, "text/plain", b"ready\n", head=method == "HEAD")
+                self._respond(200, "text/plain", b"ready\n", head=head)
         else:
             self._respond(404, "text/plain", b"not found\n")
 
@@ -340,15 +371,6 @@ class AdminProtocol(asyncio.Protocol):
             return
         body = json.dumps({"prepared_transactions": table.records()}, indent=2).encode() + b"\n"
         self._respond(200, "application/json", body, head=head)
-
-    def _authorized(self, request: bytes) -> bool:
-        return bearer_ok(request, self.runtime.config.general.admin_token)
-
-    def _respond(self, status: int, content_type: str, body: bytes, *, head: bool = False,
-                 extra_headers: str = "") -> None:
-        assert self.transport is not None
-        self.transport.write(http_response(status, content_type, body, head=head, extra_headers=extra_headers))
-        self.transport.close()
 
 
 def bearer_ok(request: bytes, token: str) -> bool:

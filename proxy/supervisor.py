@@ -21,14 +21,7 @@ from prometheus_client.metrics_core import Metric
 from config.loader import ConfigError, load, split_address
 from config.model import Config
 from proxy import gather
-from proxy.admin import (
-    API_VIEWS,
-    CONTENT_TYPE_METRICS,
-    MAX_REQUEST_BYTES,
-    OPEN_PATHS,
-    bearer_ok,
-    http_response,
-)
+from proxy.admin import API_VIEWS, CONTENT_TYPE_METRICS, AdminRequest
 from proxy.app import remove_pid_file, write_pid_file
 from proxy.control import ask
 from proxy.worker_role import control_path
@@ -249,42 +242,21 @@ class Supervisor:
         return len(answers) == self.count and all(answer == b"ready\n" for answer in answers.values())
 
 
-class InstanceAdmin(asyncio.Protocol):
+class InstanceAdmin(AdminRequest):
     """The admin HTTP listener of a supervised instance: the same paths as proxy/admin.py, each answered for
     every worker (metrics merged, view rows with a `worker` column)."""
 
     def __init__(self, supervisor: Supervisor) -> None:
+        super().__init__()
         self.supervisor = supervisor
-        self.buffer = bytearray()
-        self.transport: asyncio.Transport | None = None
-        self.answering = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def _admin_token(self) -> str:
+        return self.supervisor.config.general.admin_token
 
-    def data_received(self, data: bytes) -> None:
-        if self.answering:
-            return
-        self.buffer += data
-        if b"\r\n\r\n" not in self.buffer and b"\n\n" not in self.buffer:
-            if len(self.buffer) > MAX_REQUEST_BYTES:
-                self._respond(431, "text/plain", b"request too large\n")
-            return
-        self.answering = True
-        parts = bytes(self.buffer).split(b"\n", 1)[0].decode("latin-1").strip().split()
-        if len(parts) < 2:
-            self._respond(400, "text/plain", b"bad request\n")
-            return
-        method, path = parts[0], parts[1].split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            self._respond(405, "text/plain", b"method not allowed\n")
-        elif path not in OPEN_PATHS and not bearer_ok(bytes(self.buffer), self.supervisor.config.general.admin_token):
-            self._respond(401, "text/plain", b"a bearer token is required (Authorization: Bearer <admin_token>)\n",
-                          extra_headers="WWW-Authenticate: Bearer\r\n")
-        else:
-            asyncio.get_running_loop().create_task(self._answer(path, head=method == "HEAD"))
+    def _answer(self, path: str, *, head: bool) -> None:
+        asyncio.get_running_loop().create_task(self._answer_all(path, head=head))
 
-    async def _answer(self, path: str, *, head: bool) -> None:
+    async def _answer_all(self, path: str, *, head: bool) -> None:
         sup = self.supervisor
         try:
             if path == "/metrics":
@@ -316,13 +288,6 @@ class InstanceAdmin(asyncio.Protocol):
 
     def _json(self, value: object, *, status: int = 200, head: bool = False) -> None:
         self._respond(status, "application/json", json.dumps(value, indent=2).encode() + b"\n", head=head)
-
-    def _respond(self, status: int, content_type: str, body: bytes, *, head: bool = False,
-                 extra_headers: str = "") -> None:
-        assert self.transport is not None
-        self.transport.write(http_response(status, content_type, body, head=head, extra_headers=extra_headers))
-        self.transport.close()
-
 
 def _keep_restart_keys(new: Config, running: Config) -> Config:
     """What only a restart changes (the ports, the worker count) stays as it runs."""
