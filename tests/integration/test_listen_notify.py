@@ -29,6 +29,7 @@ from tests.harness import (
     database_entries,
     default_users,
     message,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -47,13 +48,6 @@ def unique_name(prefix: str) -> str:
 def run_async(coroutine: Coroutine[Any, Any, Any], timeout_s: float = 60.0) -> Any:
     return asyncio.run(asyncio.wait_for(coroutine, timeout_s))
 
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.1f}s waiting for {what}")
-        time.sleep(POLL_INTERVAL_S)
 
 
 def real_proxy(proxy_process: Proxy) -> ProxyProcess:

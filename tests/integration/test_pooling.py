@@ -38,6 +38,7 @@ from tests.harness import (
     error_fields,
     make_dsn,
     message,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -120,13 +121,6 @@ def server_backends(admin_conn: psycopg.Connection[Any], user: str = SERVER_USER
     """Pids of the client backends logged in as `user` (the proxy's server connections)."""
     return [row[0] for row in admin_conn.execute(SERVER_BACKENDS_SQL, (user,)).fetchall()]
 
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.1f}s waiting for {what}")
-        time.sleep(POLL_INTERVAL_S)
 
 
 def one(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> Any:

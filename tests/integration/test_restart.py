@@ -21,7 +21,7 @@ import pytest
 
 from localpg import Topology
 from proxy.restart import alive, read_pid
-from tests.harness import REPO_ROOT, ProxyFactory, ProxyProcess
+from tests.harness import REPO_ROOT, ProxyFactory, ProxyProcess, wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -55,7 +55,7 @@ class Instance:
         self.pid_file = pid_file
         self.log = first.work_dir / "restarts.log"
         self.pids: list[int] = []
-        wait_for(lambda: read_pid(str(pid_file)) == first.pid, 30, "the first instance wrote its pid")
+        wait_until(lambda: read_pid(str(pid_file)) == first.pid, 30, "the first instance wrote its pid")
         assert first.pid is not None
         self.pids.append(first.pid)
 
@@ -101,16 +101,8 @@ class Instance:
         for pid in self.pids[1:]:
             if alive(pid):
                 os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: not any(alive(pid) for pid in self.pids[1:]), 30, "every instance exited")
+        wait_until(lambda: not any(alive(pid) for pid in self.pids[1:]), 30, "every instance exited")
 
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not true after {timeout_s:.0f}s: {what}")
 
 
 @pytest.fixture
@@ -173,7 +165,7 @@ def test_three_restarts_under_pgbench_lose_no_transaction(
     assert processed(output) > 100
     assert len(set(running.pids)) == RESTARTS + 1
     # the old instances drained and exited once their clients left (pgbench is done)
-    wait_for(lambda: not any(alive(pid) for pid in running.pids[1:-1]), 30, "the old instances exited")
+    wait_until(lambda: not any(alive(pid) for pid in running.pids[1:-1]), 30, "the old instances exited")
     assert alive(running.pids[-1])
     with psycopg.connect(running.first.dsn(dbname=bench_db, connect_timeout=10)) as conn:
         assert conn.execute("SELECT count(*) FROM pgbench_branches").fetchone() == (1,)

@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from localpg import Topology
-from tests.harness import ProxyFactory, ProxyProcess, database_entries, default_users
+from tests.harness import ProxyFactory, ProxyProcess, database_entries, default_users, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -68,14 +68,6 @@ def worker_pids(proxy: ProxyProcess) -> list[int]:
     assert proxy.pid is not None
     return sorted(child.pid for child in psutil.Process(proxy.pid).children())
 
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not true after {timeout_s:.0f}s: {what}")
 
 
 @pytest.fixture
